@@ -1,0 +1,1 @@
+"""Package data: broker (installed as meshdl.broker_conf)."""

@@ -1,0 +1,1 @@
+"""Package data: nodes (installed as meshdl.nodes)."""

