@@ -36,3 +36,7 @@ class TransportError(MeshdlError):
 
 class JobError(MeshdlError):
     """An inference job failed or missed its deadline."""
+
+
+class SplitWarning(UserWarning):
+    """Part of a model cannot be split spatially; it will run whole on one device."""
