@@ -191,7 +191,10 @@ class ModelGraph:
         (None = all of it); returns exactly ``out_region`` of the tensor at ``b``."""
         full_out = (Region.full(self.tensor_shape(b)) if len(self.tensor_shape(b)) == 4
                     else None)
-        if out_region is not None and out_region == full_out:
+        full_in = Region.full(self.tensor_shape(a)) if len(self.tensor_shape(a)) == 4 else None
+        if in_region == full_in:
+            in_region = None
+        if out_region is not None and out_region == full_out and in_region is None:
             out_region = None
         if out_region is None:
             if in_region is not None and in_region != Region.full(self.tensor_shape(a)):
