@@ -1,10 +1,29 @@
-"""The split engine: tracing, region algebra, tiles, plans and their execution."""
-from meshdl.graph.model_graph import ModelGraph, RegionPlan, trace
-from meshdl.graph.tiling import (check_plan, grid_regions, make_stage, manual_plan,
-                                 row_regions, split_even, split_ratio, validate_tiles)
-from meshdl.graph.execute import assemble, execute, run_task, stitch, task_input
-from meshdl.graph.trace import Op
+"""The split engine: tracing, region algebra, tiles, plans and their execution.
 
-__all__ = ["ModelGraph", "RegionPlan", "trace", "Op", "check_plan", "grid_regions",
-           "make_stage", "manual_plan", "row_regions", "split_even", "split_ratio",
-           "validate_tiles", "assemble", "execute", "run_task", "stitch", "task_input"]
+Loaded lazily: ``meshdl.graph.plan`` (plain data) must not pull in torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ModelGraph": "meshdl.graph.model_graph", "RegionPlan": "meshdl.graph.model_graph",
+    "trace": "meshdl.graph.model_graph", "Op": "meshdl.graph.trace",
+    "check_plan": "meshdl.graph.tiling", "grid_regions": "meshdl.graph.tiling",
+    "make_stage": "meshdl.graph.tiling", "manual_plan": "meshdl.graph.tiling",
+    "row_regions": "meshdl.graph.tiling", "split_even": "meshdl.graph.tiling",
+    "split_ratio": "meshdl.graph.tiling", "validate_tiles": "meshdl.graph.tiling",
+    "assemble": "meshdl.graph.execute", "execute": "meshdl.graph.execute",
+    "run_task": "meshdl.graph.execute", "stitch": "meshdl.graph.execute",
+    "task_input": "meshdl.graph.execute",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'meshdl.graph' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

@@ -126,13 +126,38 @@ def _groups(g: ModelGraph, a: int, b: int) -> list[tuple[int, int, bool]]:
     return out
 
 
+def _fit_grid(grid, shape, p, q, notes) -> tuple[int, int]:
+    """A grid no larger than the map (a 4x3 grid on a 2x2 map becomes 2x2)."""
+    rows, cols = int(grid[0]), int(grid[1])
+    if rows < 1 or cols < 1:
+        raise PlanError(f"grid {tuple(grid)} must have at least one row and one column")
+    h, w = int(shape[-2]), int(shape[-1])
+    if rows > h or cols > w:
+        notes.append(f"ops [{p}, {q}): a {rows}x{cols} grid does not fit the {h}x{w} map; "
+                     f"using {min(rows, h)}x{min(cols, w)}")
+    return min(rows, h), min(cols, w)
+
+
+def _fit_ratios(ratios, shape, p, q, notes) -> list[float]:
+    """Row ratios with at most H non-zero parts: the smallest parts are dropped."""
+    h = int(shape[-2])
+    active = sorted((i for i, r in enumerate(ratios) if r > 0), key=lambda i: -ratios[i])
+    if len(active) <= h:
+        return list(ratios)
+    keep = set(active[:h])
+    notes.append(f"ops [{p}, {q}): {len(active)} row parts do not fit {h} rows; "
+                 f"the {len(active) - h} smallest are dropped")
+    return [r if i in keep else 0.0 for i, r in enumerate(ratios)]
+
+
 def manual_plan(g: ModelGraph, cuts: Sequence[int] = (),
                 grids: Sequence[tuple[int, int] | None] | None = None,
                 row_ratios: Sequence[Sequence[float] | None] | None = None,
                 source: str = "d0", sink: str = "d0") -> Plan:
     """A plan by hand. Stage k ends at ``g.cut_points[cuts[k]]`` (the last at the model
     end); its output is split into ``grids[k] = (rows, cols)`` tiles, or into row bands
-    by ``row_ratios[k]``; tile n runs on device ``"d{n}"``.
+    by ``row_ratios[k]``; tile n runs on device ``"d{n}"`` (row band n on the device of
+    ratio n). A grid larger than the map shrinks to fit, with a note.
 
     Parts of a stage that cannot be tiled (a classifier head, an op meshdl does not
     understand spatially) run whole on ``d0``, with a note in ``plan.notes``.
@@ -155,15 +180,18 @@ def manual_plan(g: ModelGraph, cuts: Sequence[int] = (),
         grid = grids[k] if grids is not None else None
         for p, q, spatial in _groups(g, a, b):
             shape = g.tensor_shape(q)
+            regions: list[Region | None] = [None]
+            devices = ["d0"]
             if spatial and ratios is not None:
-                regions = row_regions(shape, ratios)
+                fitted = _fit_ratios(ratios, shape, p, q, notes)
+                regions = row_regions(shape, fitted)
+                devices = [f"d{i}" for i, r in enumerate(fitted) if r > 0]
             elif spatial and grid is not None:
-                regions = grid_regions(shape, int(grid[0]), int(grid[1]))
-            else:
-                regions = [None]
+                regions = grid_regions(shape, *_fit_grid(grid, shape, p, q, notes))
+                devices = [f"d{n}" for n in range(len(regions))]
             if not spatial and (ratios is not None or (grid and tuple(grid) != (1, 1))):
                 notes.append(f"ops [{p}, {q}) run whole on d0: {g._blocker(p, q)}")
-            tiles = [(r, f"d{n}") for n, r in enumerate(regions)]
+            tiles = list(zip(regions, devices))
             stages.append(make_stage(g, len(stages), p, q, tiles))
     for n in notes:
         log.info("%s: %s", g.name, n)

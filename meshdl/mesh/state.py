@@ -1,0 +1,239 @@
+"""The live mesh as a pure fold over membership and telemetry events.
+
+``apply(state, event) -> state`` never mutates: ``MeshState`` is frozen and every
+mapping in it is a fresh read-only copy. Each node carries a session counter
+(its birth counter, also in its MQTT will): an event whose session is older than
+the one the state knows for that node is stale and ignored, so a late "offline"
+from a previous life never removes a node that has come back.
+
+Rules, per node with known session S (none if never seen):
+- NodeOnline(s):  s > S -> online with the new caps (old link measurements dropped);
+                  s == S and online -> caps refreshed; otherwise ignored.
+- NodeOffline(s): s >= S -> offline (its link measurements dropped), S = s;
+                  s < S -> ignored.
+- Telemetry:      only from an online node, and (when it carries a session) only
+                  for the current one; updates load and the measured links.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Union
+
+from meshdl.errors import TopologyError
+from meshdl.mesh.model import Device, Link, Mesh, Power
+from meshdl.mesh.profiles import Profile
+
+log = logging.getLogger(__name__)
+
+
+def _frozen(d: Mapping[Any, Any] | None) -> Mapping[Any, Any]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True)
+class NodeOnline:
+    id: str
+    caps: Mapping[str, Any]
+    session: int
+
+
+@dataclass(frozen=True)
+class NodeOffline:
+    id: str
+    session: int
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """links: neighbour id -> {"rtt_s": float, "throughput_bps": float} (either may
+    be missing)."""
+
+    id: str
+    load: float = 0.0
+    links: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    session: int | None = None
+
+
+Event = Union[NodeOnline, NodeOffline, Telemetry]
+
+
+@dataclass(frozen=True)
+class Member:
+    id: str
+    session: int
+    online: bool
+    caps: Mapping[str, Any] = field(default_factory=dict)
+    load: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinkObs:
+    """The latest measurement of an undirected link (as reported by ``by``)."""
+
+    rtt_s: float | None
+    throughput_bps: float | None
+    by: str
+
+
+@dataclass(frozen=True)
+class MeshState:
+    members: Mapping[str, Member] = field(default_factory=dict)
+    links: Mapping[frozenset[str], LinkObs] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", _frozen(self.members))
+        object.__setattr__(self, "links", _frozen(self.links))
+
+    @property
+    def online(self) -> list[str]:
+        """Ids of the online members, sorted."""
+        return sorted(m.id for m in self.members.values() if m.online)
+
+    def to_mesh(self, base: Mesh | None = None, name: str | None = None,
+                profiles: Mapping[str, Profile] | None = None) -> Mesh:
+        """The live Mesh of the online members, figures from their caps (falling back
+        to the base device of the same id, then to ``profiles[caps["profile"]]``), links
+        from measurements (falling back to the base topology's link)."""
+        devices = {m: _device(self.members[m], base, profiles) for m in self.online}
+        links: dict[frozenset[str], Link] = {}
+        if base is not None:
+            for link in base.links:
+                if link.a in devices and link.b in devices:
+                    links[link.key] = link
+        for key, obs in self.links.items():
+            a, b = sorted(key)
+            if a not in devices or b not in devices:
+                continue
+            old = links.get(key)
+            bw = obs.throughput_bps if obs.throughput_bps else (old.bandwidth_bps if old
+                                                                else None)
+            lat = obs.rtt_s / 2.0 if obs.rtt_s is not None else (old.latency_s if old
+                                                                 else 0.001)
+            if bw is None:
+                log.debug("link %s-%s has no throughput figure yet; left out", a, b)
+                continue
+            links[key] = Link(a, b, bandwidth_bps=float(bw), latency_s=float(lat))
+        return Mesh(name=name or (base.name if base else "live"), devices=devices,
+                    links=tuple(links[k] for k in sorted(links, key=sorted)),
+                    defaults={k: v for k, v in (base.defaults if base else {}).items()
+                              if k not in ("source", "sink") or v in devices},
+                    meta=base.meta if base else {})
+
+
+def _device(member: Member, base: Mesh | None, profiles: Mapping[str, Profile] | None
+            ) -> Device:
+    caps = member.caps
+    fallback: Any = None
+    if base is not None and member.id in base.devices:
+        fallback = base.devices[member.id]
+    elif profiles and caps.get("profile") in profiles:
+        fallback = profiles[caps["profile"]]
+
+    missing = [k for k in ("flops", "memory_bytes", "power") if caps.get(k) is None]
+    if missing and fallback is None:
+        raise TopologyError(f"node {member.id!r} advertised no {', '.join(map(repr, missing))} "
+                            "and has no base device or known profile to fall back on; "
+                            "include them in its birth capabilities")
+
+    def pick(key: str) -> Any:
+        return caps[key] if caps.get(key) is not None else getattr(fallback, key)
+
+    profile = caps.get("profile") or (getattr(fallback, "profile", None)
+                                      or getattr(fallback, "name", None) or "custom")
+    meta = dict(getattr(fallback, "meta", {}) or {})
+    meta.update({"load": member.load, "session": member.session})
+    power = pick("power")
+    if isinstance(power, Mapping):
+        base_power = getattr(fallback, "power", None)
+        merged = {**(base_power.to_dict() if base_power else {}), **power}
+        try:
+            power = Power.from_dict(merged)
+        except (KeyError, TypeError, ValueError):
+            raise TopologyError(f"node {member.id!r} advertised power {dict(power)!r}; it needs "
+                                "compute_w and tx_w (watts)") from None
+    return Device(id=member.id, profile=str(profile), flops=float(pick("flops")),
+                  memory_bytes=int(pick("memory_bytes")), power=power, meta=meta)
+
+
+def _drop_links_of(links: Mapping[frozenset[str], LinkObs], node: str
+                   ) -> dict[frozenset[str], LinkObs]:
+    return {k: v for k, v in links.items() if node not in k}
+
+
+def apply(state: MeshState, event: Event) -> MeshState:
+    """The state after ``event`` (pure; stale events return ``state`` unchanged)."""
+    known = state.members.get(event.id)
+    if isinstance(event, NodeOnline):
+        if known is not None and (event.session < known.session or
+                                  (event.session == known.session and not known.online)):
+            log.debug("stale online of %s (session %d, known %d)", event.id, event.session,
+                      known.session)
+            return state
+        new_life = known is None or event.session > known.session
+        member = Member(event.id, event.session, True, _frozen(event.caps),
+                        0.0 if new_life else known.load)  # type: ignore[union-attr]
+        links = _drop_links_of(state.links, event.id) if new_life else state.links
+        return MeshState({**state.members, event.id: member}, links)
+    if isinstance(event, NodeOffline):
+        if known is not None and event.session < known.session:
+            log.debug("stale offline of %s (session %d, known %d)", event.id, event.session,
+                      known.session)
+            return state
+        caps = known.caps if known is not None else {}
+        member = Member(event.id, event.session, False, caps, 0.0)
+        return MeshState({**state.members, event.id: member},
+                         _drop_links_of(state.links, event.id))
+    if isinstance(event, Telemetry):
+        if known is None or not known.online or (event.session is not None
+                                                 and event.session != known.session):
+            return state
+        links = dict(state.links)
+        for nb, fig in event.links.items():
+            nb = str(nb)
+            if nb == event.id:
+                continue
+            links[frozenset((event.id, nb))] = LinkObs(
+                rtt_s=_opt(fig.get("rtt_s")), throughput_bps=_opt(fig.get("throughput_bps")),
+                by=event.id)
+        return MeshState({**state.members, event.id: replace(known, load=float(event.load))},
+                         links)
+    raise TypeError(f"not a mesh event: {event!r}")
+
+
+def _opt(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def fold(events: Iterable[Event], state: MeshState | None = None) -> MeshState:
+    """apply() over ``events`` from ``state`` (default: empty)."""
+    out = state if state is not None else MeshState()
+    for event in events:
+        out = apply(out, event)
+    return out
+
+
+def link_changed(old: Link | None, new: Link | None, threshold: float = 0.3,
+                 latency_floor_s: float = 0.001) -> bool:
+    """True when a link appeared, vanished, or its bandwidth moved by more than
+    ``threshold`` (relative), or its latency by more than max(threshold * old,
+    latency_floor_s): the cue to re-plan."""
+    if old is None or new is None:
+        return (old is None) != (new is None)
+    if abs(new.bandwidth_bps - old.bandwidth_bps) > threshold * old.bandwidth_bps:
+        return True
+    return abs(new.latency_s - old.latency_s) > max(threshold * old.latency_s,
+                                                      latency_floor_s)
+
+
+def changed_links(old: Mesh, new: Mesh, threshold: float = 0.3) -> list[tuple[str, str]]:
+    """Device pairs whose link ``link_changed`` between two meshes, sorted."""
+    pairs = {l.key for l in old.links} | {l.key for l in new.links}
+    out = []
+    for key in pairs:
+        a, b = sorted(key)
+        if link_changed(old.find_link(a, b), new.find_link(a, b), threshold):
+            out.append((a, b))
+    return sorted(out)

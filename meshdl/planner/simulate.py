@@ -1,0 +1,390 @@
+"""The cost model: a discrete-event simulation of one inference under a plan.
+
+Model (DESIGN section 7), as implemented here:
+
+- The model input sits on ``plan.source`` at t = 0. A stage-0 task needs its
+  ``in_region`` of the input; a task of stage k > 0 needs the pieces
+  ``plan.producers(task)``; the last stage's tiles go to ``plan.sink``. Latency is
+  the time the sink holds the whole output.
+- A piece of ``graph.tensor_bytes(pos, region)`` bytes travels hop by hop along
+  ``plan.routes["a>b"]`` (else the mesh's fastest path), store-and-forward. A hop
+  occupies its link, the sender's radio and the receiver's radio for
+  ``latency + bytes * 8 / bandwidth`` seconds. Pieces between tasks on the same
+  device are free and instant (so is a zero-byte piece).
+- Links are **half-duplex** shared resources (as Wi-Fi is: both directions share the
+  one medium): a link carries one hop at a time, in FIFO order of the time the hop
+  was requested (ties by request order). Devices relay for others while computing.
+- A device computes one task at a time, FIFO by the time the task's last input
+  arrived; a task takes ``task.flops / device.flops`` seconds.
+- Energy per device: compute_w x compute time + tx_w x send time + rx_w x receive
+  time (+ idle_w x (latency - busy time) for every device the plan touches when
+  ``include_idle``; busy = compute + send + receive time, capped at latency).
+- Peak memory per device: weights of the (distinct) stages it runs + its largest
+  input + output activation of a single task.
+
+The simulation is a heap of requests processed in time order (deterministic ties),
+over a compiled, index-based form of the plan: ``Simulator`` keeps per-mesh and
+per-graph tables so the optimisers can score thousands of candidates cheaply.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from meshdl.errors import PlanError, TopologyError
+from meshdl.graph.plan import Plan
+
+@dataclass(frozen=True)
+class Score:
+    """What the cost model predicts for one plan (seconds, joules, bytes)."""
+
+    latency_s: float
+    energy_j: float
+    energy_by_device: dict[str, float] = field(default_factory=dict)
+    compute_s_by_device: dict[str, float] = field(default_factory=dict)
+    busy_by_device: dict[str, float] = field(default_factory=dict)
+    peak_memory_by_device: dict[str, int] = field(default_factory=dict)
+    stage_finish_s: list[float] = field(default_factory=list)
+    bytes_moved: int = 0          # bytes x hops: what the links carried
+    transfers: int = 0            # pieces that crossed the mesh (>= 1 hop)
+    over_memory: tuple[str, ...] = ()   # devices whose peak memory exceeds theirs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"latency_s": self.latency_s, "energy_j": self.energy_j,
+                "energy_by_device": dict(self.energy_by_device),
+                "compute_s_by_device": dict(self.compute_s_by_device),
+                "busy_by_device": dict(self.busy_by_device),
+                "peak_memory_by_device": dict(self.peak_memory_by_device),
+                "stage_finish_s": list(self.stage_finish_s),
+                "bytes_moved": int(self.bytes_moved), "transfers": int(self.transfers),
+                "over_memory": list(self.over_memory)}
+
+
+@dataclass
+class Program:
+    """A plan compiled to indices: what the event loop runs."""
+
+    task_dev: list[int]
+    task_dur: list[float]
+    task_stage: list[int]
+    n_inputs: list[int]                      # pieces each task waits for
+    start_transfers: list[int]               # transfer ids leaving the source at t = 0
+    out_transfers: list[list[int]]           # task -> transfer ids it sends when done
+    tr_dest: list[int]                       # transfer -> consumer task, -1 = the sink
+    tr_hops: list[tuple]                     # transfer -> ((link, u, v, seconds), ...)
+    tr_bytes: list[int]
+    n_stages: int
+    devices_used: list[int]                  # source, task devices, sink (first use order)
+    peak_mem: dict[int, int]
+
+
+@dataclass
+class RunResult:
+    latency: float
+    energy: float
+    task_finish: list[float]
+    stage_finish: list[float]
+    compute_s: list[float]
+    tx_s: list[float]
+    rx_s: list[float]
+    bytes_moved: int
+    transfers: int
+
+
+class Simulator:
+    """Scores plans on one (graph, mesh). Keep one per planning call: it caches the
+    mesh's link table, routes and the graph's per-position byte sizes."""
+
+    def __init__(self, graph, mesh) -> None:
+        self.graph = graph
+        self.mesh = mesh
+        self.ids = list(mesh.devices)
+        self.index = {d: i for i, d in enumerate(self.ids)}
+        devs = [mesh.devices[d] for d in self.ids]
+        self.flops = [float(d.flops) for d in devs]
+        self.memory = [int(d.memory_bytes) for d in devs]
+        self.p_comp = [d.power.compute_w for d in devs]
+        self.p_tx = [d.power.tx_w for d in devs]
+        self.p_rx = [d.power.rx_w for d in devs]
+        self.p_idle = [d.power.idle_w for d in devs]
+        self.links: dict[tuple[int, int], tuple[int, float, float]] = {}
+        for n, link in enumerate(mesh.links):
+            a, b = self.index[link.a], self.index[link.b]
+            entry = (n, float(link.latency_s), 8.0 / float(link.bandwidth_bps))
+            self.links[(a, b)] = entry
+            self.links[(b, a)] = entry
+        self.n_links = len(mesh.links)
+        self._routes: dict[tuple[int, int], tuple[tuple[int, int, int], ...]] = {}
+        self._px: dict[int, tuple[int, int, int]] = {}   # position -> (bytes/pixel, H, W)
+
+    # ----- tables ---------------------------------------------------------------
+    def dev(self, device_id: str) -> int:
+        try:
+            return self.index[device_id]
+        except KeyError:
+            raise PlanError(f"plan uses device {device_id!r}, which is not in mesh "
+                            f"{self.mesh.name!r}; re-plan for this mesh") from None
+
+    def region_bytes(self, pos: int, region) -> int:
+        px = self._px.get(pos)
+        if px is None:
+            shape = self.graph.tensor_shape(pos)
+            total = self.graph.tensor_bytes(pos)
+            if len(shape) == 4:
+                px = (total // (shape[-2] * shape[-1]), shape[-2], shape[-1])
+            else:
+                px = (total, 0, 0)
+            self._px[pos] = px
+        if region is None or px[1] == 0:
+            return px[0] if px[1] == 0 else px[0] * px[1] * px[2]
+        h = region[1] - region[0]
+        w = region[3] - region[2]
+        return px[0] * h * w if h > 0 and w > 0 else 0
+
+    def hops(self, a: int, b: int, path: Sequence[str] | None = None
+             ) -> tuple[tuple[int, int, int], ...]:
+        """((link, u, v), ...) from a to b: along ``path`` when given, else the mesh's
+        fastest path (cached)."""
+        if path is None:
+            key = (a, b)
+            got = self._routes.get(key)
+            if got is not None:
+                return got
+            try:
+                path = self.mesh.route(self.ids[a], self.ids[b])
+            except TopologyError as exc:
+                raise PlanError(f"no route from {self.ids[a]!r} to {self.ids[b]!r}: {exc}"
+                                ) from exc
+            got = self._path_hops(path)
+            self._routes[key] = got
+            return got
+        return self._path_hops(path)
+
+    def _path_hops(self, path: Sequence[str]) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for u, v in zip(path, path[1:]):
+            iu, iv = self.dev(u), self.dev(v)
+            entry = self.links.get((iu, iv))
+            if entry is None:
+                raise PlanError(f"route {list(path)} uses {u}-{v}, which is not a link of "
+                                f"mesh {self.mesh.name!r}; re-plan or fix plan.routes")
+            out.append((entry[0], iu, iv))
+        return tuple(out)
+
+    # ----- compiling ------------------------------------------------------------
+    def compile(self, stages: Sequence[tuple[int, int, Sequence[tuple]]], source: int,
+                sink: int, routes: dict[str, list[str]] | None = None) -> Program:
+        """``stages``: [(start, end, [(device index, out_region, in_region, flops), ...]),
+        ...] with regions as (h0, h1, w0, w1) tuples or None (whole). ``routes`` ("a>b" -> path)
+        override the mesh's fastest paths."""
+        routes = routes or {}
+        task_dev: list[int] = []
+        task_dur: list[float] = []
+        task_stage: list[int] = []
+        n_inputs: list[int] = []
+        out_tr: list[list[int]] = []
+        tr_dest: list[int] = []
+        tr_hops: list[tuple] = []
+        tr_bytes: list[int] = []
+        start: list[int] = []
+        used: dict[int, None] = {source: None}
+        wbytes: dict[int, int] = {}
+        act: dict[int, int] = {}
+        seen_stage: set[tuple[int, int]] = set()
+
+        def transfer(a: int, b: int, nbytes: int, dest: int) -> int:
+            if a == b or nbytes <= 0:
+                hops: tuple = ()
+            else:
+                path = routes.get(f"{self.ids[a]}>{self.ids[b]}")
+                hl = self.hops(a, b, path)
+                hops = tuple((l, u, v, self.links[(u, v)][1] + nbytes * self.links[(u, v)][2])
+                             for l, u, v in hl)
+            tr_dest.append(dest)
+            tr_hops.append(hops)
+            tr_bytes.append(nbytes)
+            return len(tr_dest) - 1
+
+        prev: list[tuple[int, Any]] = []     # (task id, out region) of the previous stage
+        for k, (a, b, tasks) in enumerate(stages):
+            cur = []
+            for dev, out_r, in_r, flops in tasks:
+                t = len(task_dev)
+                task_dev.append(dev)
+                task_dur.append(flops / self.flops[dev])
+                task_stage.append(k)
+                out_tr.append([])
+                used.setdefault(dev, None)
+                if (dev, k) not in seen_stage:
+                    seen_stage.add((dev, k))
+                    wbytes[dev] = wbytes.get(dev, 0) + self.graph.weight_bytes_between(a, b)
+                need = self.region_bytes(a, in_r) + self.region_bytes(b, out_r)
+                if need > act.get(dev, 0):
+                    act[dev] = need
+                n = 0
+                if k == 0:
+                    start.append(transfer(source, dev, self.region_bytes(a, in_r), t))
+                    n = 1
+                else:
+                    for p, p_out in prev:
+                        if p_out is None or in_r is None:
+                            piece = p_out if in_r is None else in_r
+                        else:
+                            piece = (max(p_out[0], in_r[0]), min(p_out[1], in_r[1]),
+                                     max(p_out[2], in_r[2]), min(p_out[3], in_r[3]))
+                            if piece[1] <= piece[0] or piece[3] <= piece[2]:
+                                continue
+                        out_tr[p].append(transfer(task_dev[p], dev,
+                                                  self.region_bytes(a, piece), t))
+                        n += 1
+                n_inputs.append(n)
+                cur.append((t, out_r))
+            prev = cur
+        last_end = stages[-1][1]
+        for t, out_r in prev:
+            out_tr[t].append(transfer(task_dev[t], sink, self.region_bytes(last_end, out_r),
+                                      -1))
+        used.setdefault(sink, None)
+        peak = {d: wbytes.get(d, 0) + act.get(d, 0) for d in used}
+        return Program(task_dev, task_dur, task_stage, n_inputs, start, out_tr, tr_dest,
+                       tr_hops, tr_bytes, len(stages), list(used), peak)
+
+    def compile_plan(self, plan: Plan) -> Program:
+        if not plan.stages:
+            raise PlanError("plan has no stages; a plan must cover the model")
+        stages = []
+        for s in plan.stages:
+            if not s.tasks:
+                raise PlanError(f"stage {s.index} has no tasks")
+            stages.append((s.start, s.end, [
+                (self.dev(t.device),
+                 None if t.out_region is None else tuple(t.out_region.to_list()),
+                 None if t.in_region is None else tuple(t.in_region.to_list()),
+                 float(t.flops)) for t in s.tasks]))
+        return self.compile(stages, self.dev(plan.source), self.dev(plan.sink), plan.routes)
+
+    # ----- the event loop -------------------------------------------------------
+    def run(self, prog: Program) -> RunResult:
+        n_dev = len(self.ids)
+        link_free = [0.0] * self.n_links
+        dev_free = [0.0] * n_dev
+        compute_s = [0.0] * n_dev
+        tx_s = [0.0] * n_dev
+        rx_s = [0.0] * n_dev
+        waiting = list(prog.n_inputs)
+        ready_at = [0.0] * len(waiting)
+        finish = [0.0] * len(waiting)
+        stage_finish = [0.0] * prog.n_stages
+        sink_time = 0.0
+        moved = 0
+        crossings = 0
+        heap: list[tuple[float, int, int, int]] = []   # (time, seq, kind, id[, hop])
+        seq = 0
+        tr_hops, tr_dest, tr_bytes = prog.tr_hops, prog.tr_dest, prog.tr_bytes
+        task_dev, task_dur = prog.task_dev, prog.task_dur
+        push = heapq.heappush
+
+        # kind 0: compute request for task; kind >= 1: hop (kind - 1) of transfer
+        def arrive(tr: int, t: float) -> None:
+            nonlocal seq, sink_time
+            dest = tr_dest[tr]
+            if dest < 0:
+                if t > sink_time:
+                    sink_time = t
+                return
+            if t > ready_at[dest]:
+                ready_at[dest] = t
+            waiting[dest] -= 1
+            if waiting[dest] == 0:
+                push(heap, (ready_at[dest], seq, 0, dest))
+                seq += 1
+
+        def send(tr: int, t: float) -> None:
+            nonlocal seq, moved, crossings
+            if tr_hops[tr]:
+                crossings += 1
+                moved += tr_bytes[tr] * len(tr_hops[tr])
+                push(heap, (t, seq, 1, tr))
+                seq += 1
+            else:
+                arrive(tr, t)
+
+        for tr in prog.start_transfers:
+            send(tr, 0.0)
+        pop = heapq.heappop
+        while heap:
+            t, _, kind, x = pop(heap)
+            if kind == 0:
+                d = task_dev[x]
+                s = dev_free[d] if dev_free[d] > t else t
+                f = s + task_dur[x]
+                dev_free[d] = f
+                compute_s[d] += task_dur[x]
+                finish[x] = f
+                st = prog.task_stage[x]
+                if f > stage_finish[st]:
+                    stage_finish[st] = f
+                for tr in prog.out_transfers[x]:
+                    send(tr, f)
+            else:
+                hop = kind - 1
+                link, u, v, dur = tr_hops[x][hop]
+                s = link_free[link] if link_free[link] > t else t
+                f = s + dur
+                link_free[link] = f
+                tx_s[u] += dur
+                rx_s[v] += dur
+                if hop + 1 < len(tr_hops[x]):
+                    push(heap, (f, seq, kind + 1, x))
+                    seq += 1
+                else:
+                    arrive(x, f)
+        if any(w > 0 for w in waiting):
+            raise PlanError("a task never received all its inputs; the plan's stages do "
+                            "not chain (check it with meshdl.graph.check_plan)")
+        pc, pt, pr = self.p_comp, self.p_tx, self.p_rx
+        energy = sum(pc[d] * compute_s[d] + pt[d] * tx_s[d] + pr[d] * rx_s[d]
+                     for d in range(n_dev))
+        return RunResult(sink_time, energy, finish, stage_finish, compute_s, tx_s, rx_s,
+                         moved, crossings)
+
+    # ----- scores -----------------------------------------------------------------
+    def score(self, prog: Program, include_idle: bool = False) -> Score:
+        r = self.run(prog)
+        busy: dict[str, float] = {}
+        energy: dict[str, float] = {}
+        comp: dict[str, float] = {}
+        involved = set(prog.devices_used)
+        for d in range(len(self.ids)):
+            b = r.compute_s[d] + r.tx_s[d] + r.rx_s[d]
+            if b <= 0 and d not in involved:
+                continue
+            name = self.ids[d]
+            e = (self.p_comp[d] * r.compute_s[d] + self.p_tx[d] * r.tx_s[d]
+                 + self.p_rx[d] * r.rx_s[d])
+            if include_idle:
+                e += self.p_idle[d] * max(0.0, r.latency - b)
+            busy[name], energy[name], comp[name] = b, e, r.compute_s[d]
+        peak = {self.ids[d]: m for d, m in prog.peak_mem.items()}
+        over = tuple(self.ids[d] for d, m in prog.peak_mem.items() if m > self.memory[d])
+        return Score(latency_s=r.latency, energy_j=float(sum(energy.values())),
+                     energy_by_device=energy, compute_s_by_device=comp, busy_by_device=busy,
+                     peak_memory_by_device=peak, stage_finish_s=list(r.stage_finish),
+                     bytes_moved=int(r.bytes_moved), transfers=r.transfers,
+                     over_memory=over)
+
+
+def simulate(plan: Plan, graph, mesh, bandwidth_cap_mbps: float | None = None,
+             include_idle: bool = False) -> Score:
+    """Predict latency, energy and the rest of ``Score`` for ``plan`` on ``mesh``."""
+    if plan.num_ops != len(graph.ops):
+        raise PlanError(f"plan was made for {plan.model} ({plan.num_ops} ops), not "
+                        f"{graph.name} ({len(graph.ops)} ops); re-plan for this model")
+    if bandwidth_cap_mbps is not None:
+        mesh = mesh.with_bandwidth_cap(bandwidth_cap_mbps)
+    sim = Simulator(graph, mesh)
+    return sim.score(sim.compile_plan(plan), include_idle=include_idle)
+
+
+__all__ = ["Score", "Simulator", "Program", "RunResult", "simulate"]

@@ -1,0 +1,136 @@
+"""The ``Bus`` protocol the rest of meshdl sees, and the dispatcher both buses share.
+
+Handlers run on dispatcher threads, never on the network thread: a slow
+handler delays its own dispatcher lane, not the connection. Messages of one
+topic always go to the same lane, so per-topic order is kept.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Protocol, Union, runtime_checkable
+
+from meshdl.errors import TransportError
+from meshdl.wire.topics import topic_matches
+
+log = logging.getLogger(__name__)
+
+Payload = Union[bytes, memoryview]
+Handler = Callable[[str, Payload, bool], None]
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last will: published by the broker if the connection dies without a clean close."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@runtime_checkable
+class Bus(Protocol):
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        ...
+
+    def subscribe(self, pattern: str, handler: Handler, qos: int = 0) -> None:
+        ...
+
+    def unsubscribe(self, pattern: str) -> None:
+        ...
+
+    def close(self, final: "Will | None" = None, timeout: float = 5.0) -> None:
+        ...
+
+    @property
+    def connected(self) -> bool:
+        ...
+
+    def wait_connected(self, timeout: float) -> bool:
+        ...
+
+
+class Subscriptions:
+    """pattern -> (handlers, qos); thread-safe snapshot lookups."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[str, tuple[tuple[Handler, ...], int]] = {}
+
+    def add(self, pattern: str, handler: Handler, qos: int) -> bool:
+        """Add a handler; True if the pattern is new (needs a broker SUBSCRIBE)."""
+        with self._lock:
+            handlers, old_qos = self._subs.get(pattern, ((), -1))
+            self._subs[pattern] = (handlers + (handler,), max(qos, old_qos))
+            return old_qos < qos
+
+    def remove(self, pattern: str) -> bool:
+        with self._lock:
+            return self._subs.pop(pattern, None) is not None
+
+    def items(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return [(p, q) for p, (_, q) in self._subs.items()]
+
+    def handlers_for(self, topic: str) -> list[Handler]:
+        with self._lock:
+            subs = list(self._subs.items())
+        return [h for p, (hs, _) in subs if topic_matches(p, topic) for h in hs]
+
+
+class Dispatcher:
+    """Bounded lanes of (topic, payload, retained) drained by worker threads."""
+
+    def __init__(self, subs: Subscriptions, name: str, lanes: int = 1,
+                 max_queued: int = 10000, block_s: float = 1.0) -> None:
+        if lanes < 1:
+            raise TransportError("dispatch lanes must be >= 1")
+        self._subs = subs
+        self._block_s = block_s
+        self._queues = [queue.Queue(max_queued) for _ in range(lanes)]
+        self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True,
+                                          name=f"{name}-dispatch-{i}")
+                         for i, q in enumerate(self._queues)]
+        self.dropped = 0
+        for t in self._threads:
+            t.start()
+
+    def put(self, topic: str, payload: Payload, retained: bool) -> None:
+        """Called from the network thread: waits at most ``block_s`` for room (back
+        pressure on the socket), then drops the message with a warning."""
+        lane = self._queues[zlib.crc32(topic.encode()) % len(self._queues)
+                            if len(self._queues) > 1 else 0]
+        try:
+            lane.put((topic, payload, retained), timeout=self._block_s)
+        except queue.Full:
+            self.dropped += 1
+            log.warning("inbound queue full: dropped a message on %s (%d dropped so far); "
+                        "handlers are too slow", topic, self.dropped)
+
+    def _run(self, q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            topic, payload, retained = item
+            for handler in self._subs.handlers_for(topic):
+                try:
+                    handler(topic, payload, retained)
+                except Exception:
+                    log.exception("handler %r failed on %s; message dropped", handler, topic)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let queued messages drain, then stop the lanes."""
+        for q in self._queues:
+            try:
+                q.put(None, timeout=timeout)
+            except queue.Full:
+                log.warning("dispatcher lane still full at close; abandoning it")
+        current = threading.current_thread()
+        for t in self._threads:
+            if t is not current:
+                t.join(timeout)

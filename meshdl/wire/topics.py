@@ -1,0 +1,256 @@
+"""Every MQTT topic meshdl uses, declared once (DESIGN section 4).
+
+```
+meshdl/v1/{mesh}/node/{id}/state        retained birth/will
+meshdl/v1/{mesh}/node/{id}/telemetry    periodic load and link quality
+meshdl/v1/{mesh}/election               campaign messages
+meshdl/v1/{mesh}/leader                 retained leader id + term
+meshdl/v1/{mesh}/plan/{plan_id}         retained plan
+meshdl/v1/{mesh}/job/{job}/{request|status|result}
+meshdl/v1/{mesh}/route/{hop1}/.../{dst}/{job}/{piece}   tensor pieces (and their acks)
+```
+
+Builders validate every id (no ``/``, ``+``, ``#``, NUL, not empty, bounded length)
+and raise :class:`~meshdl.errors.WireError`. Parsers are the exact inverse.
+Everything here is pure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from meshdl.errors import WireError
+
+PREFIX = "meshdl/v1"
+MAX_ID_LEN = 64
+MAX_HOPS = 32
+JOB_KINDS = ("request", "status", "result")
+_FORBIDDEN = ("/", "+", "#", "\x00")
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a legal topic level, else raise WireError."""
+    if not isinstance(value, str):
+        raise WireError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise WireError(f"{what} must not be empty")
+    if len(value) > MAX_ID_LEN:
+        raise WireError(f"{what} {value[:20]!r}... is {len(value)} characters; "
+                        f"use at most {MAX_ID_LEN}")
+    for ch in _FORBIDDEN:
+        if ch in value:
+            raise WireError(f"{what} {value!r} contains {ch!r}; ids may not contain "
+                            "'/', '+', '#' or NUL")
+    return value
+
+
+def _base(mesh: str) -> str:
+    return f"{PREFIX}/{validate_id(mesh, 'mesh name')}"
+
+
+# ---------------------------------------------------------------- builders
+def node_state(mesh: str, node: str) -> str:
+    return f"{_base(mesh)}/node/{validate_id(node, 'node id')}/state"
+
+
+def node_telemetry(mesh: str, node: str) -> str:
+    return f"{_base(mesh)}/node/{validate_id(node, 'node id')}/telemetry"
+
+
+def election(mesh: str) -> str:
+    return f"{_base(mesh)}/election"
+
+
+def leader(mesh: str) -> str:
+    return f"{_base(mesh)}/leader"
+
+
+def plan(mesh: str, plan_id: str) -> str:
+    return f"{_base(mesh)}/plan/{validate_id(plan_id, 'plan id')}"
+
+
+def job(mesh: str, job_id: str, kind: str) -> str:
+    if kind not in JOB_KINDS:
+        raise WireError(f"job topic kind must be one of {JOB_KINDS}, got {kind!r}")
+    return f"{_base(mesh)}/job/{validate_id(job_id, 'job id')}/{kind}"
+
+
+def route_topic(mesh: str, hops: Sequence[str], job_id: str, piece: str) -> str:
+    """Topic of a piece that still has to visit ``hops`` (the last one is its destination)."""
+    if isinstance(hops, str):
+        raise WireError("hops must be a sequence of node ids, not a string")
+    hops = list(hops)
+    if not hops:
+        raise WireError("a route needs at least one hop (the destination)")
+    if len(hops) > MAX_HOPS:
+        raise WireError(f"route has {len(hops)} hops; at most {MAX_HOPS} are allowed")
+    path = "/".join(validate_id(h, "hop id") for h in hops)
+    return (f"{_base(mesh)}/route/{path}/{validate_id(job_id, 'job id')}/"
+            f"{validate_id(piece, 'piece id')}")
+
+
+# ------------------------------------------------------- subscription filters
+def node_state_all(mesh: str) -> str:
+    return f"{_base(mesh)}/node/+/state"
+
+
+def node_telemetry_all(mesh: str) -> str:
+    return f"{_base(mesh)}/node/+/telemetry"
+
+
+def plan_all(mesh: str) -> str:
+    return f"{_base(mesh)}/plan/+"
+
+
+def job_all(mesh: str, kind: str = "+") -> str:
+    if kind != "+" and kind not in JOB_KINDS:
+        raise WireError(f"job topic kind must be one of {JOB_KINDS} or '+', got {kind!r}")
+    return f"{_base(mesh)}/job/+/{kind}"
+
+
+def route_inbox(mesh: str, node: str) -> str:
+    """What node ``node`` subscribes to for the pieces it relays or consumes."""
+    return f"{_base(mesh)}/route/{validate_id(node, 'node id')}/#"
+
+
+def mesh_all(mesh: str) -> str:
+    return f"{_base(mesh)}/#"
+
+
+# ---------------------------------------------------------------- parsing
+@dataclass(frozen=True)
+class ParsedTopic:
+    """A meshdl topic taken apart. ``kind`` is one of: state, telemetry, election,
+    leader, plan, job, route. Only the fields of that kind are set."""
+
+    kind: str
+    mesh: str
+    node: str | None = None
+    plan_id: str | None = None
+    job: str | None = None
+    job_kind: str | None = None
+    hops: tuple[str, ...] = ()
+    piece: str | None = None
+
+
+def _levels(topic: str) -> list[str]:
+    if not isinstance(topic, str):
+        raise WireError(f"topic must be a string, got {type(topic).__name__}")
+    head = PREFIX + "/"
+    if not topic.startswith(head):
+        raise WireError(f"topic {topic[:80]!r} is not under {PREFIX}/")
+    return topic[len(head):].split("/")
+
+
+def parse(topic: str) -> ParsedTopic:
+    """Classify any meshdl topic; raise WireError for anything off-contract."""
+    lv = _levels(topic)
+    if len(lv) < 2:
+        raise WireError(f"topic {topic!r} has no kind after the mesh name")
+    mesh = validate_id(lv[0], "mesh name")
+    kind, rest = lv[1], lv[2:]
+    if kind == "node" and len(rest) == 2 and rest[1] in ("state", "telemetry"):
+        return ParsedTopic(rest[1], mesh, node=validate_id(rest[0], "node id"))
+    if kind in ("election", "leader") and not rest:
+        return ParsedTopic(kind, mesh)
+    if kind == "plan" and len(rest) == 1:
+        return ParsedTopic("plan", mesh, plan_id=validate_id(rest[0], "plan id"))
+    if kind == "job" and len(rest) == 2 and rest[1] in JOB_KINDS:
+        return ParsedTopic("job", mesh, job=validate_id(rest[0], "job id"), job_kind=rest[1])
+    if kind == "route":
+        m, hops, j, p = parse_route(topic)
+        return ParsedTopic("route", m, hops=hops, job=j, piece=p)
+    raise WireError(f"topic {topic[:120]!r} is not a meshdl/v1 topic")
+
+
+def parse_route(topic: str) -> tuple[str, tuple[str, ...], str, str]:
+    """``route/{hop1}/.../{dst}/{job}/{piece}`` -> (mesh, hops, job, piece)."""
+    lv = _levels(topic)
+    if len(lv) < 5 or lv[1] != "route":
+        raise WireError(f"topic {topic[:120]!r} is not a route topic "
+                        f"({PREFIX}/MESH/route/HOP.../DST/JOB/PIECE)")
+    mesh = validate_id(lv[0], "mesh name")
+    hops = tuple(validate_id(h, "hop id") for h in lv[2:-2])
+    if len(hops) > MAX_HOPS:
+        raise WireError(f"route has {len(hops)} hops; at most {MAX_HOPS} are allowed")
+    return mesh, hops, validate_id(lv[-2], "job id"), validate_id(lv[-1], "piece id")
+
+
+@dataclass(frozen=True)
+class RouteStep:
+    """What a node does with a piece: consume it, or forward it to ``topic``."""
+
+    consume: bool
+    next_hop: str | None
+    topic: str | None
+    job: str
+    piece: str
+
+
+def next_hop(topic: str, self_id: str) -> RouteStep:
+    """Strip ``self_id`` (which must be the first hop) from a route topic.
+
+    If nothing is left before ``{job}``, the piece is for us (``consume=True``);
+    otherwise forward it unchanged to ``topic`` (the next hop's inbox).
+    """
+    mesh, hops, job_id, piece = parse_route(topic)
+    if hops[0] != self_id:
+        raise WireError(f"piece on {topic[:120]!r} is addressed to {hops[0]!r}, not "
+                        f"{self_id!r}; subscribe with route_inbox() only")
+    rest = hops[1:]
+    if not rest:
+        return RouteStep(True, None, None, job_id, piece)
+    return RouteStep(False, rest[0], route_topic(mesh, rest, job_id, piece), job_id, piece)
+
+
+def return_route(path: Sequence[str]) -> list[str]:
+    """Hops an ack follows back along ``path`` (sender first ... destination last):
+    everything but the destination, reversed. ``path`` needs >= 2 nodes."""
+    path = list(path)
+    if len(path) < 2:
+        raise WireError("a return route needs a path of at least two nodes")
+    return path[-2::-1]
+
+
+# ---------------------------------------------------------------- matching
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter matching (``+`` one level, ``#`` the rest, including the parent).
+
+    Topics starting with ``$`` match no filter starting with a wildcard.
+    """
+    if topic.startswith("$") and pattern[:1] in ("+", "#"):
+        return False
+    pl = pattern.split("/")
+    tl = topic.split("/")
+    for i, p in enumerate(pl):
+        if p == "#":
+            return i == len(pl) - 1
+        if i >= len(tl):
+            return False
+        if p != "+" and p != tl[i]:
+            return False
+    return len(pl) == len(tl)
+
+
+def validate_filter(pattern: str) -> str:
+    """Check an MQTT subscription filter's wildcard placement."""
+    if not isinstance(pattern, str) or not pattern:
+        raise WireError("a subscription filter must be a non-empty string")
+    levels = pattern.split("/")
+    for i, lv in enumerate(levels):
+        if "#" in lv and (lv != "#" or i != len(levels) - 1):
+            raise WireError(f"filter {pattern!r}: '#' must be a whole, last level")
+        if "+" in lv and lv != "+":
+            raise WireError(f"filter {pattern!r}: '+' must be a whole level")
+    return pattern
+
+
+def validate_publish_topic(topic: str) -> str:
+    if not isinstance(topic, str) or not topic:
+        raise WireError("a publish topic must be a non-empty string")
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        raise WireError(f"publish topic {topic[:120]!r} must not contain wildcards or NUL")
+    if len(topic.encode()) > 65535:
+        raise WireError("publish topic longer than 65535 bytes")
+    return topic
+

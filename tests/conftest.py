@@ -1,0 +1,62 @@
+"""Shared fixtures: real brokers on free loopback ports (mosquitto; amqtt fallback)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
+
+NO_MOSQUITTO = "mosquitto binary not installed (apt-get install mosquitto; CI installs it)"
+
+
+def _need_mosquitto() -> None:
+    if mosquitto_binary() is None:
+        pytest.skip(NO_MOSQUITTO)
+
+
+@pytest.fixture
+def mosquitto_broker(tmp_path):
+    """A running mosquitto (EmbeddedBroker) with a generated plain config in tmp_path."""
+    _need_mosquitto()
+    broker = EmbeddedBroker(backend="mosquitto", workdir=tmp_path / "broker")
+    with broker:
+        yield broker
+
+
+@pytest.fixture
+def mosquitto(mosquitto_broker):
+    """URL of a running mosquitto on a free 127.0.0.1 port."""
+    return mosquitto_broker.url
+
+
+@pytest.fixture
+def amqtt_broker():
+    pytest.importorskip("amqtt", reason="amqtt not installed (pip install amqtt)")
+    with EmbeddedBroker(backend="amqtt") as broker:
+        yield broker
+
+
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a server cert for 127.0.0.1/localhost (openssl CLI)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not installed: cannot make test certificates")
+    directory.mkdir(parents=True, exist_ok=True)
+    d = directory
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=30, cwd=d)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-days", "1", "-subj",
+        "/CN=meshdl-test-ca", "-keyout", "ca.key", "-out", "ca.crt")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-subj", "/CN=127.0.0.1",
+        "-keyout", "server.key", "-out", "server.csr")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "server.crt")
+    return {n: d / n for n in ("ca.crt", "server.crt", "server.key")}
