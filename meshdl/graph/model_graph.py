@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ import torch.nn as nn
 from meshdl.errors import PlanError
 from meshdl.graph.plan import Region
 from meshdl.graph.regions import crop
+from meshdl.graph.compiled import compile_range
 from meshdl.graph.trace import INPUT, Op, build_ops
 
 
@@ -33,7 +34,10 @@ class ModelGraph:
         self.module = model
         self.name = name or type(model).__name__.lower()
         self.input_shape = tuple(int(v) for v in input_shape)
-        self.ops, self.output_shape = build_ops(model, self.input_shape)
+        traced = build_ops(model, self.input_shape)
+        self.ops, self.output_shape = traced.ops, traced.output_shape
+        self._traced = traced
+        self._compiled: dict[tuple[int, int], Callable | None] = {}
         self.flops = float(sum(op.flops for op in self.ops))
         self.weight_bytes = int(sum(op.weight_bytes for op in self.ops))
         self._last_use = self._compute_last_use()
@@ -233,6 +237,12 @@ class ModelGraph:
                 del env[s]
 
     def _run_whole(self, a: int, b: int, x: torch.Tensor) -> torch.Tensor:
+        key = (a, b)
+        if key not in self._compiled:
+            self._compiled[key] = compile_range(self._traced, a, b)
+        fn = self._compiled[key]
+        if fn is not None:
+            return fn(x)
         src = self.producer(a)
         env: dict[int, torch.Tensor] = {src: x}
         for i in range(a, b):

@@ -37,6 +37,7 @@ class Op:
     call: Callable[..., torch.Tensor] = field(repr=False)   # call(*input tensors)
     reason: str = ""                         # why not spatial ("global", "unsupported ...")
     target: str = ""                         # module path or function name
+    node: Any = field(default=None, repr=False, compare=False)   # the fx node
 
     @property
     def input_names(self) -> list[str]:
@@ -161,8 +162,8 @@ class _Builder:
             out_shape=out_shape, flops=float(info.flops), weight_bytes=int(info.weight_bytes),
             out_bytes=int(value.numel() * value.element_size()),
             inputs=[self.op_index[n] for n in inputs], rule=info.rule, call=call,
-            reason=getattr(info.rule, "reason", ""), target=str(getattr(node.target, "__name__",
-                                                                      node.target))))
+            reason=getattr(info.rule, "reason", ""),
+            target=str(getattr(node.target, "__name__", node.target)), node=node))
 
     def _classify(self, node, args, kwargs, in_shapes, out_shape, call) -> OpInfo:
         if node.op == "call_module":
@@ -203,14 +204,24 @@ class _Builder:
         return call
 
 
-def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Op], tuple]:
-    """Trace ``model`` and return its ops in execution order and its output shape."""
+@dataclass
+class Traced:
+    ops: list[Op]
+    output_shape: tuple[int, ...]
+    gm: fx.GraphModule
+    input_node: fx.Node
+    constants: dict[fx.Node, Any]      # folded non-tensor values (x.size(0), shapes)
+
+
+def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
+    """Trace ``model``: its ops in execution order, output shape and fx graph."""
     if model.training:
         log.info("putting %s in eval mode for tracing", type(model).__name__)
         model.eval()
     gm = symbolic_trace(model)
+    builder = _Builder(gm, tuple(input_shape))
     try:
-        ops, out_shape = _Builder(gm, tuple(input_shape)).build()
+        ops, out_shape = builder.build()
     except TraceError:
         raise
     except Exception as exc:
@@ -222,4 +233,8 @@ def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Op],
         warnings.warn(f"op {op.name} ({op.reason}) cannot be split spatially: the part of "
                       f"the model around it runs whole on one device", SplitWarning,
                       stacklevel=3)
-    return ops, out_shape
+    constants = {n: v for n, v in builder.values.items()
+                 if n not in builder.op_index and n.op not in ("get_attr", "placeholder")
+                 and not _contains_tensor(v)}
+    input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    return Traced(ops, out_shape, gm, input_node, constants)

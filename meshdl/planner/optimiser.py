@@ -165,9 +165,15 @@ class Search:
                  ) -> tuple[int, ...] | None:
         if len(devs) <= 1:
             return None
+        key = ("rows", b, tuple(devs))
+        if weights is None and key in self._tasks:
+            return self._tasks[key]
         h = self.g.tensor_shape(b)[-2]
         w = weights if weights is not None else [self.sim.flops[d] for d in devs]
-        return tuple(split_ratio(h, w))
+        rows = tuple(split_ratio(h, w))
+        if weights is None:
+            self._tasks[key] = rows
+        return rows
 
     def stage(self, a: int, b: int, spatial: bool, devs: Sequence[int],
               weights: Sequence[float] | None = None) -> Stage_:
@@ -197,15 +203,49 @@ class Search:
             self._tasks[key] = got
         return got
 
+    def fits(self, cand: tuple) -> bool:
+        """Every device holds the weights of its stages and its largest task's data."""
+        w: dict[int, int] = {}
+        mem = self.sim.memory
+        for st in cand:
+            wb = self.g.weight_bytes_between(st[0], st[1])
+            for d in st[3]:
+                w[d] = w.get(d, 0) + wb
+        if any(n > mem[d] for d, n in w.items()):
+            return False
+        w = {}
+        act: dict[int, int] = {}
+        for st in cand:
+            wb, need = self._memory(st)
+            for d, n in need.items():
+                w[d] = w.get(d, 0) + wb
+                if n > act.get(d, 0):
+                    act[d] = n
+        return all(w[d] + act[d] <= mem[d] for d in w)
+
+    def _memory(self, st: Stage_) -> tuple[int, dict[int, int]]:
+        key = ("mem", st[0], st[1], st[3], st[4])
+        got = self._tasks.get(key)
+        if got is None:
+            a, b = st[0], st[1]
+            need: dict[int, int] = {}
+            for d, o, i, _ in self.tasks(st):
+                n = self.sim.region_bytes(a, i) + self.sim.region_bytes(b, o)
+                need[d] = max(need.get(d, 0), n)
+            got = (self.g.weight_bytes_between(a, b), need)
+            self._tasks[key] = got
+        return got
+
     def evaluate(self, cand: tuple) -> tuple[float, RunResult | None]:
         got = self.cache.get(cand)
         if got is not None:
             return got
-        prog = self.sim.compile([(st[0], st[1], self.tasks(st)) for st in cand],
-                                self.src, self.snk)
-        if any(m > self.sim.memory[d] for d, m in prog.peak_mem.items()):
+        if not self.fits(cand):
             got = (INF, None)
         else:
+            prog = self.sim.compile([(st[0], st[1], self.tasks(st)) for st in cand],
+                                    self.src, self.snk,
+                                    keys=[(st[0], st[1], st[3], st[4]) for st in cand])
             r = self.sim.run(prog)
             self.evaluations += 1
             got = (self.alpha * r.latency / self.lat_ref
@@ -253,35 +293,49 @@ class Search:
                 best, best_obj = cur, obj
         return best
 
-    def improve(self, cand: tuple, tries: int = 4, rounds: int = 3) -> tuple:
-        """Greedy local search over each stage's devices, then rows, then whole stages."""
+    def moves(self, st: Stage_) -> list[tuple[int, ...]]:
+        """Device sets to try for one stage: add the next pool devices, drop the lowest
+        ranked / slowest / any (small sets), swap, grow or shrink by a third."""
+        a, b, sp, devs, _ = st
+        if not sp:
+            need = self.g.weight_bytes_between(a, b)
+            return [(d,) for d in self.pool if d != devs[0] and self.sim.memory[d] > need]
+        flops = self.sim.flops
+        outside = [d for d in self.pool if d not in devs]
+        out = [devs + (d,) for d in outside[:2]]
+        m = len(devs)
+        if m > 1:
+            drop = set(devs[-2:]) | {min(devs, key=lambda d: (flops[d], -self.order[d]))}
+            if m <= 6:
+                drop = set(devs)
+            out += [tuple(x for x in devs if x != d) for d in sorted(drop, key=self.order.get)]
+            out += [tuple(x if x != devs[-1] else o for x in devs) for o in outside[:2]]
+        step = max(2, m // 3)
+        ranked = list(devs) + outside
+        out += [tuple(ranked[:m + step]), tuple(ranked[:max(1, m - step)])]
+        return list(dict.fromkeys(o for o in out if o and o != devs))
+
+    def improve(self, cand: tuple, budget: int = 300, rounds: int = 4) -> tuple:
+        """Best-improvement local search, stage by stage, with row balancing between
+        rounds; stops after ``budget`` more evaluations."""
+        stop = self.evaluations + budget
         best = self.balance(cand)
         best_obj = self.evaluate(best)[0]
         for _ in range(rounds):
             improved = False
             for k in range(len(best)):
                 a, b, sp, devs, _ = best[k]
-                moves: list[tuple[int, ...]] = []
-                if sp:
-                    outside = [d for d in self.pool if d not in devs]
-                    moves += [devs + (d,) for d in outside[:tries]]
-                    if len(devs) > 1:
-                        moves += [tuple(x for x in devs if x != d) for d in devs]
-                        moves += [tuple(x if x != d else o for x in devs)
-                                  for d in devs for o in outside[:2]]
-                else:
-                    moves += [(d,) for d in self.pool if d != devs[0]]
-                for m in moves:
+                for m in self.moves(best[k]):
+                    if self.evaluations >= stop:
+                        break
                     trial = best[:k] + (self.stage(a, b, sp, m),) + best[k + 1:]
                     obj = self.evaluate(trial)[0]
                     if obj < best_obj - 1e-12:
                         best, best_obj, improved = trial, obj, True
-                        break
-            if improved:
-                best = self.balance(best)
-                best_obj = self.evaluate(best)[0]
-            else:
+            if not improved or self.evaluations >= stop:
                 break
+            best = self.balance(best)
+            best_obj = self.evaluate(best)[0]
         return best
 
     def to_plan(self, cand: tuple, strategy: str) -> Plan:
@@ -320,45 +374,89 @@ def best_single(search: Search) -> tuple:
     return min(cands, key=lambda c: (search.evaluate(c)[0], cands.index(c)))
 
 
-def coarse(search: Search, seg: tuple, sizes: Sequence[int]) -> tuple:
-    """The best of: top-m pool devices on every spatial stage, whole stages on the best
-    single device for them (the sink, the source or the fastest device that fits)."""
-    best, best_obj = None, INF
+def coarse(search: Search, seg: tuple, sizes: Sequence[int], heads_too: bool = True
+           ) -> tuple | None:
+    """The best of: the top-m pool devices (rank order) on every spatial stage, for m
+    in ``sizes``; whole stages on the first of sink, source, fastest devices that fits
+    (then, with ``heads_too``, the best of those for the chosen m)."""
     sim = search.sim
     fast = sorted(search.pool, key=lambda d: (-sim.flops[d], search.order[d]))
-    heads = list(dict.fromkeys([search.snk, search.src, *fast]))[:4]
+    whole_w = max((search.g.weight_bytes_between(a, b) for a, b, sp in seg if not sp),
+                  default=0)
+    heads = list(dict.fromkeys([search.snk, search.src, *fast]))
+    heads = [h for h in heads if sim.memory[h] > whole_w][:6]
+    best, best_obj = None, INF
     for m in sizes:
-        if m > len(search.pool):
-            break
-        devs = tuple(fast[:m])
-        for h in heads:
-            c = search.uniform(seg, devs, h)
-            obj = search.evaluate(c)[0]
-            if obj < best_obj:
-                best, best_obj = c, obj
+        for h in heads:             # the first head that fits beside these devices
+            c = search.uniform(seg, tuple(search.pool[:m]), h)
+            if search.fits(c):
+                obj = search.evaluate(c)[0]
+                if obj < best_obj:
+                    best, best_obj = c, obj
+                break
+    chain = pipeline(search, seg, fast)
+    if chain is not None and search.evaluate(chain)[0] < best_obj:
+        best, best_obj = chain, search.evaluate(chain)[0]
+    if best is None or not heads_too:
+        return best
+    devs = next((st[3] for st in best if st[2]), ())
+    for h in heads:
+        c = search.uniform(seg, devs, h)
+        obj = search.evaluate(c)[0]
+        if obj < best_obj:
+            best, best_obj = c, obj
     return best
+
+
+def pipeline(search: Search, seg: tuple, order: Sequence[int]) -> tuple | None:
+    """Stages packed whole onto devices in ``order`` (fastest first): a stage stays on
+    the current device while its weights fit, else moves to the next that holds it.
+    The start for models no single device can hold."""
+    g, mem = search.g, search.sim.memory
+    stages, at, used = [], 0, 0
+    for a, b, sp in seg:
+        need = g.weight_bytes_between(a, b)
+        act = g.tensor_bytes(a) + g.tensor_bytes(b)
+        while at < len(order) and used + need + act > mem[order[at]]:
+            at, used = at + 1, 0
+        if at >= len(order):
+            return None
+        stages.append(search.stage(a, b, sp, (order[at],)))
+        used += need
+    return tuple(stages)
+
+
+def _sizes(n: int, full: bool) -> list[int]:
+    base = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48] if full else [1, 3, n // 2]
+    return sorted({m for m in base if 1 <= m <= n} | {n})
 
 
 @register("meshdl", "joint choice of stage cuts, devices, tile rows and routes, judged "
                     "by the simulator (alpha trades latency for energy)")
 def plan_meshdl(g, mesh, req: PlanRequest) -> Plan:
     opts = req.options
-    search = Search(g, mesh, req, pool_size=int(opts.get("pool_size", 10)),
+    search = Search(g, mesh, req, pool_size=int(opts.get("pool_size", 14)),
                     max_hops=int(opts.get("max_hops", 3)))
     segs = search.segmentations(max_cuts=int(opts.get("max_cuts", 3)))
-    sizes = [1, 2, 3, 4, 6, 8, 12]
-    ranked = []
-    for seg in segs:
-        c = coarse(search, seg, sizes)
+    n = len(search.pool)
+    screened = []
+    for i, seg in enumerate(segs):
+        c = coarse(search, seg, _sizes(n, False), heads_too=False)
         if c is not None:
-            ranked.append((search.evaluate(c)[0], len(ranked), c))
+            screened.append((search.evaluate(c)[0], i, seg))
+    screened.sort()
+    ranked = []
+    for _, i, seg in screened[:int(opts.get("shortlist", 4))]:
+        c = coarse(search, seg, _sizes(n, True))
+        ranked.append((search.evaluate(c)[0], i, c))
     ranked.sort()
     finalists = [best_single(search)] + [c for _, _, c in ranked[:int(opts.get("finalists", 3))]]
     best, best_obj = None, INF
+    budget = int(opts.get("budget", 150))
     for c in finalists:
         if search.evaluate(c)[0] >= INF:
             continue
-        c = search.improve(c)
+        c = search.improve(c, budget=budget)
         obj = search.evaluate(c)[0]
         if obj < best_obj:
             best, best_obj = c, obj

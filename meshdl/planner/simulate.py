@@ -117,6 +117,8 @@ class Simulator:
         self.n_links = len(mesh.links)
         self._routes: dict[tuple[int, int], tuple[tuple[int, int, int], ...]] = {}
         self._px: dict[int, tuple[int, int, int]] = {}   # position -> (bytes/pixel, H, W)
+        self._edges: dict[Any, list[tuple[int, int, int]]] = {}
+        self._hop_times: dict[tuple[int, int, int], tuple] = {}
 
     # ----- tables ---------------------------------------------------------------
     def dev(self, device_id: str) -> int:
@@ -174,11 +176,15 @@ class Simulator:
 
     # ----- compiling ------------------------------------------------------------
     def compile(self, stages: Sequence[tuple[int, int, Sequence[tuple]]], source: int,
-                sink: int, routes: dict[str, list[str]] | None = None) -> Program:
+                sink: int, routes: dict[str, list[str]] | None = None,
+                keys: Sequence[Any] | None = None) -> Program:
         """``stages``: [(start, end, [(device index, out_region, in_region, flops), ...]),
-        ...] with regions as (h0, h1, w0, w1) tuples or None (whole). ``routes`` ("a>b" -> path)
-        override the mesh's fastest paths."""
+        ...] with regions as (h0, h1, w0, w1) tuples or None (whole). ``routes``
+        ("a>b" -> path) override the mesh's fastest paths. ``keys``: optional hashable
+        names of each stage's task list, to reuse the pieces between stage pairs."""
         routes = routes or {}
+        links = self.links
+        hop_cache = self._hop_times
         task_dev: list[int] = []
         task_dur: list[float] = []
         task_stage: list[int] = []
@@ -191,64 +197,88 @@ class Simulator:
         used: dict[int, None] = {source: None}
         wbytes: dict[int, int] = {}
         act: dict[int, int] = {}
-        seen_stage: set[tuple[int, int]] = set()
 
         def transfer(a: int, b: int, nbytes: int, dest: int) -> int:
             if a == b or nbytes <= 0:
                 hops: tuple = ()
             else:
-                path = routes.get(f"{self.ids[a]}>{self.ids[b]}")
-                hl = self.hops(a, b, path)
-                hops = tuple((l, u, v, self.links[(u, v)][1] + nbytes * self.links[(u, v)][2])
-                             for l, u, v in hl)
+                path = routes.get(f"{self.ids[a]}>{self.ids[b]}") if routes else None
+                if path is None:
+                    hkey = (a, b, nbytes)
+                    hops = hop_cache.get(hkey)
+                    if hops is None:
+                        hops = tuple((l, u, v, links[(u, v)][1] + nbytes * links[(u, v)][2])
+                                     for l, u, v in self.hops(a, b))
+                        hop_cache[hkey] = hops
+                else:
+                    hops = tuple((l, u, v, links[(u, v)][1] + nbytes * links[(u, v)][2])
+                                 for l, u, v in self.hops(a, b, path))
             tr_dest.append(dest)
             tr_hops.append(hops)
             tr_bytes.append(nbytes)
             return len(tr_dest) - 1
 
-        prev: list[tuple[int, Any]] = []     # (task id, out region) of the previous stage
+        base_prev = 0
+        prev_tasks: Sequence[tuple] = ()
         for k, (a, b, tasks) in enumerate(stages):
-            cur = []
+            base = len(task_dev)
+            wb = self.graph.weight_bytes_between(a, b)
             for dev, out_r, in_r, flops in tasks:
-                t = len(task_dev)
                 task_dev.append(dev)
                 task_dur.append(flops / self.flops[dev])
                 task_stage.append(k)
                 out_tr.append([])
-                used.setdefault(dev, None)
-                if (dev, k) not in seen_stage:
-                    seen_stage.add((dev, k))
-                    wbytes[dev] = wbytes.get(dev, 0) + self.graph.weight_bytes_between(a, b)
+                n_inputs.append(0)
+                if dev not in used:
+                    used[dev] = None
                 need = self.region_bytes(a, in_r) + self.region_bytes(b, out_r)
                 if need > act.get(dev, 0):
                     act[dev] = need
-                n = 0
-                if k == 0:
-                    start.append(transfer(source, dev, self.region_bytes(a, in_r), t))
-                    n = 1
-                else:
-                    for p, p_out in prev:
-                        if p_out is None or in_r is None:
-                            piece = p_out if in_r is None else in_r
-                        else:
-                            piece = (max(p_out[0], in_r[0]), min(p_out[1], in_r[1]),
-                                     max(p_out[2], in_r[2]), min(p_out[3], in_r[3]))
-                            if piece[1] <= piece[0] or piece[3] <= piece[2]:
-                                continue
-                        out_tr[p].append(transfer(task_dev[p], dev,
-                                                  self.region_bytes(a, piece), t))
-                        n += 1
-                n_inputs.append(n)
-                cur.append((t, out_r))
-            prev = cur
+            for dev in {t[0] for t in tasks}:
+                wbytes[dev] = wbytes.get(dev, 0) + wb
+            if k == 0:
+                for i, (dev, _, in_r, _) in enumerate(tasks):
+                    start.append(transfer(source, dev, self.region_bytes(a, in_r), base + i))
+                    n_inputs[base + i] = 1
+            else:
+                key = (keys[k - 1], keys[k]) if keys is not None else None
+                edges = self._edges.get(key) if key is not None else None
+                if edges is None:
+                    edges = self._pieces(a, prev_tasks, tasks)
+                    if key is not None:
+                        self._edges[key] = edges
+                for i, j, nbytes in edges:
+                    p = base_prev + i
+                    out_tr[p].append(transfer(task_dev[p], task_dev[base + j], nbytes,
+                                              base + j))
+                    n_inputs[base + j] += 1
+            base_prev, prev_tasks = base, tasks
         last_end = stages[-1][1]
-        for t, out_r in prev:
+        for i, (_, out_r, _, _) in enumerate(prev_tasks):
+            t = base_prev + i
             out_tr[t].append(transfer(task_dev[t], sink, self.region_bytes(last_end, out_r),
                                       -1))
         used.setdefault(sink, None)
         peak = {d: wbytes.get(d, 0) + act.get(d, 0) for d in used}
         return Program(task_dev, task_dur, task_stage, n_inputs, start, out_tr, tr_dest,
                        tr_hops, tr_bytes, len(stages), list(used), peak)
+
+    def _pieces(self, pos: int, prev: Sequence[tuple], cur: Sequence[tuple]
+                ) -> list[tuple[int, int, int]]:
+        """(producer, consumer, bytes) for every piece between two stages' task lists
+        (the overlap of the producer's tile and the consumer's input region)."""
+        out = []
+        for j, (_, _, in_r, _) in enumerate(cur):
+            for i, (_, p_out, _, _) in enumerate(prev):
+                if p_out is None or in_r is None:
+                    piece = p_out if in_r is None else in_r
+                else:
+                    piece = (max(p_out[0], in_r[0]), min(p_out[1], in_r[1]),
+                             max(p_out[2], in_r[2]), min(p_out[3], in_r[3]))
+                    if piece[1] <= piece[0] or piece[3] <= piece[2]:
+                        continue
+                out.append((i, j, self.region_bytes(pos, piece)))
+        return out
 
     def compile_plan(self, plan: Plan) -> Program:
         if not plan.stages:
@@ -279,67 +309,76 @@ class Simulator:
         sink_time = 0.0
         moved = 0
         crossings = 0
-        heap: list[tuple[float, int, int, int]] = []   # (time, seq, kind, id[, hop])
-        seq = 0
         tr_hops, tr_dest, tr_bytes = prog.tr_hops, prog.tr_dest, prog.tr_bytes
-        task_dev, task_dur = prog.task_dev, prog.task_dur
-        push = heapq.heappush
-
-        # kind 0: compute request for task; kind >= 1: hop (kind - 1) of transfer
-        def arrive(tr: int, t: float) -> None:
-            nonlocal seq, sink_time
-            dest = tr_dest[tr]
+        task_dev, task_dur, task_stage = prog.task_dev, prog.task_dur, prog.task_stage
+        out_transfers = prog.out_transfers
+        push, pop = heapq.heappush, heapq.heappop
+        # heap entries (time, seq, kind, id): kind 0 = compute request of task id,
+        # kind h >= 1 = request for hop h-1 of transfer id; seq breaks ties (FIFO)
+        heap: list[tuple[float, int, int, int]] = []
+        seq = 0
+        pending: list[tuple[int, float]] = [(tr, 0.0) for tr in prog.start_transfers]
+        for t, n in enumerate(prog.n_inputs):   # a tile of pure padding needs no input
+            if n == 0:
+                push(heap, (0.0, seq, 0, t))
+                seq += 1
+        while True:
+            # transfers ready to leave at time tt: free ones arrive at once
+            for tr, tt in pending:
+                hops = tr_hops[tr]
+                if hops:
+                    crossings += 1
+                    moved += tr_bytes[tr] * len(hops)
+                    push(heap, (tt, seq, 1, tr))
+                    seq += 1
+                    continue
+                dest = tr_dest[tr]
+                if dest < 0:
+                    if tt > sink_time:
+                        sink_time = tt
+                    continue
+                if tt > ready_at[dest]:
+                    ready_at[dest] = tt
+                waiting[dest] -= 1
+                if waiting[dest] == 0:
+                    push(heap, (ready_at[dest], seq, 0, dest))
+                    seq += 1
+            pending = []
+            if not heap:
+                break
+            t, _, kind, x = pop(heap)
+            if kind == 0:
+                d = task_dev[x]
+                f = (dev_free[d] if dev_free[d] > t else t) + task_dur[x]
+                dev_free[d] = f
+                compute_s[d] += task_dur[x]
+                finish[x] = f
+                st = task_stage[x]
+                if f > stage_finish[st]:
+                    stage_finish[st] = f
+                pending = [(tr, f) for tr in out_transfers[x]]
+                continue
+            hops = tr_hops[x]
+            link, u, v, dur = hops[kind - 1]
+            f = (link_free[link] if link_free[link] > t else t) + dur
+            link_free[link] = f
+            tx_s[u] += dur
+            rx_s[v] += dur
+            if kind < len(hops):
+                push(heap, (f, seq, kind + 1, x))
+                seq += 1
+                continue
+            dest = tr_dest[x]
             if dest < 0:
-                if t > sink_time:
-                    sink_time = t
-                return
-            if t > ready_at[dest]:
-                ready_at[dest] = t
+                if f > sink_time:
+                    sink_time = f
+                continue
+            if f > ready_at[dest]:
+                ready_at[dest] = f
             waiting[dest] -= 1
             if waiting[dest] == 0:
                 push(heap, (ready_at[dest], seq, 0, dest))
                 seq += 1
-
-        def send(tr: int, t: float) -> None:
-            nonlocal seq, moved, crossings
-            if tr_hops[tr]:
-                crossings += 1
-                moved += tr_bytes[tr] * len(tr_hops[tr])
-                push(heap, (t, seq, 1, tr))
-                seq += 1
-            else:
-                arrive(tr, t)
-
-        for tr in prog.start_transfers:
-            send(tr, 0.0)
-        pop = heapq.heappop
-        while heap:
-            t, _, kind, x = pop(heap)
-            if kind == 0:
-                d = task_dev[x]
-                s = dev_free[d] if dev_free[d] > t else t
-                f = s + task_dur[x]
-                dev_free[d] = f
-                compute_s[d] += task_dur[x]
-                finish[x] = f
-                st = prog.task_stage[x]
-                if f > stage_finish[st]:
-                    stage_finish[st] = f
-                for tr in prog.out_transfers[x]:
-                    send(tr, f)
-            else:
-                hop = kind - 1
-                link, u, v, dur = tr_hops[x][hop]
-                s = link_free[link] if link_free[link] > t else t
-                f = s + dur
-                link_free[link] = f
-                tx_s[u] += dur
-                rx_s[v] += dur
-                if hop + 1 < len(tr_hops[x]):
-                    push(heap, (f, seq, kind + 1, x))
-                    seq += 1
-                else:
-                    arrive(x, f)
         if any(w > 0 for w in waiting):
             raise PlanError("a task never received all its inputs; the plan's stages do "
                             "not chain (check it with meshdl.graph.check_plan)")

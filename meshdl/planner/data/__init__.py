@@ -1,0 +1,1 @@
+"""Numbers transcribed from the three seed systems (facts, not code): see ``seeds``."""
