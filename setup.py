@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "amqtt": ["amqtt"],
-        "test": ["pytest", "hypothesis", "amqtt"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "amqtt"],
     },
     entry_points={"console_scripts": ["meshdl=meshdl.cli:main"]},
 )

@@ -10,7 +10,7 @@ import torch
 
 import meshdl
 from meshdl.errors import PlanError
-from meshdl.graph.execute import execute
+from meshdl.graph.runner import execute
 from meshdl.graph.model_graph import trace
 from meshdl.graph.plan import Plan, Region
 from meshdl.graph.tiling import make_stage

@@ -10,9 +10,17 @@ import click
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def sample_image() -> Path:
+    """A photo that ships with an installed package (matplotlib's Grace Hopper)."""
+    import matplotlib.cbook
+    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
 def image_paths(target: str) -> list[Path]:
-    """A file, or the images of a directory (sorted)."""
+    """A file, the images of a directory (sorted), or ``sample`` (a bundled photo)."""
     from meshdl.errors import ImageError
+    if target == "sample" and not Path(target).exists():
+        return [sample_image()]
     p = Path(target)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -116,7 +124,8 @@ def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def infer(image, model_name, weights, strategy, alpha, in_process, topology, grid, broker,
           mesh_name, repeat, timeout, as_json):
-    """Classify IMAGE (a file or a directory of images): top-5 labels and timings."""
+    """Classify IMAGE (a file, a directory of images, or `sample` for a bundled photo):
+    top-5 labels and timings."""
     import meshdl
     if model_name not in meshdl.models.names():
         raise click.BadParameter(f"unknown model {model_name!r}; choose one of "

@@ -9,14 +9,14 @@ from typing import Any
 
 _LAZY = {
     "ModelGraph": "meshdl.graph.model_graph", "RegionPlan": "meshdl.graph.model_graph",
-    "trace": "meshdl.graph.model_graph", "Op": "meshdl.graph.trace",
+    "trace": "meshdl.graph.model_graph", "Op": "meshdl.graph.fxtrace",
     "check_plan": "meshdl.graph.tiling", "grid_regions": "meshdl.graph.tiling",
     "make_stage": "meshdl.graph.tiling", "manual_plan": "meshdl.graph.tiling",
     "row_regions": "meshdl.graph.tiling", "split_even": "meshdl.graph.tiling",
     "split_ratio": "meshdl.graph.tiling", "validate_tiles": "meshdl.graph.tiling",
-    "assemble": "meshdl.graph.execute", "execute": "meshdl.graph.execute",
-    "run_task": "meshdl.graph.execute", "stitch": "meshdl.graph.execute",
-    "task_input": "meshdl.graph.execute",
+    "assemble": "meshdl.graph.runner", "execute": "meshdl.graph.runner",
+    "run_task": "meshdl.graph.runner", "stitch": "meshdl.graph.runner",
+    "task_input": "meshdl.graph.runner",
 }
 __all__ = list(_LAZY)
 

@@ -13,7 +13,7 @@ from meshdl.errors import PlanError
 from meshdl.graph.plan import Region
 from meshdl.graph.regions import crop
 from meshdl.graph.compiled import compile_range
-from meshdl.graph.trace import INPUT, Op, build_ops
+from meshdl.graph.fxtrace import INPUT, Op, build_ops
 
 
 @dataclass(frozen=True)

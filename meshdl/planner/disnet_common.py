@@ -1,5 +1,6 @@
-"""Helpers the seed strategies share: natural device order, stage ranges of a graph,
-and building tiled/whole stages over a range that may mix tileable and whole parts."""
+"""Helpers the seed strategies (disnet, baselines, dsl, distcnn) share: natural device
+order, stage ranges of a graph, and stages over a range that mixes tileable and whole
+parts."""
 from __future__ import annotations
 
 import re
