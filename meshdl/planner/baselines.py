@@ -136,7 +136,13 @@ def fused_end(g: ModelGraph, fused_layers: int | None) -> int:
           "on an N x M grid, the rest on one device")
 def plan_deepthings(g: ModelGraph, mesh, req: PlanRequest) -> Plan:
     opts = req.options
-    rows, cols = tuple(opts.get("grid") or default_grid(len(mesh.devices)))
+    grid = opts.get("grid") or default_grid(len(mesh.devices))
+    if isinstance(grid, str):                      # "3x2" from the command line
+        grid = grid.lower().split("x")
+    try:
+        rows, cols = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise PlanError(f"grid must be (rows, cols) or 'RxC', got {grid!r}") from None
     if rows < 1 or cols < 1:
         raise PlanError(f"grid must be (rows, cols) >= 1, got {(rows, cols)}")
     hops = {d: h for d, h in mesh.hop_counts()[req.source].items()}

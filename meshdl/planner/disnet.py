@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import networkx as nx
 
@@ -171,9 +171,16 @@ def _neighbourhood(g: nx.Graph, p: str) -> list[str]:
 
 def disnet_decisions(mesh, n_stages_parts: Sequence[int], es: float, source: str, sink: str,
                      power_grouping: str = "intended", max_hops: int | None = None,
-                     max_paths: int = DEFAULT_MAX_PATHS) -> DisnetDecisions:
+                     max_paths: int = DEFAULT_MAX_PATHS,
+                     seed_last_neighbour: Mapping[str, str] | None = None
+                     ) -> DisnetDecisions:
     """DISNET's path, execution points, devices and split ratios (steps 1-3 of the
-    module docstring) for stages with ``n_stages_parts`` max parallel parts each."""
+    module docstring) for stages with ``n_stages_parts`` max parallel parts each.
+
+    ``seed_last_neighbour`` (reproduction only) re-enacts the seed's scoring bug: in
+    p's neighbourhood score, p's own slot holds the compute of p's last neighbour in
+    the seed's (lost) adjacency order, weighted by p's power factor. The seed's
+    energy-sensitivity sweep depends on it (see ``data.seeds.DISNET_ES_SWEEP``)."""
     for role, dev in (("source", source), ("sink", sink)):
         if dev not in mesh.devices:
             raise PlanError(f"{role} {dev!r} is not a device of mesh {mesh.name!r}")
@@ -195,7 +202,8 @@ def disnet_decisions(mesh, n_stages_parts: Sequence[int], es: float, source: str
     for k in (int(k) for k in n_stages_parts):
         best_i, best_v = at, -math.inf
         for i in range(at, len(path)):
-            vals = sorted((value[n] for n in _neighbourhood(g, path[i])), reverse=True)[:k]
+            vals = sorted((_slot_value(n, path[i], value, comp, fc, seed_last_neighbour)
+                           for n in _neighbourhood(g, path[i])), reverse=True)[:k]
             v = sum(vals) / len(vals)
             if v > best_v:
                 best_i, best_v = i, v
@@ -210,6 +218,12 @@ def disnet_decisions(mesh, n_stages_parts: Sequence[int], es: float, source: str
                            path_score=score, paths_seen=seen, paths_truncated=truncated,
                            parts=[int(k) for k in n_stages_parts], es=float(es),
                            power_grouping=power_grouping, point_scores=pscores)
+
+
+def _slot_value(n: str, p: str, value, comp, fc, quirk) -> float:
+    if quirk is None or n != p:
+        return value[n]
+    return comp[str(quirk[p])] * fc[p]
 
 
 def disnet_stage_bounds(g: ModelGraph, n_stages: int = 4) -> list[int]:

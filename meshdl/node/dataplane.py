@@ -1,0 +1,471 @@
+"""The data plane of a node: routed tensor pieces, acks, task execution, emulation.
+
+The agent builds ``DataPlane(ctx)`` and calls ``start/stop/on_plan/on_members``
+(``meshdl/node/context.py``). Per job, a node plays any of these roles of the job's
+plan (``ctx.plan(plan_id)``, the plan id is the first part of every piece id, see
+``meshdl.node.jobs``):
+
+- source: takes the client's input piece and sends every stage-0 task its input region;
+- worker: gathers a task's input from its producers' pieces (halo exchange directly
+  between devices), computes it on the compute worker, sends each consumer exactly
+  the overlap it needs (``plan.producers``), or its tile to the sink;
+- sink: stitches the last stage's tiles and publishes ``JobResult`` on job/{job}/result;
+- relay: forwards pieces and acks addressed past it (``meshdl.node.relay``).
+
+Every node reports each task's start/end on job/{job}/status (state ``task``) and a
+failure (a piece that cannot be delivered, a device gone) as state ``failed``.
+Frames whose term is older than ``ctx.term()`` are dropped (fencing). Nothing here
+runs on paho's network thread; bus handlers only decode, ack and enqueue.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from meshdl.errors import MeshdlError, PlanError, WireError
+from meshdl.graph.plan import Plan, Region, Task
+from meshdl.graph.regions import crop
+from meshdl.graph.runner import assemble, stitch
+from meshdl.node import jobs as J
+from meshdl.node.emulation import Links, pace
+from meshdl.node.executor import GraphCache, Worker, compute_task, warm
+from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer
+from meshdl.node.relay import Relay
+from meshdl.wire import topics
+from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_chunks
+from meshdl.wire.control import JobResult, JobStatus, encode_control
+from meshdl.wire.reassembly import Reassembler
+
+log = logging.getLogger(__name__)
+
+PIECE_QOS = 1
+LOOPBACK_BPS = 2e9          # what a hop costs when not emulated (rto estimate only)
+
+
+def tensor_to_wire(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def wire_to_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.require(a, requirements=("C", "W")))
+
+
+class DataPlane:
+    def __init__(self, ctx: Any, *, graphs: GraphCache | None = None,
+                 rto_min_s: float = 1.0, max_retries: int = 6, job_ttl_s: float = 120.0,
+                 chunk_bytes: int = 1 << 20, set_threads: bool = True) -> None:
+        self.ctx = ctx
+        self.node_id: str = ctx.node_id
+        self.mesh_name: str = ctx.mesh_name
+        self.emulate = bool(ctx.emulate)
+        self.graphs = graphs or GraphCache()
+        self.chunk_bytes = chunk_bytes
+        self._set_threads = set_threads
+        self.links = Links(self.node_id, self._publish,
+                           self._link_figures if self.emulate else None)
+        self.sender = ReliableSender(self.node_id, self._transmit, rto_min_s=rto_min_s,
+                                     max_retries=max_retries)
+        self.rlog = ReceiveLog()
+        self.reasm = Reassembler()
+        self.relay = Relay(self.node_id, self.links, store_and_forward=self.emulate)
+        self.jobs = J.JobTable(ttl_s=job_ttl_s)
+        self.compute = Worker(f"compute-{self.node_id}")
+        self.io = Worker(f"io-{self.node_id}")
+        self._acks: dict[tuple[str, str], tuple[str, str, bytes]] = {}
+        self._waiting: dict[str, list[tuple[float, tuple, np.ndarray]]] = {}
+        self._plans: dict[str, Plan] = {}
+        self._mesh = None
+        self._mesh_at = 0.0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._house = threading.Thread(target=self._housekeeping, daemon=True,
+                                       name=f"dataplane-{self.node_id}")
+        self.stats = {"pieces_in": 0, "dropped": 0, "fenced": 0, "tasks": 0}
+        self.slow_handler_s = 0.0      # tests: make this node a slow consumer
+
+    # ================================================================ hooks
+    def start(self) -> None:
+        if self.emulate and self._set_threads:
+            torch.set_num_threads(1)      # emulated nodes share a few real cores
+        self.ctx.bus.subscribe(topics.route_inbox(self.mesh_name, self.node_id),
+                               self._on_message, qos=PIECE_QOS)
+        self._house.start()
+        log.info("data plane of %s started (emulate=%s)", self.node_id, self.emulate)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.ctx.bus.unsubscribe(topics.route_inbox(self.mesh_name, self.node_id))
+        except MeshdlError as exc:
+            log.debug("unsubscribe at stop: %s", exc)
+        self.sender.stop()
+        self.links.stop()
+        self.compute.stop()
+        self.io.stop()
+
+    def on_plan(self, plan: Plan) -> None:
+        with self._lock:
+            self._plans[plan.plan_id] = plan
+            waiting = self._waiting.pop(plan.plan_id, [])
+        if self.node_id in plan.devices():
+            mine = [t for t in plan.tasks() if t.device == self.node_id]
+            self.compute.submit(lambda: self._warm(plan, mine))
+        for _, meta, arr in waiting:
+            self._consume(plan, *meta, arr)
+
+    def on_members(self, online: set[str]) -> None:
+        self._mesh = None
+        for st in self.jobs.active():
+            gone = [d for d in st.plan.devices() if d not in online]
+            if gone and not st.finished:
+                self._fail(st.job, st.plan, f"device {gone[0]} went offline during job "
+                                            f"{st.job} (plan {st.plan.plan_id}); retry on a "
+                                            "new plan")
+
+    # ================================================================ sending
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.ctx.bus.publish(topic, payload, qos=PIECE_QOS)
+
+    def _transmit(self, tr: Transfer, on_sent) -> None:
+        frames = tr.frames
+        if not frames:
+            on_sent()
+            return
+        self.links.send(tr.path[1], frames, on_sent)
+
+    def _link_figures(self, a: str, b: str) -> tuple[float, float] | None:
+        link = self._live_mesh().find_link(a, b)
+        return None if link is None else (link.bandwidth_bps, link.latency_s)
+
+    def _live_mesh(self):
+        now = time.monotonic()
+        if self._mesh is None or now - self._mesh_at > 5.0:
+            self._mesh, self._mesh_at = self.ctx.live_mesh(), now
+        return self._mesh
+
+    def _expected_s(self, path: list[str], nbytes: int) -> float:
+        """Time the hops after the first should take (the first is over when the
+        retransmission timer starts)."""
+        total = 0.0
+        for a, b in zip(path[1:], path[2:]):
+            bps, lat = self.links.hop_figures(b) if False else self._hop(a, b)
+            total += lat + nbytes * 8.0 / bps
+        return total + nbytes * 8.0 / LOOPBACK_BPS
+
+    def _hop(self, a: str, b: str) -> tuple[float, float]:
+        if self.emulate:
+            fig = self._link_figures(a, b)
+            if fig is not None:
+                return fig
+        return LOOPBACK_BPS, 0.0
+
+    def send_piece(self, job: str, plan: Plan, piece: str, dst_dev: str, arr: np.ndarray,
+                   src: str, dst: str) -> None:
+        """Deliver ``arr`` as piece ``piece`` to ``dst_dev`` along the plan's route."""
+        if dst_dev == self.node_id:
+            self._consume(plan, job, piece, src, dst, plan.term, arr)
+            return
+        path = plan.route(self.node_id, dst_dev)
+        if len(path) < 2 or path[0] != self.node_id or path[-1] != dst_dev:
+            self._fail(job, plan, f"plan {plan.plan_id} routes {self.node_id}>{dst_dev} as "
+                                  f"{path}, which does not join them")
+            return
+        topic = topics.route_topic(self.mesh_name, path[1:], job, piece)
+        frames = [(topic, f) for f in encode_chunks(job, piece, arr, src_task=src, dst_task=dst,
+                                                     term=plan.term,
+                                                     chunk_bytes=self.chunk_bytes)]
+        nbytes = arr.nbytes
+        self.sender.send(job, piece, dst_dev, path, frames, self._expected_s(path, nbytes),
+                         lambda msg: self._fail(job, plan, msg))
+
+    # ================================================================ receiving
+    def _on_message(self, topic: str, payload: Any, retained: bool) -> None:
+        """Bus dispatcher thread: relay, or decode + ack + enqueue. Never computes."""
+        if retained:
+            return
+        if self.slow_handler_s:
+            time.sleep(self.slow_handler_s)
+        try:
+            step = topics.next_hop(topic, self.node_id)
+        except WireError as exc:
+            self.stats["dropped"] += 1
+            log.warning("%s dropped a message on %r: %s", self.node_id, topic[:120], exc)
+            return
+        if not step.consume:
+            self.relay.forward(step, payload)
+            return
+        try:
+            frame = decode_frame(payload)
+            if frame.job != step.job or frame.piece != step.piece:
+                raise WireError(f"frame names {frame.job}/{frame.piece} but came on the topic "
+                                f"of {step.job}/{step.piece}")
+        except WireError as exc:
+            self.stats["dropped"] += 1
+            log.warning("%s dropped a frame on %s: %s", self.node_id, topic[:120], exc)
+            return
+        if frame.term < self.ctx.term():
+            self._fenced(frame)
+            return
+        if isinstance(frame, AckFrame):
+            self.sender.on_ack(frame.job, frame.piece, frame.ok)
+        elif isinstance(frame, PieceFrame):
+            self._on_piece(frame)
+
+    def _fenced(self, frame) -> None:
+        self.stats["fenced"] += 1
+        log.info("%s dropped %s/%s of term %d (current term %d)", self.node_id, frame.job,
+                 frame.piece, frame.term, self.ctx.term())
+        st = self.jobs.peek(frame.job)
+        if st is not None and not st.reported_stale:
+            st.reported_stale = True
+            self._fail(frame.job, st.plan, f"job {frame.job} runs plan {st.plan.plan_id} of "
+                                           f"term {frame.term}, superseded by term "
+                                           f"{self.ctx.term()}; retry on the new plan")
+
+    def _on_piece(self, frame: PieceFrame) -> None:
+        key = (frame.job, frame.piece)
+        if self.rlog.seen(key):
+            ack = self._acks.get(key)
+            if ack is not None and self.rlog.should_reack(key):
+                self.links.send_small(*ack)
+            return
+        try:
+            arr = self.reasm.add(frame)
+        except WireError as exc:
+            self.stats["dropped"] += 1
+            log.warning("%s dropped a chunk of %s/%s: %s", self.node_id, *key, exc)
+            return
+        if arr is None:
+            return
+        self.stats["pieces_in"] += 1
+        meta = (frame.job, frame.piece, frame.src_task, frame.dst_task, frame.term)
+        plan = self._plan(J.plan_of_piece(frame.piece))
+        if plan is None:
+            with self._lock:
+                self._waiting.setdefault(J.plan_of_piece(frame.piece), []).append(
+                    (time.monotonic(), meta, np.array(arr)))
+            log.info("%s holds %s/%s until plan %s is adopted", self.node_id, *key,
+                     J.plan_of_piece(frame.piece))
+            return
+        self._consume(plan, *meta, arr)
+
+    def _plan(self, plan_id: str) -> Plan | None:
+        with self._lock:
+            plan = self._plans.get(plan_id)
+        if plan is None:
+            plan = self.ctx.plan(plan_id)
+            if plan is not None:
+                with self._lock:
+                    self._plans[plan_id] = plan
+        return plan
+
+    def _ack(self, plan: Plan, job: str, piece: str, src: str, term: int) -> None:
+        sender = J.sender_device(plan, src)
+        if sender == self.node_id:
+            return
+        path = [sender, self.node_id] if src.startswith(J.CLIENT_PREFIX) else \
+            plan.route(sender, self.node_id)
+        back = topics.return_route(path)
+        ack = (back[0], topics.route_topic(self.mesh_name, back, job, piece),
+               encode_ack(AckFrame(job, piece, self.node_id, term)))
+        with self._lock:
+            self._acks[(job, piece)] = ack
+            if len(self._acks) > 16384:
+                self._acks.pop(next(iter(self._acks)))
+        self.rlog.mark((job, piece))
+        self.links.send_small(*ack)
+
+    def _consume(self, plan: Plan, job: str, piece: str, src: str, dst: str, term: int,
+                 arr: np.ndarray) -> None:
+        """A whole piece for this node: ack it, then act on it by role."""
+        try:
+            if term != plan.term:
+                raise PlanError(f"piece term {term} differs from plan term {plan.term}")
+            self._ack(plan, job, piece, src, term)
+            st = self.jobs.get(job, plan)
+            if st is None:
+                log.debug("%s: late piece %s/%s for an ended job", self.node_id, job, piece)
+                return
+            if dst == "" and src.startswith(J.CLIENT_PREFIX):
+                if plan.source != self.node_id:
+                    raise PlanError(f"input of job {job} sent to {self.node_id}, but the plan's "
+                                    f"source is {plan.source}")
+                self.io.submit(lambda: self._dispatch_input(st, arr))
+            elif dst == "":
+                if plan.sink != self.node_id:
+                    raise PlanError(f"output {piece} sent to {self.node_id}, not the sink")
+                self._on_output(st, src, arr)
+            else:
+                self._on_task_input(st, plan.task(dst), src, arr)
+        except (MeshdlError, KeyError, ValueError) as exc:
+            self.stats["dropped"] += 1
+            log.warning("%s dropped piece %s/%s: %s", self.node_id, job, piece, exc)
+
+    # ================================================================ roles
+    def _dispatch_input(self, st: J.JobState, x: np.ndarray) -> None:
+        plan = st.plan
+        try:
+            g = self.graphs.for_plan(plan)
+            shape = g.tensor_shape(0)
+            if tuple(x.shape) != tuple(shape):
+                raise PlanError(f"input of shape {tuple(x.shape)}; plan needs {shape}")
+            xt = torch.from_numpy(x) if x.flags.writeable else wire_to_tensor(x)
+            for t in plan.stages[0].tasks:
+                part = assemble(shape, t.in_region, [(None, xt)])
+                self.send_piece(st.job, plan, J.source_piece(plan.plan_id, t.id), t.device,
+                                tensor_to_wire(part), "", t.id)
+        except MeshdlError as exc:
+            self._fail(st.job, plan, f"source {self.node_id} could not split the input: {exc}")
+        self._maybe_done(st)
+
+    def _needs(self, plan: Plan, task: Task) -> list[tuple[str, Region | None]]:
+        """(src key, region the piece holds) of every piece the task waits for."""
+        if task.stage == 0:
+            return [("", task.in_region)]
+        out = []
+        for p, piece in plan.producers(task):
+            out.append((p.id, piece))
+        return out
+
+    def _on_task_input(self, st: J.JobState, task: Task, src: str, arr: np.ndarray) -> None:
+        if task.device != self.node_id:
+            raise PlanError(f"task {task.id} runs on {task.device}, not {self.node_id}")
+        needs = self._needs(st.plan, task)
+        with self.jobs.lock:
+            got = st.inputs.setdefault(task.id, {})
+            got[src] = arr
+            if task.id in st.started or any(k not in got for k, _ in needs):
+                return
+            st.started.add(task.id)
+            pieces = [(region, got.pop(k)) for k, region in needs]
+        self.compute.submit(lambda: self._run_task(st, task, pieces))
+
+    def _run_task(self, st: J.JobState, task: Task, pieces: list) -> None:
+        plan = st.plan
+        if st.failed:
+            return
+        try:
+            g = self.graphs.for_plan(plan)
+            tensors = [(None if len(a.shape) != 4 else r, wire_to_tensor(a)) for r, a in pieces]
+            wall0, t0 = time.time(), time.monotonic()
+            y = compute_task(g, plan, task, tensors)
+            compute_s = time.monotonic() - t0
+            paced = pace(t0, task.flops, self.ctx.device().flops,
+                         f"{self.node_id} task {task.id}") if self.emulate else compute_s
+            timing = J.TaskTiming(task.id, task.stage, self.node_id, wall0, time.time(),
+                                  compute_s, paced)
+        except MeshdlError as exc:
+            self._fail(st.job, plan, f"task {task.id} failed on {self.node_id}: {exc}")
+            return
+        self.stats["tasks"] += 1
+        self._status(st.job, "task", json.dumps(timing.to_dict()), plan.term)
+        held = task.out_region if task.out_region is not None else (
+            Region.full(y.shape) if y.dim() == 4 else None)
+        for c, piece in plan.consumers(task):
+            part = y if piece is None or held is None else crop(y, held, piece)
+            self.send_piece(st.job, plan, J.halo_piece(plan.plan_id, task.id, c.id), c.device,
+                            tensor_to_wire(part), task.id, c.id)
+        if task.stage == len(plan.stages) - 1:
+            self.send_piece(st.job, plan, J.output_piece(plan.plan_id, task.id), plan.sink,
+                            tensor_to_wire(y), task.id, "")
+        self._maybe_done(st, task.id)
+
+    def _on_output(self, st: J.JobState, src: str, arr: np.ndarray) -> None:
+        last = st.plan.stages[-1]
+        with self.jobs.lock:
+            st.outputs[src] = arr
+            if len(st.outputs) < len(last.tasks) or st.finished:
+                return
+            st.finished = True
+        self.io.submit(lambda: self._publish_result(st))
+
+    def _publish_result(self, st: J.JobState) -> None:
+        plan = st.plan
+        try:
+            g = self.graphs.for_plan(plan)
+            y = stitch(g, plan, {k: wire_to_tensor(v) for k, v in st.outputs.items()})
+            data = tensor_to_wire(y)
+            res = JobResult(st.job, True, result={
+                "dtype": data.dtype.name, "shape": list(data.shape), "data": data.tobytes(),
+                "plan_id": plan.plan_id, "sink": self.node_id}, timings={"done": time.time()})
+        except (MeshdlError, KeyError) as exc:
+            res = JobResult(st.job, False, error=f"sink {self.node_id} could not stitch the "
+                                                 f"answer: {exc}")
+        self.ctx.bus.publish(topics.job(self.mesh_name, st.job, "result"), encode_control(res),
+                             qos=1)
+        st.outputs.clear()
+        self._maybe_done(st)
+
+    def _maybe_done(self, st: J.JobState, task_id: str | None = None) -> None:
+        plan = st.plan
+        with self.jobs.lock:
+            if task_id is not None:
+                st.inputs.setdefault("__done__", {})[task_id] = True
+            done = st.inputs.get("__done__", {})
+            mine = [t.id for t in plan.tasks() if t.device == self.node_id]
+            if any(t not in done for t in mine):
+                return
+            if plan.sink == self.node_id and not (st.finished and not st.outputs):
+                return
+        # the job may still have unacked pieces; the sender keeps them until acked
+        self.jobs.end(st.job)
+
+    # ================================================================ failures, upkeep
+    def _status(self, job: str, state: str, detail: str, term: int) -> None:
+        msg = JobStatus(job, state, detail=detail[:4000], term=term, ts=time.time())
+        try:
+            self.ctx.bus.publish(topics.job(self.mesh_name, job, "status"),
+                                 encode_control(msg), qos=1)
+        except MeshdlError as exc:
+            log.warning("could not publish the %s status of %s: %s", state, job, exc)
+
+    def _fail(self, job: str, plan: Plan, msg: str) -> None:
+        st = self.jobs.peek(job)
+        if st is not None:
+            if st.failed:
+                return
+            st.failed = msg
+        elif self.jobs.ended(job):
+            return
+        log.warning("job %s failed on %s: %s", job, self.node_id, msg)
+        self.jobs.end(job)
+        self.sender.cancel_job(job)
+        self._status(job, "failed", msg, plan.term)
+
+    def _warm(self, plan: Plan, mine: list[Task]) -> None:
+        try:
+            g = self.graphs.for_plan(plan)
+            warm(g, plan, mine)
+        except MeshdlError as exc:
+            log.warning("%s cannot run plan %s: %s", self.node_id, plan.plan_id, exc)
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(1.0):
+            for st in self.jobs.expire():
+                if not st.finished and not st.failed:
+                    log.warning("job %s expired on %s after %.0f s without progress", st.job,
+                                self.node_id, self.jobs.ttl_s)
+                self.sender.cancel_job(st.job)
+            self.reasm.expire()
+            now = time.monotonic()
+            with self._lock:
+                pids = list(self._waiting)
+            for pid in pids:
+                plan = self._plan(pid)
+                with self._lock:
+                    items = self._waiting.pop(pid, []) if plan is not None else [
+                        w for w in self._waiting.get(pid, []) if now - w[0] < 30.0]
+                    if plan is None:
+                        if items:
+                            self._waiting[pid] = items
+                        else:
+                            self._waiting.pop(pid, None)
+                if plan is not None:
+                    for _, meta, arr in items:
+                        self._consume(plan, *meta, arr)

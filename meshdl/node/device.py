@@ -1,0 +1,42 @@
+"""This node's Device: from a profile, its topology entry, or a measurement."""
+from __future__ import annotations
+
+import logging
+import os
+
+from meshdl.mesh import Device, Mesh, load_profile, load_topology
+from meshdl.node.config import NodeConfig, NodeError
+from meshdl.node.flops import measure_flops
+
+log = logging.getLogger(__name__)
+
+
+def host_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+def resolve(cfg: NodeConfig) -> tuple[Device, Mesh | None]:
+    """(this node's Device, the base topology or None).
+
+    Figures come from ``--profile`` if given, else the topology's device of this id,
+    else the ``generic`` profile. Emulated nodes keep those figures; real nodes
+    replace FLOP/s and memory with this host's (a short benchmark)."""
+    base = load_topology(cfg.topology) if cfg.topology else None
+    if cfg.profile:
+        p = load_profile(cfg.profile)
+        dev = Device(cfg.node_id, p.name, p.flops, p.memory_bytes, p.power)
+    elif base is not None and cfg.node_id in base.devices:
+        dev = base.devices[cfg.node_id]
+    elif cfg.emulate:
+        raise NodeError(f"--emulate needs figures for {cfg.node_id!r}: give --profile, or a "
+                        f"--topology that has a device {cfg.node_id!r}")
+    else:
+        p = load_profile("generic")
+        dev = Device(cfg.node_id, p.name, p.flops, p.memory_bytes, p.power)
+    if not cfg.emulate:
+        dev = Device(dev.id, dev.profile, measure_flops(), host_memory(), dev.power,
+                     {**dev.meta, "measured": True})
+    return dev, base

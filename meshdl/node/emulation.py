@@ -1,0 +1,201 @@
+"""Emulated devices and links (DESIGN section 7): honest timings on a small machine.
+
+- Compute: run the real computation, then wait until ``flops / device.flops``
+  seconds have passed since it started (:func:`pace`). This is honest only while
+  this machine computes the task faster than the emulated device would; when it
+  does not, the real time stands and a warning says so.
+- Links: every frame a node sends over a hop waits in that hop's FIFO queue
+  (links serialised, one transfer at a time) and is delayed by the hop's
+  ``latency`` (once per piece) + ``bytes * 8 / bandwidth`` before it is
+  published (:class:`Links`). Tiny control frames (acks) skip the bandwidth
+  queue and are delayed by the hop latency only (:class:`Delayer`).
+
+Without emulation the same classes publish at once, so the data plane has one path.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], None]
+LinkLookup = Callable[[str, str], "tuple[float, float] | None"]   # -> (bandwidth_bps, latency_s)
+
+
+def pace(started: float, flops: float, device_flops: float, what: str,
+         clock: Callable[[], float] = time.monotonic,
+         sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait until ``flops / device_flops`` s have passed since ``started``; return the
+    emulated duration. Warns when the real computation already took longer."""
+    target = flops / device_flops if device_flops > 0 else 0.0
+    elapsed = clock() - started
+    if elapsed > target * 1.05 + 0.002:
+        log.warning("%s: real compute took %.1f ms, longer than the emulated device's "
+                    "%.1f ms; emulated times are too slow here (this machine is slower than "
+                    "the device it emulates, or is overloaded)", what, elapsed * 1e3,
+                    target * 1e3)
+        return elapsed
+    if target > elapsed:
+        sleep(target - elapsed)
+    return max(target, elapsed)
+
+
+@dataclass
+class _Item:
+    topic: str
+    payload: bytes
+    delay_s: float
+    on_sent: Callable[[], None] | None
+
+
+class Delayer:
+    """One thread that runs callbacks at due times (acks over emulated hops)."""
+
+    def __init__(self, name: str) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"{name}-delayer", daemon=True)
+        self._thread.start()
+
+    def after(self, delay_s: float, fn: Callable[[], None]) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._ids), fn))
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(2.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and (not self._heap
+                                             or self._heap[0][0] > time.monotonic()):
+                    wait = None if not self._heap else self._heap[0][0] - time.monotonic()
+                    self._cv.wait(wait)
+                if self._stopped:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:
+                log.exception("delayed send failed")
+
+
+class Links:
+    """Per-hop send queues of one node.
+
+    ``send(hop, frames, on_sent)`` publishes ``frames`` (topic, payload) towards
+    neighbour ``hop``; ``on_sent`` runs after the last one left. With ``link`` (a
+    lookup of the emulated link to ``hop``) each hop has a FIFO worker that holds
+    every frame for its transfer time first; without, frames go out at once on the
+    caller's thread.
+    """
+
+    def __init__(self, node_id: str, publish: Publish, link: LinkLookup | None = None,
+                 max_queued: int = 100000) -> None:
+        self.node_id = node_id
+        self._publish = publish
+        self._link = link
+        self._max_queued = max_queued
+        self._queues: dict[str, queue.Queue] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._delayer = Delayer(f"links-{node_id}") if link is not None else None
+
+    @property
+    def emulated(self) -> bool:
+        return self._link is not None
+
+    def hop_figures(self, hop: str) -> tuple[float, float]:
+        """(bandwidth_bps, latency_s) of the hop to ``hop`` (inf, 0 when not emulated
+        or unknown)."""
+        fig = self._link(self.node_id, hop) if self._link is not None else None
+        return fig if fig is not None else (float("inf"), 0.0)
+
+    def send(self, hop: str, frames: list[tuple[str, bytes]],
+             on_sent: Callable[[], None] | None = None) -> None:
+        if not frames:
+            if on_sent is not None:
+                on_sent()
+            return
+        if self._link is None:
+            for topic, payload in frames:
+                self._publish(topic, payload)
+            if on_sent is not None:
+                on_sent()
+            return
+        bps, latency = self.hop_figures(hop)
+        q = self._queue(hop)
+        last = len(frames) - 1
+        for i, (topic, payload) in enumerate(frames):
+            delay = (latency if i == 0 else 0.0) + len(payload) * 8.0 / bps
+            q.put(_Item(topic, payload, delay, on_sent if i == last else None))
+
+    def send_small(self, hop: str, topic: str, payload: bytes) -> None:
+        """A control frame (ack): delayed by the hop latency only, never queued
+        behind tensor data."""
+        if self._delayer is None:
+            self._publish(topic, payload)
+            return
+        _, latency = self.hop_figures(hop)
+        self._delayer.after(latency, lambda: self._publish(topic, payload))
+
+    def backlog(self) -> int:
+        with self._lock:
+            return sum(q.qsize() for q in self._queues.values())
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            for q in self._queues.values():
+                q.put(None)
+        if self._delayer is not None:
+            self._delayer.stop()
+
+    def _queue(self, hop: str) -> queue.Queue:
+        with self._lock:
+            q = self._queues.get(hop)
+            if q is None:
+                q = self._queues[hop] = queue.Queue(self._max_queued)
+                t = threading.Thread(target=self._run, args=(hop, q), daemon=True,
+                                     name=f"link-{self.node_id}-{hop}")
+                t.start()
+                self._threads.append(t)
+            return q
+
+    def _run(self, hop: str, q: queue.Queue) -> None:
+        """Serialise the hop: one frame at a time, each held for its transfer time
+        (measured from when the link became free for it)."""
+        while True:
+            item = q.get()
+            if item is None or self._stopped.is_set():
+                return
+            t0 = time.monotonic()
+            if item.delay_s > 0:
+                self._stopped.wait(item.delay_s)
+                if self._stopped.is_set():
+                    return
+            try:
+                self._publish(item.topic, item.payload)
+            except Exception as exc:   # a dead bus: the sender's retransmission timer decides
+                log.warning("link %s->%s: publish failed (%s)", self.node_id, hop, exc)
+            if item.on_sent is not None:
+                try:
+                    item.on_sent()
+                except Exception:
+                    log.exception("on_sent callback failed")
+            log.debug("link %s->%s: %d bytes in %.1f ms", self.node_id, hop, len(item.payload),
+                      (time.monotonic() - t0) * 1e3)

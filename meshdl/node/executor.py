@@ -1,0 +1,125 @@
+"""Task execution on a node: traced models (cached per process) and one compute worker.
+
+A device computes one task at a time (as the cost model assumes), on a worker
+thread fed by a queue: never on the MQTT network or dispatcher threads. Models are
+built by name (``meshdl.models.build``, pretrained where weights ship offline) and
+traced once per (model, input shape) per process.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from meshdl.errors import MeshdlError, PlanError
+from meshdl.graph.plan import Plan, Task
+from meshdl.graph.runner import assemble, run_task
+
+log = logging.getLogger(__name__)
+
+
+def build_traced(model: str, input_shape: tuple[int, ...]):
+    """Build model ``model`` (pretrained when weights ship offline) and trace it."""
+    import meshdl
+    info = meshdl.models.info(model)
+    net = meshdl.models.build(model, pretrained=info.pretrained_available)
+    return meshdl.trace(net, tuple(input_shape), name=model)
+
+
+class GraphCache:
+    """(model, input shape) -> ModelGraph, built once per process, thread-safe."""
+
+    def __init__(self, builder: Callable = build_traced) -> None:
+        self._builder = builder
+        self._graphs: dict[tuple, object] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str, input_shape: tuple[int, ...]):
+        key = (model, tuple(int(v) for v in input_shape))
+        with self._lock:
+            g = self._graphs.get(key)
+            if g is not None:
+                return g
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                g = self._graphs.get(key)
+            if g is None:
+                t0 = time.perf_counter()
+                g = self._builder(*key)
+                log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
+                with self._lock:
+                    self._graphs[key] = g
+            return g
+
+    def for_plan(self, plan: Plan):
+        g = self.get(plan.model, plan.input_shape)
+        if len(g.ops) != plan.num_ops:
+            raise PlanError(f"plan {plan.plan_id} was made for {plan.model} with {plan.num_ops} "
+                            f"ops; this node traced {len(g.ops)}: node and leader run "
+                            "different meshdl versions")
+        return g
+
+
+def compute_task(g, plan: Plan, task: Task,
+                 pieces: list[tuple[object, torch.Tensor]]) -> torch.Tensor:
+    """The task kernel the mesh runs: assemble the input region from its pieces and
+    run the task, with the same code as ``meshdl.execute``."""
+    stage = plan.stages[task.stage]
+    x = assemble(g.tensor_shape(stage.start), task.in_region, pieces)
+    with torch.no_grad():
+        return run_task(g, plan, task, x)
+
+
+def warm(g, plan: Plan, tasks: list[Task]) -> None:
+    """Run each task once on zeros so the first real job pays no first-call costs."""
+    for task in tasks:
+        stage = plan.stages[task.stage]
+        shape = g.tensor_shape(stage.start)
+        r = task.in_region
+        if r is not None and len(shape) == 4:
+            if r.is_empty():
+                continue
+            shape = (*shape[:-2], r.rows, r.cols)
+        try:
+            compute_task(g, plan, task, [(task.in_region, torch.zeros(shape))])
+        except MeshdlError as exc:
+            log.debug("warm-up of %s skipped: %s", task.id, exc)
+
+
+class Worker:
+    """One thread running submitted callables in FIFO order."""
+
+    def __init__(self, name: str, max_queued: int = 1024) -> None:
+        self._q: queue.Queue = queue.Queue(max_queued)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.busy = False
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._q.put(fn, timeout=30)
+
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(5.0)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._q.get()
+            if fn is None:
+                return
+            self.busy = True
+            try:
+                fn()
+            except Exception:
+                log.exception("compute worker job failed")
+            finally:
+                self.busy = False

@@ -1,0 +1,252 @@
+"""End-to-end reliability for tensor pieces: acks, retransmission, duplicate suppression.
+
+mosquitto drops messages to a slow subscriber even at QoS 1 (DESIGN section 6), so
+a PUBACK proves nothing about delivery. Every piece is therefore acknowledged by
+its consumer, end to end:
+
+- The consumer acks a piece once it holds all of its chunks (``AckFrame``). The ack
+  travels back along the reverse of the piece's route (``topics.return_route``), so
+  it crosses the same links, relayed hop by hop like a piece.
+- The sender keeps the encoded frames of every unacked piece. Its retransmission
+  timer starts when the last frame left the first hop (so a long emulated link queue
+  is not mistaken for loss) and is ``rto_min + 2 x`` the expected time of the
+  remaining hops, doubled on every retry. A retransmission resends every chunk with
+  the same (term, seq): the consumer's reassembler keeps the chunks it already has,
+  so each round fills the holes of the last. After ``max_retries`` the piece fails
+  its job with an error naming the piece, the device and the route.
+- The consumer remembers completed pieces (bounded) and answers a duplicate with
+  another ack, never with a second delivery.
+- A window caps the bytes awaiting acks per sender, so one node cannot flood the
+  broker's per-client queues (``send`` waits for room, up to the piece's deadline).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]       # (job, piece)
+
+
+@dataclass
+class Transfer:
+    job: str
+    piece: str
+    dst: str
+    path: list[str]
+    frames: list[tuple[str, bytes]]
+    nbytes: int
+    expected_s: float
+    rto_s: float
+    on_fail: Callable[[str], None]
+    attempts: int = 0
+    timer_gen: int = 0
+    acked: threading.Event = field(default_factory=threading.Event)
+    first_sent: float = 0.0
+
+
+class ReliableSender:
+    """Sends pieces with end-to-end acks. ``transmit(transfer, on_sent)`` puts all
+    frames of a transfer on its first hop and calls ``on_sent`` when they left."""
+
+    def __init__(self, node_id: str, transmit: Callable[[Transfer, Callable[[], None]], None],
+                 *, rto_min_s: float = 1.0, max_retries: int = 6,
+                 window_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.node_id = node_id
+        self._transmit = transmit
+        self.rto_min_s = rto_min_s
+        self.max_retries = max_retries
+        self.window_bytes = window_bytes
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._live: dict[Key, Transfer] = {}
+        self._inflight = 0
+        self._timers: list[tuple[float, int, Key, int]] = []
+        self._ids = itertools.count()
+        self._stopped = False
+        self.retransmissions = 0
+        self.acks = 0
+        self._thread = threading.Thread(target=self._run, name=f"flow-{node_id}", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- API
+    def send(self, job: str, piece: str, dst: str, path: list[str],
+             frames: list[tuple[str, bytes]], expected_s: float,
+             on_fail: Callable[[str], None], wait_s: float = 60.0) -> Transfer:
+        """Start a reliable transfer (waits while the window is full, at most
+        ``wait_s``; then fails the piece)."""
+        nbytes = sum(len(p) for _, p in frames)
+        tr = Transfer(job, piece, dst, list(path), frames, nbytes, expected_s,
+                      self.rto_min_s + 2.0 * expected_s, on_fail)
+        deadline = self._clock() + wait_s
+        with self._lock:
+            while (self._inflight and self._inflight + nbytes > self.window_bytes
+                   and not self._stopped):
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                self._lock.wait(min(left, 0.5))
+            else:
+                old = self._live.pop((job, piece), None)
+                if old is not None:
+                    self._inflight -= old.nbytes
+                self._live[(job, piece)] = tr
+                self._inflight += nbytes
+                tr.attempts = 1
+        if tr.attempts == 0:
+            on_fail(f"piece {piece} of job {job} to {dst} via {'>'.join(path)}: "
+                    f"{self._inflight} bytes still await acks after {wait_s:.0f} s; the "
+                    "receivers are not acknowledging (down or overloaded)")
+            return tr
+        tr.first_sent = self._clock()
+        self._transmit(tr, lambda: self._arm(tr))
+        return tr
+
+    def on_ack(self, job: str, piece: str, ok: bool = True) -> bool:
+        """An ack arrived; True if it completed a live transfer."""
+        if not ok:
+            return False
+        with self._lock:
+            tr = self._live.pop((job, piece), None)
+            if tr is None:
+                return False
+            self._inflight -= tr.nbytes
+            self.acks += 1
+            tr.acked.set()
+            tr.frames = []
+            self._lock.notify_all()
+        log.debug("ack %s/%s after %d attempt(s), %.1f ms", job, piece, tr.attempts,
+                  (self._clock() - tr.first_sent) * 1e3)
+        return True
+
+    def cancel_job(self, job: str) -> int:
+        """Forget every transfer of ``job`` (failed or expired); returns how many."""
+        with self._lock:
+            keys = [k for k in self._live if k[0] == job]
+            for k in keys:
+                tr = self._live.pop(k)
+                self._inflight -= tr.nbytes
+                tr.frames = []
+            self._lock.notify_all()
+        return len(keys)
+
+    def pending(self) -> list[Key]:
+        with self._lock:
+            return list(self._live)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return self._inflight
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        self._thread.join(2.0)
+
+    # ----------------------------------------------------------------- timers
+    def _arm(self, tr: Transfer) -> None:
+        with self._lock:
+            if (tr.job, tr.piece) not in self._live or tr.acked.is_set():
+                return
+            tr.timer_gen += 1
+            due = self._clock() + tr.rto_s
+            heapq.heappush(self._timers, (due, next(self._ids), (tr.job, tr.piece),
+                                          tr.timer_gen))
+            self._lock.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            fire: list[Transfer] = []
+            with self._lock:
+                if self._stopped:
+                    return
+                now = self._clock()
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, key, gen = heapq.heappop(self._timers)
+                    tr = self._live.get(key)
+                    if tr is not None and tr.timer_gen == gen:
+                        fire.append(tr)
+                if not fire:
+                    wait = 0.5 if not self._timers else max(0.0, self._timers[0][0] - now)
+                    self._lock.wait(min(wait, 0.5))
+                    continue
+            for tr in fire:
+                self._expired(tr)
+
+    def _expired(self, tr: Transfer) -> None:
+        with self._lock:
+            if (tr.job, tr.piece) not in self._live:
+                return
+            if tr.attempts > self.max_retries:
+                self._live.pop((tr.job, tr.piece))
+                self._inflight -= tr.nbytes
+                tr.frames = []
+                self._lock.notify_all()
+                give_up = True
+            else:
+                tr.attempts += 1
+                tr.rto_s *= 2.0
+                self.retransmissions += 1
+                give_up = False
+        if give_up:
+            msg = (f"piece {tr.piece} of job {tr.job} ({tr.nbytes} bytes) from "
+                   f"{self.node_id} to device {tr.dst} via route {'>'.join(tr.path)} was not "
+                   f"acknowledged after {tr.attempts} attempts; a device on the route is down "
+                   "or the broker drops its messages")
+            log.warning("%s", msg)
+            tr.on_fail(msg)
+            return
+        log.info("retransmitting %s/%s to %s (attempt %d, next timeout %.2f s)", tr.job,
+                 tr.piece, tr.dst, tr.attempts, tr.rto_s)
+        self._transmit(tr, lambda: self._arm(tr))
+
+
+class ReceiveLog:
+    """Completed pieces, remembered (bounded) so duplicates are re-acked, not redelivered."""
+
+    def __init__(self, remember: int = 16384, reack_gap_s: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._done: OrderedDict[Key, float] = OrderedDict()
+        self._remember = remember
+        self._gap = reack_gap_s
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def seen(self, key: Key) -> bool:
+        with self._lock:
+            return key in self._done
+
+    def should_reack(self, key: Key) -> bool:
+        """For a duplicate: True at most once per ``reack_gap_s`` (one ack per
+        retransmission round, not one per chunk)."""
+        now = self._clock()
+        with self._lock:
+            last = self._done.get(key)
+            if last is None or now - last < self._gap:
+                return False
+            self._done[key] = now
+            return True
+
+    def mark(self, key: Key) -> bool:
+        """Record a completed piece; False if it was already recorded."""
+        with self._lock:
+            if key in self._done:
+                return False
+            self._done[key] = self._clock()
+            while len(self._done) > self._remember:
+                self._done.popitem(last=False)
+            return True
+
+    def forget_job(self, job: str) -> None:
+        with self._lock:
+            for k in [k for k in self._done if k[0] == job]:
+                del self._done[k]

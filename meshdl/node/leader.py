@@ -1,0 +1,277 @@
+"""Leader duties: keep plans current for the live mesh and answer job requests.
+
+Runs only on the node that won the election, for one term. Planning (and the
+one-off model tracing) happens on this class's worker thread, never on the bus
+dispatcher. Standing requests: the mesh's default request(s) plus every distinct
+(model, strategy, alpha, source, sink) a client asked for (bounded, least
+recently used dropped). The leader re-plans them all when the membership changes
+or a link moves beyond the threshold (``needs_replan``), publishes each plan
+retained at ``plan/{plan_id}`` with its term, and clears superseded plans.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+from meshdl.errors import MeshdlError, PlanError
+from meshdl.mesh import Mesh, changed_links
+from meshdl.wire import topics
+from meshdl.wire.control import JobRequest, JobStatus, PlanMessage, encode_control
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StandingRequest:
+    model: str
+    strategy: str = "meshdl"
+    alpha: float = 0.5
+    source: str | None = None      # None: the topology default, else the leader
+    sink: str | None = None
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any]) -> "StandingRequest | None":
+        req = (plan.get("meta") or {}).get("request") if isinstance(plan, Mapping) else None
+        if not isinstance(req, Mapping):
+            return None
+        try:
+            return cls(str(req["model"]), str(req.get("strategy") or "meshdl"),
+                       float(req.get("alpha", 0.5)), req.get("source"), req.get("sink"))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @classmethod
+    def from_job(cls, job: JobRequest, default: "StandingRequest") -> "StandingRequest":
+        o = job.options if isinstance(job.options, Mapping) else {}
+
+        def opt_id(key: str) -> str | None:
+            v = o.get(key)
+            return topics.validate_id(v, key) if v not in (None, "") else None
+        alpha = o.get("alpha", default.alpha)
+        if type(alpha) not in (int, float) or not 0.0 <= alpha <= 1.0:
+            raise PlanError(f"job {job.job}: alpha {alpha!r} must be a number in [0, 1]")
+        return cls(job.model or default.model, job.strategy or default.strategy, float(alpha),
+                   opt_id("source"), opt_id("sink"))
+
+
+def needs_replan(old: Mesh | None, new: Mesh, threshold: float) -> bool:
+    """Pure: re-plan when devices joined/left, a device's FLOP/s changed by more
+    than ``threshold``, or a link changed (``mesh.link_changed``)."""
+    if old is None or set(old.devices) != set(new.devices):
+        return True
+    for d, dev in new.devices.items():
+        before = old.devices[d].flops
+        if abs(dev.flops - before) > threshold * before:
+            return True
+    return bool(changed_links(old, new, threshold))
+
+
+class GraphCache:
+    """Traces each model once per process (torch is imported on first use)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._graphs: dict[str, Any] = {}
+
+    def get(self, model: str):
+        with self._lock:
+            if model not in self._graphs:
+                import meshdl
+                t0 = time.perf_counter()
+                info = meshdl.models.info(model)
+                g = meshdl.trace(meshdl.models.build(model), info.input_shape, name=model)
+                log.info("traced %s in %.2f s (%d ops)", model, time.perf_counter() - t0,
+                         len(g.ops))
+                self._graphs[model] = g
+            return self._graphs[model]
+
+
+class LeaderDuties:
+    def __init__(self, *, me: str, mesh_name: str, term: int, bus,
+                 live_mesh: Callable[[], Mesh], graphs: GraphCache,
+                 defaults: list[StandingRequest], known_plans: Mapping[str, int],
+                 link_threshold: float = 0.3, max_requests: int = 32,
+                 debounce: float = 0.15) -> None:
+        self.me, self.mesh_name, self.term, self._bus = me, mesh_name, term, bus
+        self._live_mesh, self._graphs = live_mesh, graphs
+        self._defaults = list(dict.fromkeys(defaults))
+        self._threshold, self._max, self._debounce = link_threshold, max_requests, debounce
+        self._requests: collections.OrderedDict[StandingRequest, None] = \
+            collections.OrderedDict((r, None) for r in self._defaults)
+        self._foreign: dict[str, int] = dict(known_plans)   # retained plan id -> term
+        self._current: dict[StandingRequest, str] = {}
+        self._published: set[str] = set()
+        self._planned_mesh: Mesh | None = None
+        self._jobs: collections.deque[JobRequest] = collections.deque()
+        self._cv = threading.Condition()
+        self._dirty_at: float | None = time.monotonic()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"leader-{me}-t{term}")
+        self.replans = 0
+
+    def adopt_requests(self, plans: Mapping[str, Mapping[str, Any]]) -> None:
+        """Standing requests recovered from retained plans of earlier leaders."""
+        for plan in plans.values():
+            req = StandingRequest.from_plan(plan)
+            if req is not None:
+                self._remember(req)
+
+    def _remember(self, req: StandingRequest) -> None:
+        self._requests[req] = None
+        self._requests.move_to_end(req)
+        while len(self._requests) > self._max:
+            for old in self._requests:
+                if old not in self._defaults:
+                    del self._requests[old]
+                    self._current.pop(old, None)
+                    break
+            else:
+                break
+
+    # ------------------------------------------------------------ agent calls
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+
+    def mesh_changed(self) -> None:
+        with self._cv:
+            if self._dirty_at is None:
+                self._dirty_at = time.monotonic()
+            self._cv.notify_all()
+
+    def job_request(self, job: JobRequest) -> None:
+        with self._cv:
+            self._jobs.append(job)
+            self._cv.notify_all()
+
+    def plan_seen(self, plan_id: str, term: int | None) -> None:
+        """A retained plan appeared (term) or was cleared (None) on the broker."""
+        with self._cv:
+            if term is None:
+                self._foreign.pop(plan_id, None)
+            elif plan_id not in self._published and term < self.term:
+                self._foreign[plan_id] = term
+                if term < self.term:
+                    self._dirty_at = self._dirty_at or time.monotonic()
+                    self._cv.notify_all()
+
+    # ------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and not self._jobs and (
+                        self._dirty_at is None
+                        or time.monotonic() - self._dirty_at < self._debounce):
+                    wait = None if self._dirty_at is None else \
+                        self._debounce - (time.monotonic() - self._dirty_at)
+                    self._cv.wait(wait if wait is None else max(wait, 0.005))
+                if self._stopped:
+                    return
+                job = self._jobs.popleft() if self._jobs else None
+                dirty = self._dirty_at is not None and \
+                    time.monotonic() - self._dirty_at >= self._debounce
+                if dirty:
+                    self._dirty_at = None
+            try:
+                if dirty:
+                    self._refresh()
+                if job is not None:
+                    self._answer(job)
+            except Exception:
+                log.exception("leader %s (term %d): planning failed; will retry on the next "
+                              "change", self.me, self.term)
+
+    def _refresh(self, force: bool = False) -> None:
+        mesh = self._live_mesh()
+        if force or needs_replan(self._planned_mesh, mesh, self._threshold):
+            log.info("leader %s term %d: planning %d request(s) on %d device(s)", self.me,
+                     self.term, len(self._requests), len(mesh.devices))
+            self._planned_mesh = mesh
+            self.replans += 1
+            current = {}
+            for req in list(self._requests):
+                try:
+                    current[req] = self._publish(self._plan(req, mesh))
+                except MeshdlError as exc:
+                    log.warning("cannot plan %s on the live mesh: %s", req, exc)
+            self._current = current
+        self._clear_superseded()
+
+    def _plan(self, req: StandingRequest, mesh: Mesh):
+        import meshdl
+        source = req.source or mesh.defaults.get("source") or self.me
+        sink = req.sink or mesh.defaults.get("sink") or source
+        notes = []
+        if req.source is None and source not in mesh.devices:
+            notes.append(f"default source {source} is offline; using the leader {self.me}")
+            source = self.me
+        if req.sink is None and sink not in mesh.devices:
+            notes.append(f"default sink {sink} is offline; using {source}")
+            sink = source
+        for role, dev in (("source", source), ("sink", sink)):
+            if dev not in mesh.devices:
+                raise PlanError(f"{role} {dev} is not online in mesh {self.mesh_name}; online: "
+                                f"{', '.join(sorted(mesh.devices))}")
+        if not mesh.is_connected():
+            comp = [c for c in _components(mesh) if source in c][0]
+            mesh = mesh.subgraph(comp)
+        plan = meshdl.plan(self._graphs.get(req.model), mesh, strategy=req.strategy,
+                           source=source, sink=sink, alpha=req.alpha)
+        plan.term = self.term
+        plan.notes.extend(notes)
+        plan.meta["leader"] = self.me
+        plan.meta["request"] = asdict(req)
+        plan.meta["members"] = sorted(mesh.devices)
+        return plan
+
+    def _publish(self, plan) -> str:
+        msg = PlanMessage(plan.plan_id, self.term, plan.to_dict(), time.time())
+        self._published.add(plan.plan_id)
+        self._bus.publish(topics.plan(self.mesh_name, plan.plan_id), encode_control(msg),
+                          qos=1, retain=True)
+        self._foreign.pop(plan.plan_id, None)
+        return plan.plan_id
+
+    def _clear_superseded(self) -> None:
+        live = set(self._current.values())
+        with self._cv:
+            stale = (self._published - live) | {p for p, t in self._foreign.items()
+                                                if t < self.term and p not in live}
+        for pid in sorted(stale):
+            log.info("leader %s: clearing superseded plan %s", self.me, pid)
+            self._bus.publish(topics.plan(self.mesh_name, pid), b"", qos=1, retain=True)
+            self._published.discard(pid)
+            with self._cv:
+                self._foreign.pop(pid, None)
+
+    def _answer(self, job: JobRequest) -> None:
+        default = self._defaults[0] if self._defaults else StandingRequest("efficientnet_lite0")
+        try:
+            req = StandingRequest.from_job(job, default)
+            self._remember(req)
+            if needs_replan(self._planned_mesh, self._live_mesh(), self._threshold):
+                self._refresh()
+            pid = self._current.get(req)
+            if pid is None:
+                pid = self._publish(self._plan(req, self._planned_mesh or self._live_mesh()))
+                self._current[req] = pid
+            status = JobStatus(job.job, "planned", pid, self.term, time.time())
+        except MeshdlError as exc:
+            log.warning("job %s from %s: %s", job.job, job.client, exc)
+            status = JobStatus(job.job, "failed", str(exc)[:2000], self.term, time.time())
+        self._bus.publish(topics.job(self.mesh_name, job.job, "status"), encode_control(status),
+                          qos=1)
+
+
+def _components(mesh: Mesh) -> list[set[str]]:
+    import networkx as nx
+    return [set(c) for c in nx.connected_components(mesh.graph)]
