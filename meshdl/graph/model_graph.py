@@ -141,7 +141,7 @@ class ModelGraph:
         self._check_position(b)
         if not self.is_spatial(a, b):
             raise PlanError(f"ops [{a}, {b}) of {self.name} cannot be tiled: "
-                            f"{self._blocker(a, b)}; run this range whole")
+                            f"{self.why_not_spatial(a, b)}; run this range whole")
         full = Region.full(self.tensor_shape(b))
         if out_region.is_empty() or not full.contains(out_region):
             raise PlanError(f"tile {out_region.to_list()} is empty or outside the "
@@ -181,7 +181,20 @@ class ModelGraph:
             return self.flops_between(a, b)
         return self.region_plan(a, b, out_region).flops
 
-    def _blocker(self, a: int, b: int) -> str:
+    def split_ranges(self, a: int, b: int) -> list[tuple[int, int, bool]]:
+        """[a, b) as maximal (start, end, tileable) ranges between positions."""
+        out: list[tuple[int, int, bool]] = []
+        pos = [p for p in self.positions if a <= p <= b]
+        for p, q in zip(pos, pos[1:]):
+            sp = self.is_spatial(p, q)
+            if out and out[-1][2] == sp:
+                out[-1] = (out[-1][0], q, sp)
+            else:
+                out.append((p, q, sp))
+        return out
+
+    def why_not_spatial(self, a: int, b: int) -> str:
+        """The reason ops [a, b) cannot be tiled, for error messages and notes."""
         for op in self.ops[a:b]:
             if not op.spatial:
                 return f"op {op.name} ({op.kind}) is {op.reason}"

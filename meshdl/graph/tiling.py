@@ -100,7 +100,7 @@ def make_stage(g: ModelGraph, index: int, a: int, b: int,
                      [Task(f"s{index}t0", index, tiles[0][1], None, None,
                            g.flops_between(a, b))])
     if not g.is_spatial(a, b):
-        raise PlanError(f"stage {index} (ops [{a}, {b})) cannot be tiled: {g._blocker(a, b)}. "
+        raise PlanError(f"stage {index} (ops [{a}, {b})) cannot be tiled: {g.why_not_spatial(a, b)}. "
                         "Give it one whole tile")
     regions = [t for t, _ in tiles]
     if any(r is None for r in regions):
@@ -111,19 +111,6 @@ def make_stage(g: ModelGraph, index: int, a: int, b: int,
         rp = g.region_plan(a, b, r)
         tasks.append(Task(f"s{index}t{n}", index, str(device), r, rp.input_region, rp.flops))
     return Stage(index, a, b, True, tasks)
-
-
-def _groups(g: ModelGraph, a: int, b: int) -> list[tuple[int, int, bool]]:
-    """[a, b) split into maximal ranges that are all tileable or all not."""
-    out: list[tuple[int, int, bool]] = []
-    pos = [p for p in g.positions if a <= p <= b]
-    for p, q in zip(pos, pos[1:]):
-        sp = g.is_spatial(p, q)
-        if out and out[-1][2] == sp:
-            out[-1] = (out[-1][0], q, sp)
-        else:
-            out.append((p, q, sp))
-    return out
 
 
 def _fit_grid(grid, shape, p, q, notes) -> tuple[int, int]:
@@ -178,7 +165,7 @@ def manual_plan(g: ModelGraph, cuts: Sequence[int] = (),
     for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
         ratios = row_ratios[k] if row_ratios is not None else None
         grid = grids[k] if grids is not None else None
-        for p, q, spatial in _groups(g, a, b):
+        for p, q, spatial in g.split_ranges(a, b):
             shape = g.tensor_shape(q)
             regions: list[Region | None] = [None]
             devices = ["d0"]
@@ -190,7 +177,7 @@ def manual_plan(g: ModelGraph, cuts: Sequence[int] = (),
                 regions = grid_regions(shape, *_fit_grid(grid, shape, p, q, notes))
                 devices = [f"d{n}" for n in range(len(regions))]
             if not spatial and (ratios is not None or (grid and tuple(grid) != (1, 1))):
-                notes.append(f"ops [{p}, {q}) run whole on d0: {g._blocker(p, q)}")
+                notes.append(f"ops [{p}, {q}) run whole on d0: {g.why_not_spatial(p, q)}")
             tiles = list(zip(regions, devices))
             stages.append(make_stage(g, len(stages), p, q, tiles))
     for n in notes:

@@ -48,6 +48,22 @@ PIECE_QOS = 1
 LOOPBACK_BPS = 2e9          # what a hop costs when not emulated (rto estimate only)
 
 
+def tcp_nodelay(bus: Any) -> bool:
+    """Turn off Nagle's algorithm on a PahoBus socket (paho does not): without it a
+    small publish that follows a PUBACK waits ~40 ms for the broker's delayed TCP ack.
+    Best effort: the transport should do this on every (re)connect."""
+    import socket
+    client = getattr(bus, "_client", None)
+    sock = client.socket() if client is not None and hasattr(client, "socket") else None
+    if sock is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def tensor_to_wire(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -78,6 +94,7 @@ class DataPlane:
         self.compute = Worker(f"compute-{self.node_id}")
         self.io = Worker(f"io-{self.node_id}")
         self._acks: dict[tuple[str, str], tuple[str, str, bytes]] = {}
+        self._nacked: dict[tuple[str, str], float] = {}
         self._waiting: dict[str, list[tuple[float, tuple, np.ndarray]]] = {}
         self._plans: dict[str, Plan] = {}
         self._mesh = None
@@ -95,7 +112,11 @@ class DataPlane:
             torch.set_num_threads(1)      # emulated nodes share a few real cores
         self.ctx.bus.subscribe(topics.route_inbox(self.mesh_name, self.node_id),
                                self._on_message, qos=PIECE_QOS)
+        tcp_nodelay(self.ctx.bus)
         self._house.start()
+        known = getattr(self.ctx, "plans", None)      # plans adopted before we started
+        for plan in (known() if callable(known) else {}).values():
+            self.on_plan(plan)
         log.info("data plane of %s started (emulate=%s)", self.node_id, self.emulate)
 
     def stop(self) -> None:
@@ -132,8 +153,7 @@ class DataPlane:
     def _publish(self, topic: str, payload: bytes) -> None:
         self.ctx.bus.publish(topic, payload, qos=PIECE_QOS)
 
-    def _transmit(self, tr: Transfer, on_sent) -> None:
-        frames = tr.frames
+    def _transmit(self, tr: Transfer, frames: list, on_sent) -> None:
         if not frames:
             on_sent()
             return
@@ -154,7 +174,7 @@ class DataPlane:
         retransmission timer starts)."""
         total = 0.0
         for a, b in zip(path[1:], path[2:]):
-            bps, lat = self.links.hop_figures(b) if False else self._hop(a, b)
+            bps, lat = self._hop(a, b)
             total += lat + nbytes * 8.0 / bps
         return total + nbytes * 8.0 / LOOPBACK_BPS
 
@@ -213,7 +233,7 @@ class DataPlane:
             self._fenced(frame)
             return
         if isinstance(frame, AckFrame):
-            self.sender.on_ack(frame.job, frame.piece, frame.ok)
+            self.sender.on_ack(frame.job, frame.piece, frame.ok, frame.chunks)
         elif isinstance(frame, PieceFrame):
             self._on_piece(frame)
 
@@ -235,6 +255,8 @@ class DataPlane:
             if ack is not None and self.rlog.should_reack(key):
                 self.links.send_small(*ack)
             return
+        if frame.nchunks > 1:
+            self._maybe_nack(frame)
         try:
             arr = self.reasm.add(frame)
         except WireError as exc:
@@ -255,6 +277,40 @@ class DataPlane:
             return
         self._consume(plan, *meta, arr)
 
+    def _maybe_nack(self, frame: PieceFrame) -> None:
+        """A chunk we already hold of a piece still missing others: the sender is
+        resending blindly; tell it which chunks we have (a selective ack)."""
+        key = (frame.job, frame.piece)
+        missing = self.reasm.missing(*key)
+        if not missing or frame.chunk in missing:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._nacked.get(key, 0.0) < 0.05:
+                return
+            self._nacked[key] = now
+            if len(self._nacked) > 4096:
+                self._nacked.pop(next(iter(self._nacked)))
+        plan = self._plan(J.plan_of_piece(frame.piece))
+        if plan is None:
+            return
+        try:
+            hop, topic = self._ack_route(plan, frame.job, frame.piece, frame.src_task)
+        except MeshdlError:
+            return
+        have = sorted(set(range(frame.nchunks)) - set(missing))[:1000]
+        self.links.send_small(hop, topic, encode_ack(AckFrame(
+            frame.job, frame.piece, self.node_id, frame.term, frame.seq, False, tuple(have))))
+
+    def _ack_route(self, plan: Plan, job: str, piece: str, src: str) -> tuple[str, str]:
+        sender = J.sender_device(plan, src)
+        if sender == self.node_id:
+            raise PlanError("local piece")
+        path = [sender, self.node_id] if src.startswith(J.CLIENT_PREFIX) else \
+            plan.route(sender, self.node_id)
+        back = topics.return_route(path)
+        return back[0], topics.route_topic(self.mesh_name, back, job, piece)
+
     def _plan(self, plan_id: str) -> Plan | None:
         with self._lock:
             plan = self._plans.get(plan_id)
@@ -266,14 +322,10 @@ class DataPlane:
         return plan
 
     def _ack(self, plan: Plan, job: str, piece: str, src: str, term: int) -> None:
-        sender = J.sender_device(plan, src)
-        if sender == self.node_id:
+        if J.sender_device(plan, src) == self.node_id:
             return
-        path = [sender, self.node_id] if src.startswith(J.CLIENT_PREFIX) else \
-            plan.route(sender, self.node_id)
-        back = topics.return_route(path)
-        ack = (back[0], topics.route_topic(self.mesh_name, back, job, piece),
-               encode_ack(AckFrame(job, piece, self.node_id, term)))
+        hop, topic = self._ack_route(plan, job, piece, src)
+        ack = (hop, topic, encode_ack(AckFrame(job, piece, self.node_id, term)))
         with self._lock:
             self._acks[(job, piece)] = ack
             if len(self._acks) > 16384:
@@ -406,10 +458,9 @@ class DataPlane:
         plan = st.plan
         with self.jobs.lock:
             if task_id is not None:
-                st.inputs.setdefault("__done__", {})[task_id] = True
-            done = st.inputs.get("__done__", {})
+                st.completed.add(task_id)
             mine = [t.id for t in plan.tasks() if t.device == self.node_id]
-            if any(t not in done for t in mine):
+            if any(t not in st.completed for t in mine):
                 return
             if plan.sink == self.node_id and not (st.finished and not st.outputs):
                 return

@@ -213,7 +213,7 @@ def _higher_term(s: ElectionState, term: int, leader: str | None, now: float
     s = replace(s, term=term, role=FOLLOWER, claim_term=0, leader=leader,
                 leader_term=term if leader else s.leader_term,
                 leader_seen_at=now if leader else s.leader_seen_at,
-                leaderless_since=None if leader else now)
+                leaderless_since=None if leader else _hold(s, now))
     return s, acts
 
 
@@ -230,7 +230,7 @@ def _on_claim(s: ElectionState, c: ClaimSeen, now: float) -> tuple[ElectionState
         return _higher_term(s, c.term, None, now)
     if c.term == s.term and s.role == CANDIDATE and s.claim_term == c.term \
             and _better((c.node, c.flops), mine):
-        return replace(s, role=FOLLOWER, claim_term=0, leaderless_since=now), []
+        return replace(s, role=FOLLOWER, claim_term=0, leaderless_since=_hold(s, now)), []
     return s, []
 
 
@@ -264,6 +264,11 @@ def _on_leader(s: ElectionState, e: LeaderSeen, now: float) -> tuple[ElectionSta
                    leader_seen_at=now, leaderless_since=None), acts
 
 
+def _hold(s: ElectionState, now: float) -> float:
+    """After another node's claim: give it its window before counting as leaderless."""
+    return now + s.params.claim_window + s.params.rank_step
+
+
 def _tick(s: ElectionState, now: float) -> tuple[ElectionState, list[Action]]:
     p = s.params
     if s.role == CANDIDATE:
@@ -274,7 +279,7 @@ def _tick(s: ElectionState, now: float) -> tuple[ElectionState, list[Action]]:
             s = replace(s, role=LEADER, leader=s.me, leader_term=s.claim_term,
                         leader_seen_at=now, leaderless_since=None)
             return s, [BecomeLeader(s.claim_term), LeaderChanged(s.me, s.claim_term)]
-        return replace(s, role=FOLLOWER, claim_term=0, leaderless_since=now), []
+        return replace(s, role=FOLLOWER, claim_term=0, leaderless_since=_hold(s, now)), []
     if s.role == LEADER:
         return s, []
     if leader_alive(s, now):

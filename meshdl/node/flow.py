@@ -12,7 +12,11 @@ its consumer, end to end:
   is not mistaken for loss) and is ``rto_min + 2 x`` the expected time of the
   remaining hops, doubled on every retry. A retransmission resends every chunk with
   the same (term, seq): the consumer's reassembler keeps the chunks it already has,
-  so each round fills the holes of the last. After ``max_retries`` the piece fails
+  so each round fills the holes of the last. A consumer holding part of a piece
+  answers a duplicate chunk with a selective ack (``ok=False`` + the chunks it has);
+  the sender then resends only the missing chunks at once (a broker queue limit
+  drops the tail of every burst, so resending everything would never converge).
+  A round that brings new chunks resets the retry count. After ``max_retries`` the piece fails
   its job with an error naming the piece, the device and the route.
 - The consumer remembers completed pieces (bounded) and answers a duplicate with
   another ack, never with a second delivery.
@@ -50,13 +54,20 @@ class Transfer:
     timer_gen: int = 0
     acked: threading.Event = field(default_factory=threading.Event)
     first_sent: float = 0.0
+    received: frozenset = frozenset()     # chunks the consumer reported (selective ack)
+    sending: bool = False
+
+    def missing_frames(self) -> list[tuple[str, bytes]]:
+        if not self.received:
+            return self.frames
+        return [f for i, f in enumerate(self.frames) if i not in self.received]
 
 
 class ReliableSender:
-    """Sends pieces with end-to-end acks. ``transmit(transfer, on_sent)`` puts all
-    frames of a transfer on its first hop and calls ``on_sent`` when they left."""
+    """Sends pieces with end-to-end acks. ``transmit(transfer, frames, on_sent)`` puts
+    the frames on the transfer's first hop and calls ``on_sent`` when they left."""
 
-    def __init__(self, node_id: str, transmit: Callable[[Transfer, Callable[[], None]], None],
+    def __init__(self, node_id: str, transmit: Callable[..., None],
                  *, rto_min_s: float = 1.0, max_retries: int = 6,
                  window_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic
                  ) -> None:
@@ -107,12 +118,37 @@ class ReliableSender:
                     "receivers are not acknowledging (down or overloaded)")
             return tr
         tr.first_sent = self._clock()
-        self._transmit(tr, lambda: self._arm(tr))
+        self._send_round(tr)
         return tr
 
-    def on_ack(self, job: str, piece: str, ok: bool = True) -> bool:
-        """An ack arrived; True if it completed a live transfer."""
+    def _send_round(self, tr: Transfer) -> None:
+        with self._lock:
+            tr.sending = True
+            frames = tr.missing_frames()
+
+        def sent() -> None:
+            tr.sending = False
+            self._arm(tr)
+        self._transmit(tr, frames, sent)
+
+    def on_ack(self, job: str, piece: str, ok: bool = True,
+               chunks: tuple[int, ...] = ()) -> bool:
+        """An ack arrived; True if it completed a live transfer. A selective ack
+        (``ok=False``, ``chunks`` received so far) resends the missing chunks."""
         if not ok:
+            with self._lock:
+                tr = self._live.get((job, piece))
+                if tr is None or tr.sending:
+                    return False
+                got = frozenset(c for c in chunks if 0 <= c < len(tr.frames))
+                if len(got) <= len(tr.received) or len(got) >= len(tr.frames):
+                    return False
+                tr.received = got
+                tr.attempts = 1                  # progress: a fresh retry budget
+                self.retransmissions += 1
+            log.debug("selective resend of %d/%d chunks of %s/%s", len(tr.frames) - len(got),
+                      len(tr.frames), job, piece)
+            self._send_round(tr)
             return False
         with self._lock:
             tr = self._live.pop((job, piece), None)
@@ -207,7 +243,7 @@ class ReliableSender:
             return
         log.info("retransmitting %s/%s to %s (attempt %d, next timeout %.2f s)", tr.job,
                  tr.piece, tr.dst, tr.attempts, tr.rto_s)
-        self._transmit(tr, lambda: self._arm(tr))
+        self._send_round(tr)
 
 
 class ReceiveLog:

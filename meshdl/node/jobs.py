@@ -86,6 +86,7 @@ class JobState:
     touched: float
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)   # task -> src -> array
     started: set[str] = field(default_factory=set)                   # tasks submitted
+    completed: set[str] = field(default_factory=set)                 # tasks computed
     outputs: dict[str, Any] = field(default_factory=dict)            # sink: task -> array
     finished: bool = False
     failed: str = ""

@@ -272,6 +272,32 @@ class LeaderDuties:
                           qos=1)
 
 
+def default_models(agent) -> list[str]:
+    """--models, else the topology's ``defaults.model``, else the default model."""
+    from meshdl.node.config import DEFAULT_MODEL
+    base = agent.base
+    return list(agent.config.models) or [str((base.defaults.get("model") if base else None)
+                                             or DEFAULT_MODEL)]
+
+
+def duties_for(agent, term: int, retained: Mapping[str, Mapping[str, Any]]) -> LeaderDuties:
+    """LeaderDuties for ``agent`` (a NodeAgent) in ``term``; standing requests: the
+    configured models (else the topology's ``defaults.model``, else the default
+    model) plus those recovered from ``retained`` plans."""
+    cfg = agent.config
+    models = default_models(agent)
+    duties = LeaderDuties(
+        me=agent.node_id, mesh_name=agent.mesh_name, term=term, bus=agent.bus,
+        live_mesh=agent.live_mesh, graphs=agent.graphs,
+        defaults=[StandingRequest(m, cfg.strategy, cfg.alpha) for m in models],
+        known_plans={p: int(d.get("term", 0)) if isinstance(d, Mapping) else 0
+                     for p, d in retained.items()},
+        link_threshold=cfg.link_threshold, max_requests=cfg.max_requests,
+        debounce=cfg.timing.replan_debounce)
+    duties.adopt_requests(retained)
+    return duties
+
+
 def _components(mesh: Mesh) -> list[set[str]]:
     import networkx as nx
     return [set(c) for c in nx.connected_components(mesh.graph)]

@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from meshdl.mesh import Mesh
 from meshdl.node.probe import Probe, encode_probe, probe_topic
+from meshdl.wire.control import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,15 @@ def topology_links(base: Mesh | None, me: str,
         if fig.get("bandwidth_bps") is not None:
             cur["throughput_bps"] = float(fig["bandwidth_bps"])
     return out
+
+
+def telemetry_message(node: str, session: int, links: Mapping[str, Mapping[str, float]],
+                      view: tuple, role: str) -> Telemetry:
+    """The periodic record; ``extra`` carries the session (stale-life filter) and the
+    node's view (leader, term, adopted plan ids) so observers can check agreement."""
+    return Telemetry(node, time.time(), host_load(), {k: dict(v) for k, v in links.items()},
+                     {"session": session, "leader": view[0] or "", "term": view[1],
+                      "plans": list(view[2]), "role": role})
 
 
 class Prober:

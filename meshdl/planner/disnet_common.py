@@ -69,19 +69,6 @@ def equal_flop_bounds(g: ModelGraph, parts: int) -> list[int]:
     return sorted(set(bounds))
 
 
-def sub_ranges(g: ModelGraph, a: int, b: int) -> list[tuple[int, int, bool]]:
-    """[a, b) as maximal ranges that are all tileable or all whole."""
-    out: list[tuple[int, int, bool]] = []
-    pos = [p for p in g.positions if a <= p <= b]
-    for p, q in zip(pos, pos[1:]):
-        sp = g.is_spatial(p, q)
-        if out and out[-1][2] == sp:
-            out[-1] = (out[-1][0], q, sp)
-        else:
-            out.append((p, q, sp))
-    return out
-
-
 def row_tiles(g: ModelGraph, b: int, devices: Sequence[str],
               ratios: Sequence[float]) -> list[tuple[Region, str]]:
     """Row bands of the tensor at position b in proportion to ``ratios`` (largest
@@ -106,7 +93,7 @@ def add_range(g: ModelGraph, stages: list[Stage], a: int, b: int,
               tiles_for, whole_device: str) -> None:
     """Append stages for ops [a, b): tileable parts get ``tiles_for(q)`` tiles (q = the
     part's end position), parts that cannot be tiled run whole on ``whole_device``."""
-    for p, q, spatial in sub_ranges(g, a, b):
+    for p, q, spatial in g.split_ranges(a, b):
         tiles = tiles_for(q) if spatial else [(None, whole_device)]
         if len(tiles) == 1 and tiles[0][0] is not None:
             tiles = [(None, tiles[0][1])]

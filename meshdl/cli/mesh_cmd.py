@@ -1,0 +1,124 @@
+"""``meshdl mesh up`` (a local emulated mesh) and ``meshdl mesh status`` (the live mesh)."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import click
+
+
+@click.group()
+def mesh() -> None:
+    """Run a local emulated mesh, or look at a live one."""
+
+
+@mesh.command("up")
+@click.argument("topology")
+@click.option("--broker", default=None, help="Use this broker instead of starting one.")
+@click.option("--mesh", "mesh_name", default="default", show_default=True)
+@click.option("--model", "models", default="", help="Model(s) to keep a plan for "
+              "(comma-separated; default: the topology's, else efficientnet_lite0).")
+@click.option("--backend", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto",
+              show_default=True, help="Embedded broker implementation.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for "
+              "all members, a leader and a plan.")
+@click.option("--log-dir", default=None, type=click.Path(file_okay=False),
+              help="Where node logs go (default: a temp dir, removed at exit).")
+@click.option("--no-dataplane", is_flag=True, help="Control plane only.")
+def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_dataplane):
+    """Start a broker and one emulated node process per device of TOPOLOGY."""
+    from meshdl.node.launcher import MeshUp
+
+    launcher = MeshUp(topology, broker=broker, mesh=mesh_name,
+                      models=[m.strip() for m in models.split(",") if m.strip()],
+                      backend=backend, log_dir=log_dir, dataplane=not no_dataplane)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    launcher.start()
+    try:
+        click.echo(f"broker: {launcher.url}   mesh: {mesh_name}   nodes: "
+                   f"{len(launcher.devices)}   logs: {launcher.log_dir}")
+        click.echo(f"waiting up to {timeout:g} s for members, a leader and a plan...")
+        ready = threading.Event()
+        result = {}
+
+        def wait() -> None:
+            try:
+                result["snap"] = launcher.wait_ready(timeout)
+            except Exception as exc:      # shown below; Ctrl-C must still work
+                result["error"] = exc
+            ready.set()
+        threading.Thread(target=wait, daemon=True).start()
+        while not stop.is_set() and not ready.wait(0.2):
+            pass
+        if "error" in result:
+            raise result["error"]
+        if "snap" in result:
+            click.echo(render_status(result["snap"].to_dict()))
+            click.echo(f"\nmesh is up. Try: meshdl mesh status --broker {launcher.url} "
+                       f"--mesh {mesh_name}   (Ctrl-C stops everything)")
+        while not stop.is_set():
+            stop.wait(0.5)
+            dead = [d for d, p in launcher.procs.items() if p.poll() is not None]
+            if dead and not stop.is_set():
+                click.secho(f"node(s) exited: {', '.join(dead)}; see {launcher.log_dir}",
+                            fg="yellow", err=True)
+                launcher.procs = {d: p for d, p in launcher.procs.items() if d not in dead}
+    finally:
+        click.echo("stopping nodes and broker...", err=True)
+        launcher.stop()
+
+
+@mesh.command("status")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True)
+@click.option("--mesh", "mesh_name", default="default", show_default=True)
+@click.option("--username", default=None)
+@click.option("--password", default=None, envvar="MESHDL_PASSWORD")
+@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(broker, mesh_name, username, password, tls_ca, protocol, as_json):
+    """Members, leader and term, link figures and current plans (from retained records)."""
+    from meshdl.node.status import read_status
+
+    snap = read_status(broker, mesh_name, username=username, password=password,
+                       tls_ca=tls_ca, protocol=protocol)
+    data = snap.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(render_status(data))
+
+
+def _gflops(x) -> str:
+    return "-" if not x else f"{x / 1e9:.2f}"
+
+
+def render_status(d: dict) -> str:
+    lines = [f"mesh {d['mesh']}: "
+             + (f"leader {d['leader']['node']} (term {d['leader']['term']})" if d["leader"]
+                else "no leader")]
+    rows = [["node", "state", "profile", "GFLOP/s", "load", "links (Mbit/s, rtt ms)"]]
+    for n, m in d["members"].items():
+        links = ", ".join(
+            f"{nb} {(f.get('throughput_bps') or f.get('bps') or 0) / 1e6:.0f}/"
+            f"{(f.get('rtt_s') or 0) * 1e3:.1f}" for nb, f in sorted(m["links"].items()))
+        rows.append([n, "online" if m["online"] else "offline", m["profile"],
+                     _gflops(m["flops"]), "-" if m["load"] is None else f"{m['load']:.2f}",
+                     links or "-"])
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if not d["members"]:
+        lines.append("(no members: is this the right --broker and --mesh?)")
+    lines.append("plans:" if d["plans"] else "plans: none")
+    for pid, p in d["plans"].items():
+        lat = p.get("latency_s")
+        lines.append(f"  {pid} term {p['term']}: {p['model']} by {p['strategy']}, "
+                     f"{p['source']} -> {p['sink']}, on {', '.join(p['devices'])}"
+                     + (f", predicted {lat * 1e3:.1f} ms" if lat else ""))
+    return "\n".join(lines)

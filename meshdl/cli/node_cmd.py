@@ -1,0 +1,81 @@
+"""``meshdl node start``: run one mesh node until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+log = logging.getLogger(__name__)
+
+
+@click.group()
+def node() -> None:
+    """Run a mesh node."""
+
+
+@node.command("start")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="Broker URL (mqtt:// or mqtts://, user:pass@ allowed).")
+@click.option("--mesh", "mesh_name", default="default", show_default=True, help="Mesh name.")
+@click.option("--id", "node_id", default=None, help="Node id (default: the host name).")
+@click.option("--profile", default=None, help="Device profile name (rpi4...) or path.")
+@click.option("--emulate", is_flag=True, help="Pace compute and links to the profile and "
+              "topology figures instead of measuring this host.")
+@click.option("--topology", default=None, help="Topology name or path (link figures, "
+              "device figures, default source/sink/model).")
+@click.option("--username", default=None)
+@click.option("--password", default=None, envvar="MESHDL_PASSWORD",
+              help="Broker password (or MESHDL_PASSWORD).")
+@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="CA certificate for mqtts://.")
+@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
+              show_default=True, help="MQTT version (amqtt needs 3.1.1).")
+@click.option("--models", default="", help="Comma-separated models the leader keeps a "
+              "default plan for (default: the topology's, else efficientnet_lite0).")
+@click.option("--strategy", default="meshdl", show_default=True,
+              help="Strategy of the default plans.")
+@click.option("--alpha", default=0.5, show_default=True, type=float,
+              help="Latency/energy weight of the default plans (1 = fastest).")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+              help="Where to persist the session counter (optional).")
+@click.option("--telemetry-period", default=2.0, show_default=True, type=float,
+              help="Seconds between telemetry messages.")
+@click.option("--no-dataplane", is_flag=True, help="Control plane only (no tensor traffic).")
+def start(broker, mesh_name, node_id, profile, emulate, topology, username, password, tls_ca,
+          protocol, models, strategy, alpha, state_dir, telemetry_period, no_dataplane):
+    """Join a mesh: birth state, telemetry, election, plans (and the data plane)."""
+    import socket
+    from dataclasses import replace
+
+    from meshdl.node.agent import NodeAgent
+    from meshdl.node.config import NodeConfig, Timing
+
+    node_id = node_id or socket.gethostname().split(".")[0]
+    cfg = NodeConfig(node_id=node_id, broker=broker, mesh=mesh_name, profile=profile,
+                     emulate=emulate, topology=topology, username=username,
+                     password=password, tls_ca=tls_ca, protocol=protocol,
+                     models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                     strategy=strategy, alpha=alpha, state_dir=state_dir,
+                     timing=replace(Timing(), telemetry_period=telemetry_period))
+    agent = NodeAgent(cfg, dataplane=not no_dataplane)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: leaving the mesh", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    agent.start()
+    click.echo(f"node {node_id} joined mesh {mesh_name} at {agent.config.broker.split('@')[-1]} "
+               f"(session {agent.session})", err=True)
+    while not stop.is_set() and not agent.wait(0.2):
+        pass
+    agent.stop()
+    if agent.exit_reason == "superseded":
+        click.secho(f"error: node id {node_id} was taken over by another process", fg="red",
+                    err=True)
+        sys.exit(3)

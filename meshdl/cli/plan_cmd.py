@@ -1,0 +1,134 @@
+"""``meshdl plan show``: a plan computed here (offline) or the live mesh's retained plans."""
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def plan() -> None:
+    """Show plans: computed offline for a topology, or the live mesh's current ones."""
+
+
+@plan.command("show")
+@click.option("--broker", default=None, help="Live mode: read the retained plans here.")
+@click.option("--mesh", "mesh_name", default="default", show_default=True)
+@click.option("--username", default=None)
+@click.option("--password", default=None, envvar="MESHDL_PASSWORD")
+@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--topology", default=None, help="Offline mode: topology name or path.")
+@click.option("--model", default="efficientnet_lite0", show_default=True)
+@click.option("--strategy", default="meshdl", show_default=True)
+@click.option("--source", default=None, help="Device holding the input (default: the "
+              "topology's).")
+@click.option("--sink", default=None, help="Device receiving the answer.")
+@click.option("--alpha", default=0.5, show_default=True, type=float,
+              help="1 = fastest, 0 = least energy.")
+@click.option("--bandwidth-cap", "cap", default=None, type=float,
+              help="Cap every link at this many Mbit/s.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "png"]), default="table",
+              show_default=True)
+@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
+              help="Write here (required for png; default plan.png).")
+@click.option("--compare", is_flag=True, help="Offline: every strategy side by side.")
+def show(broker, mesh_name, username, password, tls_ca, topology, model, strategy, source,
+         sink, alpha, cap, fmt, output, compare):
+    """Render a plan as a table, JSON or a PNG of the mesh."""
+    from meshdl.errors import MeshdlError
+    if (broker is None) == (topology is None):
+        raise click.UsageError("give either --topology (offline) or --broker (live)")
+    if broker is not None:
+        plans, mesh = _live(broker, mesh_name, username, password, tls_ca)
+        if not plans:
+            raise MeshdlError(f"mesh {mesh_name!r} at {broker} has no retained plan; is a "
+                              "leader running (meshdl mesh status)?")
+        graphs = {}
+    else:
+        import meshdl
+        mesh = meshdl.load_topology(topology)
+        info = meshdl.models.info(model)
+        with _progress(f"tracing {model}"):
+            g = meshdl.trace(meshdl.models.build(model), info.input_shape, name=model)
+        names = meshdl.strategies() if compare else [strategy]
+        plans = {}
+        for name in names:
+            try:
+                plans[name] = meshdl.plan(g, mesh, strategy=name, source=source, sink=sink,
+                                          alpha=alpha, bandwidth_cap_mbps=cap)
+            except MeshdlError as exc:
+                if not compare:
+                    raise
+                click.echo(f"{name}: skipped ({exc})", err=True)
+                plans[name] = None
+        graphs = {name: g for name in names}
+        if compare and fmt == "table":
+            from meshdl.planner.report import compare_table
+            _emit(compare_table(plans), output)
+            return
+    _render(plans, mesh, graphs, fmt, output)
+
+
+def _progress(label: str):
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        click.echo(f"{label}...", err=True)
+        yield
+    return cm()
+
+
+def _live(broker, mesh_name, username, password, tls_ca):
+    from meshdl import Plan
+    from meshdl.errors import MeshdlError
+    from meshdl.node.status import read_status
+    snap = read_status(broker, mesh_name, username=username, password=password, tls_ca=tls_ca)
+    plans = {}
+    for pid, msg in sorted(snap.plans.items()):
+        p = Plan.from_dict(msg.plan)
+        p.plan_id, p.term = pid, msg.term
+        plans[pid] = p
+    mesh = None
+    try:
+        from meshdl.mesh import MeshState, apply
+        from meshdl.node.membership import state_event, telemetry_event
+        state = MeshState()
+        for st in snap.states.values():
+            state = apply(state, state_event(st))
+        for t in snap.telemetry.values():
+            state = apply(state, telemetry_event(t))
+        mesh = state.to_mesh(name=mesh_name)
+    except MeshdlError as exc:
+        click.echo(f"cannot rebuild the live mesh for drawing: {exc}", err=True)
+    return plans, mesh
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text)
+
+
+def _render(plans, mesh, graphs, fmt, output) -> None:
+    from meshdl.planner.report import plan_json, plan_png, plan_table
+    items = [(k, p) for k, p in plans.items() if p is not None]
+    if fmt == "table":
+        _emit("\n\n".join(plan_table(p, graphs.get(k)) for k, p in items), output)
+    elif fmt == "json":
+        if len(items) == 1:
+            _emit(plan_json(items[0][1]), output)
+        else:
+            import json
+            _emit(json.dumps({k: json.loads(plan_json(p)) for k, p in items}, indent=2,
+                             sort_keys=True), output)
+    else:
+        if mesh is None:
+            raise click.UsageError("cannot draw: the mesh is unknown")
+        base = output or "plan.png"
+        for k, p in items:
+            path = base if len(items) == 1 else base.replace(".png", f"-{k}.png")
+            if not set(p.devices()) <= set(mesh.devices):
+                raise click.UsageError(f"plan {k} uses devices that are not in the mesh")
+            click.echo(f"wrote {plan_png(p, mesh, path)}", err=True)

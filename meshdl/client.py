@@ -1,0 +1,364 @@
+"""MeshClient: run one inference on a meshdl mesh over MQTT.
+
+    from meshdl.client import MeshClient
+    with MeshClient("mqtt://127.0.0.1:1883", "default") as c:
+        r = c.infer("dog.jpg", model="efficientnet_lite0", strategy="meshdl", timeout=60)
+        r.output, r.top5, r.latency_s, r.plan, r.stages, r.attempts
+
+A job: publish ``job/{job}/request``; the leader answers ``job/{job}/status``
+(``planned`` + plan id, or ``failed``); read the retained plan; send the input as
+one piece to the plan's source over ``route/{source}/{job}/{plan_id}.in`` (acked end
+to end, retransmitted); collect the nodes' task timings (status ``task``) and the
+sink's ``job/{job}/result``. A device going offline, a node's ``failed`` status or a
+superseded plan fail the attempt; the job is retried on a fresh plan until the
+deadline. Every call returns or raises JobError by its deadline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshdl.errors import JobError, MeshdlError, WireError
+from meshdl.graph.plan import Plan
+from meshdl.node import jobs as J
+from meshdl.node.emulation import Links
+from meshdl.node.flow import ReliableSender
+from meshdl.wire import topics
+from meshdl.wire.codec import AckFrame, decode_frame, encode_chunks
+from meshdl.wire.control import (JobRequest, JobResult, JobStatus, NodeState, PlanMessage,
+                                 decode_control, encode_control)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageTiming:
+    index: int
+    devices: list[str]
+    ops: tuple[int, int]
+    predicted_s: float | None      # cost model: stage finish after the input reached the source
+    measured_s: float | None       # measured: last task end after the input was sent
+
+
+@dataclass
+class InferResult:
+    output: Any                    # torch.Tensor
+    top5: list[tuple[int, str, float]]
+    latency_s: float               # input sent -> answer received
+    total_s: float                 # request sent -> answer received (planning included)
+    plan: Plan
+    stages: list[StageTiming]
+    attempts: int
+    job: str
+    tasks: list[dict] = field(default_factory=list)
+
+    @property
+    def predicted_s(self) -> float | None:
+        return self.plan.latency_s
+
+
+class _Attempt:
+    def __init__(self, job: str) -> None:
+        self.job = job
+        self.events: queue.Queue = queue.Queue()
+        self.tasks: dict[str, dict] = {}
+
+
+class MeshClient:
+    def __init__(self, broker_url: str | None = None, mesh: str = "default", *,
+                 bus: Any = None, client_id: str | None = None,
+                 connect_timeout: float = 5.0, **bus_options: Any) -> None:
+        self.mesh = topics.validate_id(mesh, "mesh name")
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:10]}"
+        if bus is None:
+            from meshdl.transport.paho_bus import PahoBus
+            bus = PahoBus(broker_url or "mqtt://127.0.0.1:1883", client_id=self.client_id,
+                          connect_timeout=connect_timeout, **bus_options)
+            self._own_bus = True
+        else:
+            self._own_bus = False
+        self.bus = bus
+        from meshdl.node.dataplane import tcp_nodelay
+        tcp_nodelay(bus)
+        self._lock = threading.Lock()
+        self._plans: dict[str, Plan] = {}
+        self._online: dict[str, bool] = {}
+        self._attempts: dict[str, _Attempt] = {}
+        self._plan_cv = threading.Condition(self._lock)
+        self._links = Links(self.client_id, lambda t, p: self.bus.publish(t, p, qos=1))
+        self._sender = ReliableSender(self.client_id,
+                                      lambda tr, frames, done: self._links.send(tr.path[1],
+                                                                                frames, done),
+                                      rto_min_s=0.5, max_retries=8)
+        self._probe = threading.Event()
+        self._subscribe()
+
+    # ------------------------------------------------------------ wiring
+    def _subscribe(self) -> None:
+        m = self.mesh
+        self.bus.subscribe(topics.plan_all(m), self._on_plan, qos=1)
+        self.bus.subscribe(topics.node_state_all(m), self._on_state, qos=1)
+        self.bus.subscribe(topics.job_all(m, "status"), self._on_status, qos=1)
+        self.bus.subscribe(topics.job_all(m, "result"), self._on_result, qos=1)
+        self.bus.subscribe(topics.route_inbox(m, self.client_id), self._on_inbox, qos=1)
+        # subscriptions are made in order: once our probe comes back, all are active
+        probe = topics.route_topic(m, [self.client_id], "probe", "probe")
+        deadline = time.monotonic() + 10.0
+        while not self._probe.is_set() and time.monotonic() < deadline:
+            self.bus.publish(probe, b"", qos=1)
+            self._probe.wait(0.2)
+        if not self._probe.is_set():
+            raise JobError("the broker did not echo the client's probe within 10 s; it is "
+                           "overloaded or refuses our subscriptions (check its ACL)")
+
+    def _on_plan(self, topic: str, payload: Any, retained: bool) -> None:
+        if not payload:
+            return                       # a superseded plan was cleared
+        try:
+            msg = decode_control(payload, PlanMessage)
+            plan = Plan.from_dict(msg.plan)
+            plan.term = max(plan.term, msg.term)
+            plan.plan_id = msg.plan_id
+        except MeshdlError as exc:
+            log.warning("client ignored a plan on %s: %s", topic, exc)
+            return
+        with self._plan_cv:
+            self._plans[plan.plan_id] = plan
+            self._plan_cv.notify_all()
+
+    def _on_state(self, topic: str, payload: Any, retained: bool) -> None:
+        if not payload:
+            return
+        try:
+            st = decode_control(payload, NodeState)
+        except MeshdlError:
+            return
+        with self._lock:
+            self._online[st.node] = st.online
+            attempts = list(self._attempts.values())
+        if not st.online:
+            for a in attempts:
+                a.events.put(("offline", st.node))
+
+    def _attempt_for(self, job: str) -> _Attempt | None:
+        with self._lock:
+            return self._attempts.get(job)
+
+    def _on_status(self, topic: str, payload: Any, retained: bool) -> None:
+        job = topics.parse(topic).job
+        a = self._attempt_for(job)
+        if a is None:
+            return
+        try:
+            st = decode_control(payload, JobStatus)
+        except MeshdlError as exc:
+            log.warning("client ignored a status of %s: %s", job, exc)
+            return
+        if st.state == "task":
+            try:
+                t = json.loads(st.detail)
+                a.tasks[str(t["task"])] = t
+            except (ValueError, KeyError, TypeError):
+                log.debug("malformed task report for %s", job)
+            return
+        a.events.put((st.state, st))
+
+    def _on_result(self, topic: str, payload: Any, retained: bool) -> None:
+        job = topics.parse(topic).job
+        a = self._attempt_for(job)
+        if a is None:
+            return
+        try:
+            res = decode_control(payload, JobResult)
+        except MeshdlError as exc:
+            a.events.put(("failed", f"undecodable result: {exc}"))
+            return
+        a.events.put(("result", res))
+
+    def _on_inbox(self, topic: str, payload: Any, retained: bool) -> None:
+        try:
+            step = topics.next_hop(topic, self.client_id)
+        except WireError:
+            return
+        if step.job == "probe":
+            self._probe.set()
+            return
+        try:
+            frame = decode_frame(payload)
+        except WireError as exc:
+            log.warning("client dropped a frame on %s: %s", topic, exc)
+            return
+        if isinstance(frame, AckFrame):
+            self._sender.on_ack(frame.job, frame.piece, frame.ok, frame.chunks)
+
+    # ------------------------------------------------------------ API
+    def online(self) -> set[str]:
+        with self._lock:
+            return {n for n, on in self._online.items() if on}
+
+    def infer(self, x: Any, model: str = "efficientnet_lite0", strategy: str = "meshdl",
+              alpha: float = 0.5, timeout: float = 60.0, source: str | None = None,
+              sink: str | None = None, max_attempts: int = 4) -> InferResult:
+        """Classify ``x`` (a (1, 3, H, W) tensor or an image path) on the mesh."""
+        import torch
+        from meshdl import imaging
+        import meshdl
+        info = meshdl.models.info(model)
+        if isinstance(x, (str, Path)):
+            x = imaging.load_image(x, preprocessing=imaging.preprocess_for(model))
+        x = torch.as_tensor(x, dtype=torch.float32).contiguous()
+        deadline = time.monotonic() + timeout
+        base = uuid.uuid4().hex[:12]
+        errors: list[str] = []
+        attempt = 0
+        while attempt < max_attempts:
+            attempt += 1
+            job = f"{base}-{attempt}"
+            try:
+                res = self._run(job, x, model, strategy, alpha, source, sink, deadline)
+                res.attempts = attempt
+                labels = imaging.imagenet_labels() if info.num_classes == 1000 else None
+                res.top5 = imaging.topk(res.output, 5, labels=labels)
+                return res
+            except _Retry as exc:
+                errors.append(f"attempt {attempt} (job {job}): {exc}")
+                log.info("job %s: %s; retrying", job, exc)
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(min(0.2 * attempt, max(0.0, deadline - time.monotonic())))
+        raise JobError(f"inference of {model} on mesh {self.mesh!r} did not complete within "
+                       f"{timeout:g} s after {attempt} attempt(s): " + "; ".join(errors))
+
+    # ------------------------------------------------------------ one attempt
+    def _run(self, job: str, x: Any, model: str, strategy: str, alpha: float,
+             source: str | None, sink: str | None, deadline: float) -> InferResult:
+        a = _Attempt(job)
+        with self._lock:
+            self._attempts[job] = a
+        try:
+            return self._run_attempt(a, x, model, strategy, alpha, source, sink, deadline)
+        finally:
+            with self._lock:
+                self._attempts.pop(job, None)
+            self._sender.cancel_job(job)
+
+    def _wait(self, a: _Attempt, deadline: float, what: str) -> tuple[str, Any]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Retry(f"deadline passed while waiting for {what}")
+        try:
+            return a.events.get(timeout=left)
+        except queue.Empty:
+            raise _Retry(f"no {what} before the deadline") from None
+
+    def _run_attempt(self, a: _Attempt, x: Any, model: str, strategy: str, alpha: float,
+                     source: str | None, sink: str | None, deadline: float) -> InferResult:
+        opts: dict[str, Any] = {"alpha": float(alpha), "input_shape": list(x.shape)}
+        if source:
+            opts["source"] = source
+        if sink:
+            opts["sink"] = sink
+        t_req = time.time()
+        req = JobRequest(a.job, self.client_id, model, strategy,
+                         deadline_s=max(0.0, deadline - time.monotonic()), options=opts)
+        self.bus.publish(topics.job(self.mesh, a.job, "request"), encode_control(req), qos=1)
+        while True:
+            kind, val = self._wait(a, deadline, "an answer from the leader (is a mesh running "
+                                                "with this mesh name?)")
+            if kind == "planned":
+                pid = val.detail
+                break
+            if kind == "failed":
+                raise JobError(f"the leader refused job {a.job}: {val.detail}")
+        plan = self._get_plan(pid, deadline)
+        gone = [d for d in plan.devices() if self._online.get(d) is False]
+        if gone:
+            raise _Retry(f"plan {pid} uses offline device(s) {', '.join(gone)}")
+        if tuple(x.shape) != tuple(plan.input_shape):
+            raise JobError(f"the input has shape {tuple(x.shape)} but plan {pid} of {model} "
+                           f"takes {tuple(plan.input_shape)}; resize the input")
+        arr = x.detach().numpy()
+        piece = J.input_piece(pid)
+        topic = topics.route_topic(self.mesh, [plan.source], a.job, piece)
+        frames = [(topic, f) for f in encode_chunks(a.job, piece, arr,
+                                                     src_task=J.CLIENT_PREFIX + self.client_id,
+                                                     term=plan.term)]
+        t_send = time.time()
+        self._sender.send(a.job, piece, plan.source, [self.client_id, plan.source], frames,
+                          0.05, lambda msg: a.events.put(("failed", msg)))
+        while True:
+            kind, val = self._wait(a, deadline, f"the answer of job {a.job}")
+            if kind == "result":
+                break
+            if kind == "offline" and val in plan.devices():
+                raise _Retry(f"device {val} of plan {pid} went offline")
+            if kind == "failed":
+                raise _Retry(val.detail if isinstance(val, JobStatus) else str(val))
+        t_done = time.time()
+        if not val.ok:
+            raise _Retry(val.error or "the sink reported a failure")
+        output = _tensor(val.result)
+        want = sum(len(s.tasks) for s in plan.stages)
+        grace = time.monotonic() + 0.5          # task reports may trail the answer
+        while len(a.tasks) < want and time.monotonic() < grace:
+            time.sleep(0.01)
+        return InferResult(output, [], t_done - t_send, t_done - t_req, plan,
+                           _stages(plan, a.tasks, t_send), 1, a.job, list(a.tasks.values()))
+
+    def _get_plan(self, pid: str, deadline: float) -> Plan:
+        with self._plan_cv:
+            while pid not in self._plans:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Retry(f"plan {pid} was announced but never arrived")
+                self._plan_cv.wait(min(left, 0.5))
+            return self._plans[pid]
+
+    def close(self) -> None:
+        self._sender.stop()
+        self._links.stop()
+        if self._own_bus:
+            self.bus.close(timeout=1.0)
+
+    def __enter__(self) -> "MeshClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Retry(MeshdlError):
+    """An attempt failed in a way a fresh plan may fix."""
+
+
+def _tensor(result: dict) -> Any:
+    import torch
+    try:
+        dtype = np.dtype(str(result["dtype"]))
+        shape = tuple(int(v) for v in result["shape"])
+        data = np.frombuffer(result["data"], dtype=dtype.newbyteorder("<")).reshape(shape)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise JobError(f"the sink sent a malformed answer: {exc}") from exc
+    return torch.from_numpy(data.astype(dtype, copy=True))
+
+
+def _stages(plan: Plan, tasks: dict[str, dict], t_send: float) -> list[StageTiming]:
+    score = (plan.meta or {}).get("score") or {}
+    predicted = list(score.get("stage_finish_s") or [])
+    out = []
+    for s in plan.stages:
+        ends = [tasks[t.id]["end"] for t in s.tasks if t.id in tasks]
+        measured = max(ends) - t_send if len(ends) == len(s.tasks) else None
+        out.append(StageTiming(s.index, [t.device for t in s.tasks], (s.start, s.end),
+                               predicted[s.index] if s.index < len(predicted) else None,
+                               measured))
+    return out

@@ -1,0 +1,139 @@
+"""Decoding and checking of every control message the agent folds (control thread).
+
+Each ``on_<tag>(agent, topic, payload, retained)`` validates the topic and the
+frame; anything malformed or foreign raises WireError (the agent logs and drops
+it). A frame whose ids disagree with its topic is foreign.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from meshdl.errors import WireError
+from meshdl.graph.plan import Plan
+from meshdl.node import election as el
+from meshdl.node.membership import state_event, telemetry_event
+from meshdl.wire import topics
+from meshdl.wire.control import (Campaign, JobRequest, LeaderInfo, NodeState, PlanMessage,
+                                 Telemetry, decode_control)
+
+log = logging.getLogger(__name__)
+
+
+def _parse(agent, topic: str, kind: str) -> topics.ParsedTopic:
+    p = topics.parse(topic)
+    if p.kind != kind or p.mesh != agent.mesh_name:
+        raise WireError(f"topic {topic!r} is not a {kind} topic of mesh {agent.mesh_name}")
+    return p
+
+
+def on_state(agent, topic: str, payload: Any, retained: bool) -> None:
+    p = _parse(agent, topic, "state")
+    if not len(payload):
+        return                                  # a cleared record: nothing to fold
+    st = decode_control(payload, NodeState)
+    if st.node != p.node:
+        raise WireError(f"state of {st.node!r} published on {p.node!r}'s topic")
+    if agent.membership.apply(state_event(st)):
+        log.info("members: %s", ", ".join(agent.membership.state.online))
+        agent.members_changed()
+
+
+def on_telemetry(agent, topic: str, payload: Any, retained: bool) -> None:
+    p = _parse(agent, topic, "telemetry")
+    if not len(payload):
+        return
+    msg = decode_control(payload, Telemetry)
+    if msg.node != p.node:
+        raise WireError(f"telemetry of {msg.node!r} published on {p.node!r}'s topic")
+    before = agent.membership.state.links
+    agent.membership.apply(telemetry_event(msg))
+    if agent.membership.state.links != before:
+        agent.links_changed()
+
+
+def on_election(agent, topic: str, payload: Any, retained: bool) -> None:
+    _parse(agent, topic, "election")
+    c = decode_control(payload, Campaign)
+    if c.kind == "campaign":
+        agent._elect_step(el.ClaimSeen(c.node, c.term, c.priority))
+
+
+def on_leader(agent, topic: str, payload: Any, retained: bool) -> None:
+    _parse(agent, topic, "leader")
+    if not len(payload):
+        agent._elect_step(el.LeaderCleared())
+        return
+    info = decode_control(payload, LeaderInfo)
+    agent._elect_step(el.LeaderSeen(info.node, info.term))
+
+
+def on_plan(agent, topic: str, payload: Any, retained: bool) -> None:
+    p = _parse(agent, topic, "plan")
+    if not len(payload):
+        agent.adopt_plan(p.plan_id, None)
+        return
+    msg = decode_control(payload, PlanMessage)
+    if msg.plan_id != p.plan_id:
+        raise WireError(f"plan {msg.plan_id!r} published on plan/{p.plan_id}")
+    agent.adopt_plan(p.plan_id, msg)
+
+
+def on_job(agent, topic: str, payload: Any, retained: bool) -> None:
+    p = _parse(agent, topic, "job")
+    if not agent.is_leader:
+        return
+    job = decode_control(payload, JobRequest)
+    if job.job != p.job:
+        raise WireError(f"job {job.job!r} requested on job/{p.job}")
+    agent.job_request(job)
+
+
+def on_set_link(agent, topic: str, p: Any, retained: bool) -> None:
+    """A debug/test probe changing an emulated link's figures (real nodes ignore it)."""
+    if not agent.emulate:
+        log.warning("ignored set_link from %s: only emulated nodes take link figures",
+                    p.sender)
+        return
+    peer = p.link["peer"]
+    agent._overrides[peer] = {k: float(v) for k, v in p.link.items()
+                              if k in ("bandwidth_bps", "latency_s") and v is not None}
+    log.info("emulated link %s-%s set to %s", agent.node_id, peer, agent._overrides[peer])
+    agent._tele_at = 0.0
+
+
+def adopt_plan(agent, plan_id: str, msg: PlanMessage | None) -> None:
+    """Adopt (or drop) a retained plan: older terms are fenced off; a plan of a
+    term whose leader we know must come from that leader."""
+    if msg is None:
+        with agent._lock:
+            agent._plans.pop(plan_id, None)
+            agent._retained_plans.pop(plan_id, None)
+        if agent._duties is not None:
+            agent._duties.plan_seen(plan_id, None)
+        return
+    with agent._lock:
+        agent._retained_plans[plan_id] = msg.plan
+    if agent._duties is not None:
+        agent._duties.plan_seen(plan_id, msg.term)
+    if msg.term < agent._fence:
+        log.debug("ignored plan %s of old term %d (< %d)", plan_id, msg.term, agent._fence)
+        return
+    plan = Plan.from_dict(msg.plan)
+    issuer = plan.meta.get("leader") if isinstance(plan.meta, dict) else None
+    s = agent._elect
+    if issuer and s and s.leader_term == msg.term and s.leader and issuer != s.leader:
+        log.warning("ignored plan %s: term %d belongs to %s, not %s", plan_id, msg.term,
+                    s.leader, issuer)
+        return
+    plan.term, plan.plan_id = msg.term, plan_id
+    agent._raise_fence(msg.term)
+    agent._elect_step(el.TermSeen(msg.term))
+    with agent._lock:
+        new = plan_id not in agent._plans or agent._plans[plan_id].term != msg.term
+        agent._plans[plan_id] = plan
+    if new and agent.dataplane is not None:
+        try:
+            agent.dataplane.on_plan(plan)
+        except Exception:
+            log.exception("data plane on_plan failed for %s", plan_id)

@@ -1,0 +1,230 @@
+"""An in-process mesh for tests and development: several DataPlanes, one broker, a
+minimal leader.
+
+``InProcessMesh(broker_url | MemoryBroker, mesh, ...)`` gives each device of
+``mesh`` a ``NodeContext`` (its own bus) and a ``DataPlane``; ``MiniLeader`` answers
+``job/{job}/request`` the way the real leader does (plan retained at
+``plan/{plan_id}`` with its term, then ``job/{job}/status`` state ``planned`` with
+the plan id as detail), planning with ``meshdl.plan`` or handing out a fixed plan.
+It is the node agent reduced to what the data plane needs: no election, no
+telemetry.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from meshdl.errors import MeshdlError
+from meshdl.graph.plan import Plan
+from meshdl.node.dataplane import DataPlane
+from meshdl.node.executor import GraphCache
+from meshdl.planner.base import fill_routes, plan_id as make_plan_id
+from meshdl.wire import topics
+from meshdl.wire.control import (JobRequest, JobStatus, NodeState, PlanMessage,
+                                 decode_control, encode_control)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlanBook:
+    """Plans adopted by the in-process mesh (shared by every context)."""
+
+    plans: dict[str, Plan] = field(default_factory=dict)
+    term: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class HarnessContext:
+    """A ``NodeContext`` for one in-process device."""
+
+    def __init__(self, node_id: str, mesh_name: str, bus: Any, mesh: Any, book: PlanBook,
+                 emulate: bool) -> None:
+        self.node_id, self.mesh_name, self.bus = node_id, mesh_name, bus
+        self.emulate = emulate
+        self._mesh, self._book = mesh, book
+
+    def device(self):
+        return self._mesh.device(self.node_id)
+
+    def live_mesh(self):
+        return self._mesh
+
+    def plan(self, plan_id: str) -> Plan | None:
+        with self._book.lock:
+            return self._book.plans.get(plan_id)
+
+    def term(self) -> int:
+        return self._book.term
+
+
+def finish_plan(plan: Plan, g: Any, mesh: Any, term: int) -> Plan:
+    """Routes, a plan id and the term for a hand-made plan."""
+    from meshdl.planner import simulate
+    fill_routes(plan, g, mesh)
+    score = simulate(plan, g, mesh)
+    plan.latency_s, plan.energy_j = score.latency_s, score.energy_j
+    plan.meta.setdefault("score", score.to_dict())
+    plan.term = term
+    plan.plan_id = make_plan_id(plan)
+    return plan
+
+
+class MiniLeader:
+    """Answers job requests: ``fixed`` (model name -> Plan) or ``meshdl.plan``."""
+
+    def __init__(self, bus: Any, mesh_name: str, mesh: Any, book: PlanBook,
+                 adopt: Callable[[Plan], None], graphs: GraphCache,
+                 fixed: dict[str, Plan] | None = None) -> None:
+        self.bus, self.mesh_name, self.mesh, self.book = bus, mesh_name, mesh, book
+        self._adopt, self._graphs = adopt, graphs
+        self.fixed = dict(fixed or {})
+        self._work: list[JobRequest] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mini-leader")
+        bus.subscribe(topics.job_all(mesh_name, "request"), self._on_request, qos=1)
+        self._thread.start()
+
+    def _on_request(self, topic: str, payload: Any, retained: bool) -> None:
+        try:
+            req = decode_control(payload, JobRequest)
+        except MeshdlError as exc:
+            log.warning("mini leader dropped a request on %s: %s", topic, exc)
+            return
+        with self._cv:
+            self._work.append(req)
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._work and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                req = self._work.pop(0)
+            try:
+                plan = self._plan(req)
+                self.publish_plan(plan)
+                status = JobStatus(req.job, "planned", plan.plan_id, plan.term, time.time())
+            except MeshdlError as exc:
+                status = JobStatus(req.job, "failed", str(exc), self.book.term, time.time())
+            self.bus.publish(topics.job(self.mesh_name, req.job, "status"),
+                             encode_control(status), qos=1)
+
+    def _plan(self, req: JobRequest) -> Plan:
+        import meshdl
+        if req.model in self.fixed:
+            return self.fixed[req.model]
+        o = req.options or {}
+        shape = tuple(o.get("input_shape") or meshdl.models.info(req.model).input_shape)
+        g = self._graphs.get(req.model, shape)
+        plan = meshdl.plan(g, self.mesh, strategy=req.strategy or "meshdl",
+                           source=o.get("source"), sink=o.get("sink"),
+                           alpha=float(o.get("alpha", 0.5)))
+        plan.term = self.book.term
+        return plan
+
+    def publish_plan(self, plan: Plan) -> None:
+        with self.book.lock:
+            self.book.plans[plan.plan_id] = plan
+        self._adopt(plan)
+        msg = PlanMessage(plan.plan_id, plan.term, plan.to_dict(), time.time())
+        self.bus.publish(topics.plan(self.mesh_name, plan.plan_id), encode_control(msg),
+                         qos=1, retain=True)
+
+
+class InProcessMesh:
+    """Every device of ``mesh`` as a DataPlane in this process, plus a MiniLeader.
+
+    ``broker``: a broker URL (each node gets its own PahoBus) or a MemoryBroker.
+    """
+
+    def __init__(self, broker: Any, mesh: Any, *, mesh_name: str = "test",
+                 emulate: bool = False, fixed: dict[str, Plan] | None = None,
+                 bus_options: dict[str, dict] | None = None, **dataplane_options: Any) -> None:
+        self.mesh, self.mesh_name = mesh, mesh_name
+        self.book = PlanBook()
+        self.graphs = GraphCache()
+        self.buses: dict[str, Any] = {}
+        self.planes: dict[str, DataPlane] = {}
+        self._broker = broker
+        for dev in sorted(mesh.devices):
+            bus = self._bus(f"node-{dev}", (bus_options or {}).get(dev, {}))
+            self.buses[dev] = bus
+            ctx = HarnessContext(dev, mesh_name, bus, mesh, self.book, emulate)
+            self.planes[dev] = DataPlane(ctx, graphs=self.graphs, set_threads=False,
+                                         **dataplane_options)
+        for dev, bus in self.buses.items():
+            bus.publish(topics.node_state(mesh_name, dev),
+                        encode_control(NodeState(dev, True, 1, ts=time.time())), qos=1,
+                        retain=True)
+        self._leader_bus = self._bus("mini-leader", {})
+        self.leader = MiniLeader(self._leader_bus, mesh_name, mesh, self.book, self._adopt,
+                                 self.graphs, fixed)
+
+    @property
+    def url(self) -> str | None:
+        return self._broker if isinstance(self._broker, str) else None
+
+    def _bus(self, client_id: str, options: dict) -> Any:
+        if isinstance(self._broker, str):
+            from meshdl.node.dataplane import tcp_nodelay
+            from meshdl.transport.paho_bus import PahoBus
+            bus = PahoBus(self._broker, client_id=f"{client_id}-{id(self):x}", **options)
+            tcp_nodelay(bus)
+            return bus
+        return self._broker.bus(client_id)
+
+    def _adopt(self, plan: Plan) -> None:
+        for dp in self.planes.values():
+            dp.on_plan(plan)
+
+    def add_plan(self, plan: Plan, model: str | None = None) -> Plan:
+        """Serve ``plan`` for job requests of ``model`` (default: plan.model)."""
+        plan.term = self.book.term
+        self.leader.fixed[model or plan.model] = plan
+        self.leader.publish_plan(plan)
+        return plan
+
+    def start(self) -> "InProcessMesh":
+        for dp in self.planes.values():
+            dp.start()
+        return self
+
+    def kill(self, device: str) -> None:
+        """The device vanishes: its data plane stops and peers hear it is offline."""
+        dp = self.planes.pop(device)
+        dp.stop()
+        bus = self.buses.pop(device)
+        bus.publish(topics.node_state(self.mesh_name, device),
+                    encode_control(NodeState(device, False, 1, ts=time.time())), qos=1,
+                    retain=True)
+        bus.close()
+        for other in self.planes.values():
+            other.on_members(set(self.planes))
+
+    def stop(self) -> None:
+        self.leader.stop()
+        for dp in self.planes.values():
+            dp.stop()
+        for bus in [*self.buses.values(), self._leader_bus]:
+            try:
+                bus.close(timeout=1.0)
+            except MeshdlError:
+                pass
+
+    def __enter__(self) -> "InProcessMesh":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

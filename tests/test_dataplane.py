@@ -1,0 +1,286 @@
+"""Data plane: routed pieces, acks/retransmission, task execution, emulation.
+
+In-process DataPlanes (meshdl.node.harness) on a real mosquitto; the multi-process
+tests with the real control plane live in test_infer_mesh.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import meshdl
+from meshdl.client import MeshClient
+from meshdl.errors import JobError
+from meshdl.node.flow import ReceiveLog, ReliableSender
+from meshdl.node.harness import InProcessMesh, finish_plan
+from meshdl.node import jobs as J
+from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
+from meshdl.wire import topics
+from meshdl.wire.codec import encode_chunks
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+LINE_YAML = """
+name: line-4
+defaults: {source: a, sink: a}
+devices: {a: rpi4, b: rpi4, c: rpi4, d: rpi4}
+links:
+  - {a: a, b: b, bandwidth_mbps: 100, latency_ms: 1}
+  - {a: b, b: c, bandwidth_mbps: 100, latency_ms: 1}
+  - {a: c, b: d, bandwidth_mbps: 100, latency_ms: 1}
+"""
+
+
+def broker_template(directory, inflight: int = 0) -> str:
+    """The plain config plus TCP_NODELAY (mosquitto's Nagle adds ~40 ms per hop);
+    ``inflight`` > 0 limits unacked QoS 1 messages per client (so its queue fills)."""
+    from meshdl.data import data_dir
+    text = (data_dir("broker") / "plain.conf").read_text()
+    text = text.replace("max_inflight_messages 0", f"max_inflight_messages {inflight}")
+    text += "\nset_tcp_nodelay true\n"
+    path = directory / "broker.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def close_enough(y: torch.Tensor, ref: torch.Tensor) -> None:
+    diff = (y - ref).abs().max().item()
+    assert diff <= 1e-4 * ref.abs().max().item(), diff
+    assert int(y.argmax()) == int(ref.argmax())
+
+
+def rename(plan, devices: list[str], source: str, sink: str):
+    for t in plan.tasks():
+        t.device = devices[int(t.device[1:]) % len(devices)]
+    plan.source, plan.sink = source, sink
+    return plan
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dp-broker")
+    with EmbeddedBroker(broker_template(d), backend="mosquitto", workdir=d / "work") as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def home(broker):
+    mesh = meshdl.load_topology("home-4")
+    with InProcessMesh(broker.url, mesh, mesh_name="home") as m:
+        with MeshClient(broker.url, "home") as c:
+            yield m, c
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = meshdl.models.build("tiny_cnn")
+    return model, meshdl.trace(model, (1, 3, 32, 32), name="tiny_cnn")
+
+
+# ----------------------------------------------------------------- pure flow logic
+def test_sender_retransmits_until_acked_and_fails_clearly():
+    sent: list[int] = []
+    failures: list[str] = []
+
+    def transmit(tr, frames, on_sent):
+        sent.append(tr.attempts)
+        on_sent()
+
+    s = ReliableSender("a", transmit, rto_min_s=0.05, max_retries=2)
+    try:
+        s.send("j1", "p1", "c", ["a", "b", "c"], [("t", b"x")], 0.0, failures.append)
+        deadline = time.monotonic() + 5
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.on_ack("j1", "p1")
+        assert not s.on_ack("j1", "p1")           # a duplicate ack is harmless
+        s.send("j2", "p9", "c", ["a", "b", "c"], [("t", b"x")], 0.0, failures.append)
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert failures and "p9" in failures[0] and "a>b>c" in failures[0]
+        assert " c " in failures[0] and s.inflight_bytes == 0
+    finally:
+        s.stop()
+
+
+def test_receive_log_suppresses_duplicates():
+    log = ReceiveLog(reack_gap_s=0.0)
+    assert log.mark(("j", "p")) and not log.mark(("j", "p"))
+    assert log.seen(("j", "p")) and log.should_reack(("j", "p"))
+    assert not log.seen(("j", "q"))
+
+
+def test_piece_names_carry_the_plan():
+    assert J.plan_of_piece(J.halo_piece("abc", "s0t1", "s1t0")) == "abc"
+    assert J.plan_of_piece(J.input_piece("abc")) == "abc"
+
+
+# ----------------------------------------------------------------- exact answers
+@pytest.mark.parametrize("strategy", ["meshdl", "local"])
+def test_mesh_answer_equals_local_tiny(home, tiny, strategy):
+    m, c = home
+    model, _ = tiny
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    r = c.infer(x, model="tiny_cnn", strategy=strategy, timeout=30)
+    close_enough(r.output, model(x))
+    assert r.attempts == 1 and r.latency_s > 0
+    assert all(s.measured_s is not None for s in r.stages)
+
+
+def test_manual_multi_tile_plan(home, tiny):
+    m, c = home
+    model, g = tiny
+    devs = sorted(m.mesh.devices)
+    plan = rename(meshdl.manual_plan(g, cuts=[2], grids=[(2, 2), (1, 2)]), devs,
+                  "pi4-a", "pi3")
+    m.add_plan(finish_plan(plan, g, m.mesh, m.book.term), "tiny_cnn")
+    try:
+        x = torch.randn(1, 3, 32, 32)
+        r = c.infer(x, model="tiny_cnn", timeout=30)
+        close_enough(r.output, model(x))
+        assert r.plan.plan_id == plan.plan_id
+        assert len({t["device"] for t in r.tasks}) >= 3
+    finally:
+        m.leader.fixed.pop("tiny_cnn")
+
+
+def test_resnet18_small_input(home):
+    m, c = home
+    model = meshdl.models.build("resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    r = c.infer(x, model="resnet18", strategy="meshdl", timeout=60)
+    close_enough(r.output, model(x))
+    assert len(r.top5) == 5
+
+
+def test_three_hop_route(broker, tiny, tmp_path):
+    path = tmp_path / "line.yaml"
+    path.write_text(LINE_YAML)
+    mesh = meshdl.load_topology(path)
+    model, g = tiny
+    plan = meshdl.manual_plan(g, cuts=[3], grids=[(1, 1), (1, 1)])
+    for t in plan.tasks():
+        t.device = "a" if t.stage == 0 else "d"
+    plan.source = plan.sink = "a"
+    finish_plan(plan, g, mesh, 1)
+    assert plan.route("a", "d") == ["a", "b", "c", "d"]
+    with InProcessMesh(broker.url, mesh, mesh_name="line", fixed={"tiny_cnn": plan}) as m:
+        with MeshClient(broker.url, "line") as c:
+            x = torch.randn(1, 3, 32, 32)
+            r = c.infer(x, model="tiny_cnn", timeout=30)
+            close_enough(r.output, model(x))
+            assert m.planes["b"].relay.forwarded >= 2      # the piece and its way back
+            assert m.planes["c"].relay.forwarded >= 2
+
+
+# ----------------------------------------------------------------- losses, garbage
+def test_slow_consumer_loses_nothing(tmp_path, tiny):
+    """A tiny broker queue and a slow subscriber: mosquitto really drops, acks and
+    retransmission recover every piece."""
+    model, g = tiny
+    mesh = meshdl.load_topology("home-4")
+    plan = rename(meshdl.manual_plan(g, cuts=[2], grids=[(2, 1), (1, 1)]),
+                  ["pi4-a", "pi4-b"], "pi4-a", "pi4-a")
+    plan.stages[-1].tasks[0].device = "nano"
+    finish_plan(plan, g, mesh, 1)
+    with EmbeddedBroker(broker_template(tmp_path, inflight=1), backend="mosquitto", max_queued=3,
+                        workdir=tmp_path / "b") as b:
+        with InProcessMesh(b.url, mesh, mesh_name="slow", fixed={"tiny_cnn": plan},
+                           bus_options={"nano": {"max_inbound": 2}}, chunk_bytes=512,
+                           rto_min_s=0.3, max_retries=12) as m:
+            m.planes["nano"].slow_handler_s = 0.004
+            with MeshClient(b.url, "slow") as c:
+                x = torch.randn(1, 3, 32, 32)
+                r = c.infer(x, model="tiny_cnn", timeout=90)
+                close_enough(r.output, model(x))
+                resent = sum(p.sender.retransmissions for p in m.planes.values())
+                assert resent > 0, "the broker dropped nothing; the test is too gentle"
+
+
+def test_malformed_frames_are_dropped(home, tiny, broker):
+    m, c = home
+    model, _ = tiny
+    from meshdl.transport.paho_bus import PahoBus
+    dp = m.planes["pi4-b"]
+    before = dp.stats["dropped"] + dp.relay.dropped
+    good = next(encode_chunks("jx", "zzz.in", np.zeros((4, 4), np.float32), term=1))
+    big = next(encode_chunks("jx", "zzz.in", np.zeros((1 << 10,), np.float32), term=1))
+    with PahoBus(broker.url) as bus:
+        t = topics.route_topic("home", ["pi4-b"], "jx", "zzz.in")
+        relay = topics.route_topic("home", ["pi4-b", "pi3"], "jx", "zzz.in")
+        for payload in (b"", b"\x00garbage", good[: len(good) - 7], good[:10],
+                        big.replace(b"float32", b"float99"), b"\x81\xa1v\x01" * 5):
+            bus.publish(t, payload, qos=1)
+            bus.publish(relay, payload, qos=1)
+        bus.publish(topics.PREFIX + "/home/route/pi4-b", b"x", qos=1)
+        bus.flush()
+        deadline = time.monotonic() + 10
+        while dp.stats["dropped"] + dp.relay.dropped < before + 10 and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert dp.stats["dropped"] + dp.relay.dropped >= before + 10
+    x = torch.randn(1, 3, 32, 32)
+    close_enough(c.infer(x, model="tiny_cnn", strategy="meshdl", timeout=30).output, model(x))
+
+
+def test_stale_term_frames_are_fenced(home, tiny):
+    m, c = home
+    dp = m.planes["pi4-a"]
+    before = dp.stats["fenced"]
+    frame = next(encode_chunks("old", "abc.in", np.zeros((2,), np.float32), term=0,
+                               src_task="@x"))
+    m.book.term = 2
+    try:
+        m.buses["pi4-b"].publish(topics.route_topic("home", ["pi4-a"], "old", "abc.in"),
+                                 frame, qos=1)
+        deadline = time.monotonic() + 5
+        while dp.stats["fenced"] == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dp.stats["fenced"] == before + 1
+    finally:
+        m.book.term = 1
+
+
+def test_unknown_mesh_times_out_with_job_error(broker):
+    with MeshClient(broker.url, "nobody-here") as c:
+        t0 = time.monotonic()
+        with pytest.raises(JobError, match="did not complete"):
+            c.infer(torch.zeros(1, 3, 32, 32), model="tiny_cnn", timeout=1.0)
+        assert time.monotonic() - t0 < 3.0
+
+
+# ----------------------------------------------------------------- emulation
+SLOW_YAML = """
+name: slow-2
+defaults: {source: a, sink: a}
+devices:
+  a: {flops: 1000000, memory_bytes: 1 GiB, power: {compute_w: 5, tx_w: 1, rx_w: 1}}
+  b: {flops: 1000000, memory_bytes: 1 GiB, power: {compute_w: 5, tx_w: 1, rx_w: 1}}
+links:
+  - {a: a, b: b, bandwidth_mbps: 2, latency_ms: 20}
+"""
+
+
+def test_emulated_times_follow_the_cost_model(broker, tiny, tmp_path):
+    path = tmp_path / "slow.yaml"
+    path.write_text(SLOW_YAML)
+    mesh = meshdl.load_topology(path)
+    model, g = tiny
+    plan = rename(meshdl.manual_plan(g, cuts=[2], grids=[(2, 1), (1, 1)]), ["a", "b"], "a", "a")
+    finish_plan(plan, g, mesh, 1)
+    assert plan.latency_s > 0.2
+    with InProcessMesh(broker.url, mesh, mesh_name="slow2", emulate=True,
+                       fixed={"tiny_cnn": plan}) as m:
+        with MeshClient(broker.url, "slow2") as c:
+            x = torch.randn(1, 3, 32, 32)
+            c.infer(x, model="tiny_cnn", timeout=30)            # warm
+            r = c.infer(x, model="tiny_cnn", timeout=30)
+            close_enough(r.output, model(x))
+            ratio = r.latency_s / plan.latency_s
+            assert 0.85 < ratio < 1.3, (r.latency_s, plan.latency_s)
+            for s in r.stages:
+                assert s.measured_s == pytest.approx(s.predicted_s, rel=0.3, abs=0.03)

@@ -1,0 +1,140 @@
+"""Multi-process mesh: real node processes (meshdl node start --emulate) on mosquitto,
+driven through MeshClient and `meshdl infer`. One mesh for the whole module."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import meshdl
+from meshdl.cli import main
+from meshdl.client import MeshClient
+from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
+from meshdl.wire import topics
+from meshdl.wire.control import JobStatus, decode_control
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+DOG = Path(__file__).resolve().parents[1] / "meshdl" / "data" / "dog.jpg"
+
+
+def _dog() -> Path:
+    for cand in (DOG, Path("/work/shared/reference/images/dog.jpg")):
+        if cand.exists():
+            return cand
+    pytest.skip("no sample image")
+
+
+def close_enough(y: torch.Tensor, ref: torch.Tensor) -> None:
+    diff = (y - ref).abs().max().item()
+    assert diff <= 1e-4 * ref.abs().max().item(), diff
+    assert int(y.argmax()) == int(ref.argmax())
+
+
+@pytest.fixture(scope="module")
+def mesh4(tmp_path_factory):
+    from meshdl.node.launcher import MeshUp
+    from tests.test_dataplane import broker_template
+    d = tmp_path_factory.mktemp("mesh4")
+    with EmbeddedBroker(broker_template(d), backend="mosquitto", workdir=d / "b") as b:
+        up = MeshUp("home-4", broker=b.url, mesh="t4", model="tiny_cnn", log_dir=d / "logs",
+                    verbose=False)
+        with up:
+            up.wait_ready(120)
+            with MeshClient(b.url, "t4") as c:
+                yield up, c
+
+
+@pytest.mark.parametrize("strategy", ["meshdl", "local"])
+def test_tiny_mesh_equals_local(mesh4, strategy):
+    up, c = mesh4
+    model = meshdl.models.build("tiny_cnn")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    r = c.infer(x, model="tiny_cnn", strategy=strategy, timeout=60)
+    close_enough(r.output, model(x))
+    assert r.plan.strategy == strategy
+
+
+def test_efficientnet_lite0_answers_the_dog(mesh4):
+    up, c = mesh4
+    from meshdl import imaging
+    dog = _dog()
+    model = meshdl.models.build("efficientnet_lite0", pretrained=True)
+    x = imaging.load_image(dog, preprocessing=imaging.preprocess_for("efficientnet_lite0"))
+    r = c.infer(dog, model="efficientnet_lite0", timeout=120)
+    close_enough(r.output, model(x))
+    assert "retriever" in r.top5[0][1].lower()
+    r = c.infer(dog, model="efficientnet_lite0", timeout=60)       # warm: honest timing
+    assert r.plan.latency_s and 0.5 < r.latency_s / r.plan.latency_s < 2.0
+    assert all(s.measured_s is not None for s in r.stages)
+
+
+def test_cli_infer_json_and_table(mesh4):
+    up, c = mesh4
+    runner = CliRunner()
+    res = runner.invoke(main, ["infer", str(_dog()), "--model", "tiny_cnn", "--broker", up.url,
+                               "--mesh", "t4", "--json", "--timeout", "60"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert len(out["top5"]) == 5 and out["stages"] and out["latency_s"] > 0
+    res = runner.invoke(main, ["infer", str(_dog()), "--model", "tiny_cnn", "--broker", up.url,
+                               "--mesh", "t4", "--repeat", "3"])
+    assert res.exit_code == 0, res.output
+    assert "predicted ms" in res.stdout and "median of 3" in res.stdout
+
+
+def test_cli_corrupt_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(_dog().read_bytes()[:300])
+    res = CliRunner().invoke(main, ["infer", str(bad), "--broker", "mqtt://127.0.0.1:9"])
+    assert res.exit_code == 2
+    assert "broken.jpg" in res.output
+
+
+def test_killed_device_mid_job_still_exact(mesh4):
+    """SIGKILL a worker while a job is in flight: the leader re-plans, the client
+    retries on the new plan and still returns the exact answer."""
+    up, c = mesh4
+    model = meshdl.models.build("resnet18")
+    x = torch.randn(1, 3, 224, 224)
+    ref = model(x)
+    c.infer(x, model="resnet18", timeout=120)            # nodes build and warm resnet18
+    leader = up.watcher.snapshot().leader
+    planned: list[JobStatus] = []
+    got = threading.Event()
+
+    def on_status(topic, payload, retained):
+        try:
+            st = decode_control(payload, JobStatus)
+        except meshdl.MeshdlError:
+            return
+        if st.state == "task" and not got.is_set():
+            planned.append(st)
+            got.set()
+
+    c.bus.subscribe(topics.job_all("t4", "status"), on_status)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=c.infer(x, model="resnet18",
+                                                                timeout=120)))
+    t.start()
+    assert got.wait(60), "no task of the job started"
+    plan = next(iter(c._plans.values()))
+    for p in c._plans.values():
+        if p.model == "resnet18":
+            plan = p
+    victims = [d for d in plan.devices()
+               if d not in (plan.source, plan.sink, leader.node if leader else None)]
+    if not victims:
+        pytest.skip(f"plan {plan.summary()} uses only the source/sink/leader")
+    up.kill(victims[-1])
+    t.join(150)
+    assert not t.is_alive()
+    r = result["r"]
+    close_enough(r.output, ref)
+    assert victims[-1] not in r.plan.devices()
+    assert r.attempts >= 2

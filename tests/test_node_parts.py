@@ -1,0 +1,104 @@
+"""Pure parts of the node: probes, duplicate-claim verdicts, sessions, telemetry
+decoding, re-plan decisions, standing requests, status agreement."""
+from __future__ import annotations
+
+import pytest
+
+from meshdl.errors import PlanError, WireError
+from meshdl.mesh import load_topology
+from meshdl.node.config import NodeConfig, NodeError, next_session
+from meshdl.node.leader import StandingRequest, needs_replan
+from meshdl.node.membership import claim_verdict, state_event, telemetry_event
+from meshdl.node.probe import Probe, decode_probe, encode_probe, probe_topic
+from meshdl.node.status import Snapshot
+from meshdl.node.telemetry import topology_links
+from meshdl.wire.control import (JobRequest, LeaderInfo, NodeState, PlanMessage, Telemetry)
+
+
+def test_probe_roundtrip_and_rejects():
+    p = Probe("ping", "a", 7, "n1", 1.5, b"\0" * 10)
+    assert decode_probe(encode_probe(p)) == p
+    assert probe_topic("m", "a") == "meshdl/v1/m/node/a/probe"
+    for junk in (b"", b"\xc1", b"\x81\xa1v\x01", encode_probe(p)[:-3]):
+        with pytest.raises(WireError):
+            decode_probe(junk)
+    with pytest.raises(WireError):
+        decode_probe(encode_probe(Probe("set_link", "t", link={"peer": "x/y"})))
+
+
+@pytest.mark.parametrize("mine, other, keeps", [
+    ((1, "b"), (2, "a"), True),        # earlier session keeps the id
+    ((2, "a"), (1, "b"), False),
+    ((5, "a"), (5, "b"), True),        # same session: smaller nonce
+    ((5, "b"), (5, "a"), False),
+])
+def test_claim_verdict(mine, other, keeps):
+    assert claim_verdict(mine, other) is keeps
+
+
+def test_sessions_grow_and_persist(tmp_path):
+    a = next_session(tmp_path, "n", "m")
+    b = next_session(tmp_path, "n", "m")
+    assert b > a
+    assert next_session(None, "n", "m", at_least=10**18) == 10**18 + 1
+    (tmp_path / "m.n.session").write_text(str(10**17))
+    assert next_session(tmp_path, "n", "m") == 10**17 + 1
+
+
+def test_config_validates():
+    with pytest.raises(NodeError, match="node id"):
+        NodeConfig(node_id="a/b")
+    with pytest.raises(NodeError, match="alpha"):
+        NodeConfig(node_id="a", alpha=2)
+
+
+def test_state_and_telemetry_events():
+    st = NodeState("a", True, 3, "rpi4", 1e9, 1 << 30, {"compute_w": 5, "tx_w": 1})
+    ev = state_event(st)
+    assert ev.session == 3 and ev.caps["flops"] == 1e9 and ev.caps["profile"] == "rpi4"
+    assert state_event(NodeState("a", False, 3)).__class__.__name__ == "NodeOffline"
+    t = Telemetry("a", 0.0, 0.5, {"b": {"rtt_s": 0.004, "bps": 5e7}, "c": {"rtt_s": "x"},
+                                  7: {}}, {"session": 3})
+    e = telemetry_event(t)
+    assert dict(e.links) == {"b": {"rtt_s": 0.004, "throughput_bps": 5e7}} and e.session == 3
+
+
+def test_topology_links_with_overrides():
+    m = load_topology("home-4")
+    links = topology_links(m, "pi4-a", {"pi4-b": {"bandwidth_bps": 1e5}})
+    assert links["pi4-b"] == {"rtt_s": 0.004, "throughput_bps": 1e5}
+    assert links["nano"] == {"rtt_s": 0.006, "throughput_bps": 60e6}
+
+
+def test_needs_replan():
+    m = load_topology("home-4")
+    assert needs_replan(None, m, 0.3)
+    assert not needs_replan(m, m, 0.3)
+    assert needs_replan(m, m.without(["pi3"]), 0.3)
+    assert not needs_replan(m, m.with_link("pi4-a", "pi4-b", bandwidth_bps=90e6), 0.3)
+    assert needs_replan(m, m.with_link("pi4-a", "pi4-b", bandwidth_bps=10e6), 0.3)
+
+
+def test_standing_request_from_job():
+    d = StandingRequest("tiny_cnn", "meshdl", 0.5)
+    assert StandingRequest.from_job(JobRequest("j", "c"), d) == d
+    r = StandingRequest.from_job(JobRequest("j", "c", "vgg16", "local",
+                                            options={"alpha": 1, "source": "x"}), d)
+    assert r == StandingRequest("vgg16", "local", 1.0, "x", None)
+    with pytest.raises(PlanError, match="alpha"):
+        StandingRequest.from_job(JobRequest("j", "c", options={"alpha": 3}), d)
+    with pytest.raises(WireError):
+        StandingRequest.from_job(JobRequest("j", "c", options={"sink": "a/b"}), d)
+    assert StandingRequest.from_plan({"meta": {"request": {"model": "m", "alpha": 0.2}}}) \
+        == StandingRequest("m", "meshdl", 0.2)
+    assert StandingRequest.from_plan({"meta": {}}) is None
+
+
+def test_snapshot_agreement():
+    s = Snapshot("m", states={n: NodeState(n, True, 1) for n in ("a", "b")},
+                 leader=LeaderInfo("a", 2), plans={"p": PlanMessage("p", 2, {})})
+    view = {"leader": "a", "term": 2, "plans": ["p"]}
+    s.telemetry = {"a": Telemetry("a", 0, extra=view), "b": Telemetry("b", 0, extra=view)}
+    assert s.agreed()
+    s.telemetry["b"] = Telemetry("b", 0, extra={**view, "term": 1})
+    assert not s.agreed() and s.agreed(["a"])
