@@ -103,8 +103,13 @@ def test_killed_device_mid_job_still_exact(mesh4):
     model = meshdl.models.build("resnet18")
     x = torch.randn(1, 3, 224, 224)
     ref = model(x)
-    c.infer(x, model="resnet18", timeout=120)            # nodes build and warm resnet18
+    warm = c.infer(x, model="resnet18", alpha=1.0, timeout=120)   # nodes build + warm it
     leader = up.watcher.snapshot().leader
+    plan = warm.plan
+    victims = [d for d in plan.devices()
+               if d not in (plan.source, plan.sink, leader.node if leader else None)]
+    if not victims:
+        pytest.skip(f"plan {plan.summary()} uses only the source/sink/leader")
     planned: list[JobStatus] = []
     got = threading.Event()
 
@@ -120,17 +125,9 @@ def test_killed_device_mid_job_still_exact(mesh4):
     c.bus.subscribe(topics.job_all("t4", "status"), on_status)
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(r=c.infer(x, model="resnet18",
-                                                                timeout=120)))
+                                                                alpha=1.0, timeout=120)))
     t.start()
     assert got.wait(60), "no task of the job started"
-    plan = next(iter(c._plans.values()))
-    for p in c._plans.values():
-        if p.model == "resnet18":
-            plan = p
-    victims = [d for d in plan.devices()
-               if d not in (plan.source, plan.sink, leader.node if leader else None)]
-    if not victims:
-        pytest.skip(f"plan {plan.summary()} uses only the source/sink/leader")
     up.kill(victims[-1])
     t.join(150)
     assert not t.is_alive()

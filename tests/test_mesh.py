@@ -322,7 +322,7 @@ FOLDS = [
     ("stale offline ignored", [ON_A1, NodeOnline("a", CAPS, 2), NodeOffline("a", 1)], ["a"]),
     ("stale online ignored", [NodeOnline("a", CAPS, 2), NodeOffline("a", 2),
                               NodeOnline("a", CAPS, 1)], []),
-    ("late birth of an ended session", [ON_A1, NodeOffline("a", 1), ON_A1], []),
+    ("reconnect after the will fired", [ON_A1, NodeOffline("a", 1), ON_A1], ["a"]),
     ("offline before any online", [NodeOffline("a", 3), NodeOnline("a", CAPS, 2)], []),
     ("telemetry from unknown node ignored", [TEL_A], []),
     ("duplicate online refreshes", [ON_A1, ON_A1, ON_B1], ["a", "b"]),

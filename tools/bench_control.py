@@ -53,12 +53,12 @@ def members_of(snap, pid):
     return set((snap.plans[pid].plan.get("meta") or {}).get("members") or ())
 
 
-def run_size(n: int, model: str, rest: float, seed: int, log_root: Path) -> dict:
+def run_size(n: int, model: str, rest: float, seed: int, log_root: Path | None) -> dict:
     mesh = random_mesh(n, seed=seed, name=f"bench-{n}")
     row = {"nodes": n, "model": model}
     t0 = time.monotonic()
     with MeshUp(mesh, mesh="bench", model=model, dataplane=False, verbose=True,
-                log_dir=log_root / f"n{n}") as up:
+                log_dir=None if log_root is None else log_root / f"n{n}") as up:
         snap = up.wait_ready(180)
         row["ready_s"] = time.monotonic() - t0
         row["msgs_per_s"] = count_messages(up.url, "bench", rest)
@@ -93,13 +93,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rest", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="results/control")
+    ap.add_argument("--logs", default=None, help="Keep node logs in this directory.")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         print(f"--- {n} nodes", flush=True)
-        row = run_size(n, args.model, args.rest, args.seed, out / "logs")
+        row = run_size(n, args.model, args.rest, args.seed,
+                       Path(args.logs) if args.logs else None)
         rows.append(row)
         print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()), flush=True)

@@ -11,9 +11,6 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
 from meshdl.errors import TopologyError
 from meshdl.mesh.model import Device, Link, Mesh
@@ -52,6 +49,9 @@ def _connect(points: np.ndarray, pairs: set[tuple[int, int]]) -> list[tuple[int,
     n = len(points)
     added: list[tuple[int, int]] = []
     while True:
+        from scipy.sparse import coo_matrix          # scipy loads only when generating
+        from scipy.sparse.csgraph import connected_components
+        from scipy.spatial import cKDTree
         all_pairs = list(pairs) + added
         if all_pairs:
             i, j = np.array(all_pairs).T
@@ -107,6 +107,7 @@ def random_mesh(n: int, seed: int, mix: Mapping[str, float] | None = None,
     points = rng.uniform(-area, area, size=(n, 2))
     kinds = np.array([k for k, c in counts.items() for _ in range(c)], dtype=object)
     kinds = kinds[rng.permutation(n)]
+    from scipy.spatial import cKDTree
     tree = cKDTree(points)
     found = tree.query_pairs(radius, output_type="ndarray").reshape(-1, 2)
     close = np.linalg.norm(points[found[:, 0]] - points[found[:, 1]], axis=1) < radius

@@ -8,7 +8,10 @@ from a previous life never removes a node that has come back.
 
 Rules, per node with known session S (none if never seen):
 - NodeOnline(s):  s > S -> online with the new caps (old link measurements dropped);
-                  s == S and online -> caps refreshed; otherwise ignored.
+                  s == S -> online with refreshed caps (a node whose will fired while it
+                  was unreachable re-announces itself after reconnecting: per-topic
+                  order in MQTT means a same-session birth after the offline is newer);
+                  s < S -> ignored.
 - NodeOffline(s): s >= S -> offline (its link measurements dropped), S = s;
                   s < S -> ignored.
 - Telemetry:      only from an online node, and (when it carries a session) only
@@ -167,8 +170,7 @@ def apply(state: MeshState, event: Event) -> MeshState:
     """The state after ``event`` (pure; stale events return ``state`` unchanged)."""
     known = state.members.get(event.id)
     if isinstance(event, NodeOnline):
-        if known is not None and (event.session < known.session or
-                                  (event.session == known.session and not known.online)):
+        if known is not None and event.session < known.session:
             log.debug("stale online of %s (session %d, known %d)", event.id, event.session,
                       known.session)
             return state

@@ -10,9 +10,6 @@ validated like every control message):
   node B is published on B's probe topic, B answers on the sender's.
 - ``set_link``: debug/test control of an *emulated* node's link figures
   (``{"peer", "bandwidth_bps", "latency_s"}``); real nodes ignore it.
-
-NOTE for wire/topics.py: this topic is declared here until ``node_probe`` joins the
-topic registry; ``topics.parse`` does not know it yet.
 """
 from __future__ import annotations
 
@@ -22,19 +19,11 @@ from typing import Any
 import msgpack
 
 from meshdl.errors import WireError
-from meshdl.wire.topics import PREFIX, validate_id
+from meshdl.wire.topics import node_probe as probe_topic, node_probe_all as probe_all, validate_id
 
 KINDS = ("claim", "here", "ping", "pong", "set_link")
 MAX_PROBE_BYTES = 1 << 20
 MAX_PAD = MAX_PROBE_BYTES - 4096
-
-
-def probe_topic(mesh: str, node: str) -> str:
-    return f"{PREFIX}/{validate_id(mesh, 'mesh name')}/node/{validate_id(node, 'node id')}/probe"
-
-
-def probe_all(mesh: str) -> str:
-    return f"{PREFIX}/{validate_id(mesh, 'mesh name')}/node/+/probe"
 
 
 @dataclass(frozen=True)

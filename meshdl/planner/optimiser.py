@@ -25,7 +25,7 @@ Objective: alpha * latency / latency_local + (1 - alpha) * energy / energy_local
 plans that overflow a device's memory are refused.
 
 Alpha schedule: when the pool has at most ``sweep_pool`` devices (default 12), steps
-3-4 run for alpha = 1, 0, 0.5, 0.25, 0.75 whatever alpha is requested, so the archive
+3-4 run for alpha = 1, 0.9, 0.7, 0.5, 0.3, 0 whatever alpha is requested, so the archive
 does not depend on it: then energy never rises as alpha falls and latency never rises
 as alpha grows (an exact trade-off curve over what was explored). Larger pools search
 for the requested alpha only (planning time).
@@ -40,7 +40,7 @@ from meshdl.graph.plan import Plan
 from meshdl.planner.base import PlanRequest, register
 from meshdl.planner.optimiser_search import INF, Search
 
-SCHEDULE = (1.0, 0.0, 0.5, 0.25, 0.75)
+SCHEDULE = (1.0, 0.9, 0.7, 0.5, 0.3, 0.0)
 
 
 def singles(search: Search) -> list[tuple]:
@@ -83,6 +83,8 @@ def coarse(search: Search, seg: tuple, sizes: Sequence[int], heads_too: bool = T
                 break
     fast = sorted(search.pool, key=lambda d: (-search.sim.flops[d], search.order[d]))
     chain = pipeline(search, seg, fast)
+    if chain is not None and len({st[3] for st in chain}) < 2:
+        chain = None                # one device: the same as a single-device seed
     if chain is not None and search.evaluate(chain)[0] < best_obj:
         best, best_obj = chain, search.evaluate(chain)[0]
     if best is None or not heads_too:
@@ -127,7 +129,9 @@ def pipeline(search: Search, seg: tuple, order: Sequence[int]) -> tuple | None:
 
 
 def _sizes(n: int, full: bool) -> list[int]:
-    base = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48] if full else [1, 3, n // 2]
+    """Device counts tried on every spatial stage (screening skips one device: the
+    single-device seeds cover it)."""
+    base = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48] if full else [3, n // 2]
     return sorted({m for m in base if 1 <= m <= n} | {n})
 
 
@@ -142,21 +146,24 @@ def explore(search: Search, segs: list, opts: dict) -> None:
             screened.append((obj(c), i, seg))
     screened.sort()
     short = screened[:int(opts.get("shortlist", 4))]
-    seeds = []
+    ranked = []
     for _, i, seg in short:
         c = coarse(search, seg, _sizes(n, True))
         if c is not None:
-            seeds.append(c)
+            ranked.append((obj(c), i, c))
+    ranked.sort()
     ones = singles(search)
-    seeds += ones[:1]
+    starts = ones[:1] + [c for _, _, c in ranked[:int(opts.get("finalists", 3))]]
     top = [c[0][3][0] for c in ones[:int(opts.get("top_singles", 3))]]
     groups = [(d,) for d in top] + list(combinations(top, 2))
+    extra = []
     for _, i, seg in short[:2]:
         if any(sp for _, _, sp in seg):
-            seeds += [c for c in (on_devices(search, seg, ds) for ds in groups) if c]
-    ranked = sorted(dict.fromkeys(seeds), key=lambda c: (obj(c), seeds.index(c)))
+            extra += [c for c in (on_devices(search, seg, ds) for ds in groups) if c]
+    extra.sort(key=obj)
+    starts += [c for c in extra if c not in starts][:int(opts.get("extra_starts", 2))]
     budget = int(opts.get("budget", 150))
-    for c in ranked[:int(opts.get("finalists", 3)) + 1]:
+    for c in starts:
         if obj(c) < INF:
             search.improve(c, budget=budget)
 
@@ -169,7 +176,8 @@ def plan_meshdl(g, mesh, req: PlanRequest) -> Plan:
                     max_hops=int(opts.get("max_hops", 3)))
     segs = search.segmentations(max_cuts=int(opts.get("max_cuts", 3)))
     sweep = len(search.pool) <= int(opts.get("sweep_pool", 12))
-    for alpha in (SCHEDULE if sweep else (req.alpha,)):
+    schedule = tuple(float(a) for a in opts.get("alphas", SCHEDULE)) if sweep else (req.alpha,)
+    for alpha in schedule:
         search.alpha = alpha
         explore(search, segs, opts)
     search.alpha = req.alpha
@@ -182,7 +190,7 @@ def plan_meshdl(g, mesh, req: PlanRequest) -> Plan:
     plan.meta["search"] = {"evaluations": search.evaluations, "segmentations": len(segs),
                            "pool": [search.sim.ids[d] for d in search.pool],
                            "objective": search.evaluate(best)[0],
-                           "alphas": list(SCHEDULE if sweep else (req.alpha,)),
+                           "alphas": list(schedule),
                            "pareto": [[round(x, 6), round(y, 6)] for x, y in search.pareto()[:64]]}
     return plan
 

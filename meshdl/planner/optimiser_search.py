@@ -124,6 +124,11 @@ class Search:
                 self.est_t[d], self.est_e[d] = self._estimate(d, 1)
         return sorted(self.pool, key=lambda d: (self.est_e.get(d, INF), self.order[d]))
 
+    def costliest(self, devs: Sequence[int]) -> int:
+        """The device with the most joules per FLOP (ties: the lowest ranked)."""
+        sim = self.sim
+        return max(devs, key=lambda d: (sim.p_comp[d] / sim.flops[d], self.order.get(d, 0)))
+
     # ----- segmentations -------------------------------------------------------------
     def cut_candidates(self, a: int, b: int, max_cands: int = 6) -> list[int]:
         """Interior positions of spatial run [a, b) right after the resolution drops."""
@@ -363,7 +368,8 @@ class Search:
         if m == 1:
             out += [(d,) for d in outside]
         else:
-            drop = set(devs[-2:]) | {min(devs, key=lambda d: (flops[d], -self.order[d]))}
+            drop = set(devs[-2:]) | {min(devs, key=lambda d: (flops[d], -self.order[d])),
+                                      self.costliest(devs)}
             if m <= 6:
                 drop = set(devs)
             out += [tuple(x for x in devs if x != d) for d in sorted(drop, key=self.order.get)]
@@ -386,7 +392,8 @@ class Search:
         for d in dict.fromkeys(outside[:2] + thrifty):
             out.append(self._with(cand, spatial, lambda devs, d=d: devs + (d,)))
         leave = used if len(used) <= 6 else used[-2:] + [
-            min(used, key=lambda x: (self.sim.flops[x], -self.order[x]))]
+            min(used, key=lambda x: (self.sim.flops[x], -self.order[x])),
+            self.costliest(used)]
         for d in dict.fromkeys(leave):
             if len(used) > 1:
                 out.append(self._with(cand, spatial, lambda devs, d=d: tuple(

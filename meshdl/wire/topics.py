@@ -57,6 +57,11 @@ def node_telemetry(mesh: str, node: str) -> str:
     return f"{_base(mesh)}/node/{validate_id(node, 'node id')}/telemetry"
 
 
+def node_probe(mesh: str, node: str) -> str:
+    """Node-to-node probes: id claims, RTT/throughput pings, emulated link changes."""
+    return f"{_base(mesh)}/node/{validate_id(node, 'node id')}/probe"
+
+
 def election(mesh: str) -> str:
     return f"{_base(mesh)}/election"
 
@@ -96,6 +101,10 @@ def node_state_all(mesh: str) -> str:
 
 def node_telemetry_all(mesh: str) -> str:
     return f"{_base(mesh)}/node/+/telemetry"
+
+
+def node_probe_all(mesh: str) -> str:
+    return f"{_base(mesh)}/node/+/probe"
 
 
 def plan_all(mesh: str) -> str:
@@ -149,7 +158,7 @@ def parse(topic: str) -> ParsedTopic:
         raise WireError(f"topic {topic!r} has no kind after the mesh name")
     mesh = validate_id(lv[0], "mesh name")
     kind, rest = lv[1], lv[2:]
-    if kind == "node" and len(rest) == 2 and rest[1] in ("state", "telemetry"):
+    if kind == "node" and len(rest) == 2 and rest[1] in ("state", "telemetry", "probe"):
         return ParsedTopic(rest[1], mesh, node=validate_id(rest[0], "node id"))
     if kind in ("election", "leader") and not rest:
         return ParsedTopic(kind, mesh)

@@ -1,0 +1,287 @@
+"""Benchmark the mesh runtime on emulated meshes, and its raw piece transport.
+
+    python tools/bench_mesh.py [--quick] [--out results/mesh] [--runs 2]
+
+1. Latency: every device of a topology runs as an emulated DataPlane (compute paced
+   to the device's FLOP/s, every hop to its link) in this process, on a mosquitto
+   started here; a MeshClient sends jobs. Per (mesh, bandwidth cap, model, strategy):
+   measured end-to-end latency (input sent -> answer), predicted latency (the cost
+   model), their ratio, the predicted energy per inference, and for meshdl the speedup
+   over the fastest single device (its FLOPs / that device's FLOP/s) and that speedup
+   as a share of the ideal one (sum of FLOP/s over the fastest device's).
+2. Transport: 1 MiB pieces between two processes with the data plane's reliable
+   sender (acks, window) vs bare paho + mosquitto publishing 1 MiB payloads (QoS 1),
+   measured in the same run.
+
+Writes bench_mesh.csv, transport.csv, bench_mesh.md and bench_mesh.png to --out.
+Honest pacing needs this machine to compute each task faster than the emulated
+device would; the log warns for every task where it did not.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import multiprocessing as mp
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench_mesh")
+
+FULL = {"configs": [("home-4", None), ("disnet-net0", 10), ("disnet-net0", 15),
+                    ("disnet-net0", 50)],
+        "models": ["vgg16_bn", "resnet18", "mobilenet_v2"],
+        "strategies": ["meshdl", "disnet", "modnn", "local"]}
+QUICK = {"configs": [("home-4", None), ("disnet-net0", 50)],
+         "models": ["resnet18", "mobilenet_v2"],
+         "strategies": ["meshdl", "disnet", "local"]}
+MIB = 1 << 20
+
+
+class PacingCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "emulated device" in record.getMessage():
+            self.count += 1
+
+
+def broker_conf(directory: Path) -> str:
+    from meshdl.data import data_dir
+    text = (data_dir("broker") / "plain.conf").read_text() + "\nset_tcp_nodelay true\n"
+    path = directory / "bench-broker.conf"
+    path.write_text(text)
+    return str(path)
+
+
+# ----------------------------------------------------------------- latency
+def bench_latency(spec: dict, runs: int, url: str, pacing: PacingCounter) -> list[dict]:
+    import torch
+    import meshdl
+    from meshdl.client import MeshClient
+    from meshdl.node.harness import InProcessMesh
+    rows = []
+    for topo, cap in spec["configs"]:
+        mesh = meshdl.load_topology(topo)
+        if cap:
+            mesh = mesh.with_bandwidth_cap(cap)
+        flops = [d.flops for d in mesh.devices.values()]
+        ideal = sum(flops) / max(flops)
+        name = f"b{topo.replace('-', '')}{cap or 0}"
+        with InProcessMesh(url, mesh, mesh_name=name, emulate=True) as m, \
+                MeshClient(url, name) as c:
+            for model in spec["models"]:
+                x = torch.randn(1, 3, 224, 224)
+                for strategy in spec["strategies"]:
+                    before = pacing.count
+                    try:
+                        c.infer(x, model=model, strategy=strategy, alpha=1.0, timeout=600)
+                        res = [c.infer(x, model=model, strategy=strategy, alpha=1.0,
+                                       timeout=600) for _ in range(runs)]
+                    except meshdl.MeshdlError as exc:
+                        log.warning("%s %s %s: %s", topo, model, strategy, exc)
+                        continue
+                    plan = res[-1].plan
+                    measured = statistics.median(r.latency_s for r in res)
+                    g = m.graphs.get(model, (1, 3, 224, 224))
+                    single = g.flops / max(flops)
+                    row = {"mesh": topo, "cap_mbps": cap or "", "model": model,
+                           "strategy": strategy, "devices": len(plan.devices()),
+                           "measured_s": round(measured, 4),
+                           "predicted_s": round(plan.latency_s, 4),
+                           "ratio": round(measured / plan.latency_s, 3),
+                           "energy_j": round(plan.energy_j, 3),
+                           "speedup_vs_fastest": round(single / measured, 3),
+                           "ideal_speedup": round(ideal, 3),
+                           "share_of_ideal": round(single / measured / ideal, 3),
+                           "pacing_warnings": pacing.count - before}
+                    rows.append(row)
+                    log.info("%s", row)
+    return rows
+
+
+# ----------------------------------------------------------------- transport
+def _bare_receiver(url: str, topic: str, n: int, q) -> None:
+    from meshdl.transport.paho_bus import PahoBus
+    import threading
+    got = [0]
+    done = threading.Event()
+
+    def on(t, p, r):
+        got[0] += 1
+        if got[0] >= n:
+            done.set()
+    with PahoBus(url, max_inbound=100000) as bus:
+        bus.subscribe(topic, on, qos=1)
+        q.put("ready")
+        done.wait(300)
+        q.put(time.time())
+
+
+def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
+    """The data plane's receive path: verify + reassemble + dedupe + ack back."""
+    from meshdl.node.dataplane import tcp_nodelay
+    from meshdl.node.flow import ReceiveLog
+    from meshdl.transport.paho_bus import PahoBus
+    from meshdl.wire import topics
+    from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack
+    from meshdl.wire.reassembly import Reassembler
+    reasm, seen = Reassembler(), ReceiveLog()
+    with PahoBus(url, max_inbound=100000) as bus:
+        tcp_nodelay(bus)
+
+        def on(topic, payload, retained):
+            step = topics.next_hop(topic, me)
+            f = decode_frame(payload, verify_crc=False)
+            if not isinstance(f, PieceFrame) or seen.seen((f.job, f.piece)):
+                return
+            if reasm.add(f) is not None and seen.mark((f.job, f.piece)):
+                back = topics.route_topic(mesh, [f.src_task[1:]], step.job, step.piece)
+                bus.publish(back, encode_ack(AckFrame(f.job, f.piece, me)), qos=1)
+        bus.subscribe(topics.route_inbox(mesh, me), on, qos=1)
+        q.put("ready")
+        q.get()
+
+
+def bench_transport(url: str, n: int) -> list[dict]:
+    import numpy as np
+    from meshdl.node.dataplane import tcp_nodelay
+    from meshdl.node.emulation import Links
+    from meshdl.node.flow import ReliableSender
+    from meshdl.transport.paho_bus import PahoBus
+    from meshdl.wire import topics
+    from meshdl.wire.codec import AckFrame, decode_frame, encode_chunks
+    ctx = mp.get_context("spawn")
+    rows = []
+    payload = np.random.default_rng(0).integers(0, 255, MIB, dtype=np.uint8)
+    # bare paho + mosquitto
+    q = ctx.Queue()
+    p = ctx.Process(target=_bare_receiver, args=(url, "bench/bare", n, q))
+    p.start()
+    q.get(timeout=60)
+    with PahoBus(url) as bus:
+        tcp_nodelay(bus)
+        t0 = time.time()
+        for _ in range(n):
+            bus.publish("bench/bare", payload.tobytes(), qos=1)
+        t1 = q.get(timeout=300)
+    p.join(10)
+    rows.append({"path": "bare paho+mosquitto", "pieces": n,
+                 "MiB_per_s": round(n / (t1 - t0), 1)})
+    # the data plane's reliable sender
+    q, mesh = ctx.Queue(), "bench"
+    p = ctx.Process(target=_piece_receiver, args=(url, mesh, "rx", q))
+    p.start()
+    q.get(timeout=60)
+    with PahoBus(url) as bus:
+        tcp_nodelay(bus)
+        links = Links("tx", lambda t, b: bus.publish(t, b, qos=1))
+        sender = ReliableSender("tx", lambda tr, fr, done: links.send(tr.path[1], fr, done),
+                                window_bytes=64 * MIB)
+
+        def on_ack(topic, data, retained):
+            f = decode_frame(data)
+            if isinstance(f, AckFrame):
+                sender.on_ack(f.job, f.piece, f.ok, f.chunks)
+        bus.subscribe(topics.route_inbox(mesh, "tx"), on_ack, qos=1)
+        time.sleep(0.3)
+        t0 = time.time()
+        trs = []
+        for i in range(n):
+            piece = f"p{i}"
+            topic = topics.route_topic(mesh, ["rx"], "bench", piece)
+            frames = [(topic, f) for f in encode_chunks("bench", piece, payload, src_task="@tx")]
+            trs.append(sender.send("bench", piece, "rx", ["tx", "rx"], frames, 0.01,
+                                   lambda msg: log.error(msg)))
+        for tr in trs:
+            tr.acked.wait(120)
+        t1 = time.time()
+        resent = sender.retransmissions
+        sender.stop()
+        links.stop()
+    q.put("stop")
+    p.join(10)
+    rows.append({"path": "meshdl pieces (acked)", "pieces": n,
+                 "MiB_per_s": round(n / (t1 - t0), 1), "retransmissions": resent})
+    rows[-1]["share_of_bare"] = round(rows[-1]["MiB_per_s"] / rows[0]["MiB_per_s"], 3)
+    return rows
+
+
+# ----------------------------------------------------------------- output
+def write(out: Path, rows: list[dict], trans: list[dict], cmd: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in (("bench_mesh.csv", rows), ("transport.csv", trans)):
+        if data:
+            keys = list(dict.fromkeys(k for r in data for k in r))
+            with open(out / name, "w", newline="") as f:
+                w = csv.DictWriter(f, keys)
+                w.writeheader()
+                w.writerows(data)
+    lines = [f"# meshdl mesh benchmark\n\n`{cmd}`\n"]
+    if rows:
+        keys = list(rows[0])
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+        ratios = [r["ratio"] for r in rows]
+        lines.append(f"\nmedian measured/predicted: {statistics.median(ratios):.3f} "
+                     f"(target within 15%: 0.85-1.15); pacing warnings: "
+                     f"{sum(r['pacing_warnings'] for r in rows)}")
+    if trans:
+        lines.append("\n| transport | pieces | MiB/s | share of bare |\n|---|---|---|---|")
+        lines += [f"| {t['path']} | {t['pieces']} | {t['MiB_per_s']} | "
+                  f"{t.get('share_of_bare', '')} |" for t in trans]
+    (out / "bench_mesh.md").write_text("\n".join(lines) + "\n")
+    if rows:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for s in sorted({r["strategy"] for r in rows}):
+            pts = [(r["predicted_s"], r["measured_s"]) for r in rows if r["strategy"] == s]
+            ax.scatter(*zip(*pts), label=s)
+        hi = max(max(r["predicted_s"], r["measured_s"]) for r in rows) * 1.2
+        lo = min(min(r["predicted_s"], r["measured_s"]) for r in rows) / 1.2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="predicted latency (s)",
+               ylabel="measured latency (s)", title="emulated meshes: measured vs predicted")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "bench_mesh.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="home-4 + one disnet cap, 2 models")
+    ap.add_argument("--out", default=str(ROOT / "results" / "mesh"))
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--pieces", type=int, default=200, help="1 MiB pieces for the transport")
+    ap.add_argument("--skip-latency", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("meshdl", "meshdl.transport"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.simplefilter("ignore")
+    pacing = PacingCounter()
+    logging.getLogger("meshdl.node.emulation").addHandler(pacing)
+    from meshdl.transport.broker import EmbeddedBroker
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = QUICK if args.quick else FULL
+    with EmbeddedBroker(broker_conf(out), backend="mosquitto") as b:
+        trans = bench_transport(b.url, 50 if args.quick else args.pieces)
+        log.info("transport: %s", trans)
+        rows = [] if args.skip_latency else bench_latency(spec, args.runs, b.url, pacing)
+    write(out, rows, trans, " ".join(["python tools/bench_mesh.py", *sys.argv[1:]]))
+    print((out / "bench_mesh.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
