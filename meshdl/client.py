@@ -87,7 +87,7 @@ class MeshClient:
         else:
             self._own_bus = False
         self.bus = bus
-        from meshdl.node.dataplane import tcp_nodelay
+        from meshdl.node.flow import tcp_nodelay
         tcp_nodelay(bus)
         self._lock = threading.Lock()
         self._plans: dict[str, Plan] = {}

@@ -5,7 +5,6 @@ tests with the real control plane live in test_infer_mesh.py.
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np

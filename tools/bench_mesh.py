@@ -128,7 +128,7 @@ def _bare_receiver(url: str, topic: str, n: int, q) -> None:
 
 def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
     """The data plane's receive path: verify + reassemble + dedupe + ack back."""
-    from meshdl.node.dataplane import tcp_nodelay
+    from meshdl.node.flow import tcp_nodelay
     from meshdl.node.flow import ReceiveLog
     from meshdl.transport.paho_bus import PahoBus
     from meshdl.wire import topics
@@ -140,7 +140,7 @@ def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
 
         def on(topic, payload, retained):
             step = topics.next_hop(topic, me)
-            f = decode_frame(payload, verify_crc=False)
+            f = decode_frame(payload)
             if not isinstance(f, PieceFrame) or seen.seen((f.job, f.piece)):
                 return
             if reasm.add(f) is not None and seen.mark((f.job, f.piece)):
@@ -153,7 +153,7 @@ def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
 
 def bench_transport(url: str, n: int) -> list[dict]:
     import numpy as np
-    from meshdl.node.dataplane import tcp_nodelay
+    from meshdl.node.flow import tcp_nodelay
     from meshdl.node.emulation import Links
     from meshdl.node.flow import ReliableSender
     from meshdl.transport.paho_bus import PahoBus
@@ -264,6 +264,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--pieces", type=int, default=200, help="1 MiB pieces for the transport")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--models", help="comma-separated models (override)")
+    ap.add_argument("--strategies", help="comma-separated strategies (override)")
+    ap.add_argument("--configs", help="comma-separated TOPOLOGY[:CAP_MBPS] (override)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("meshdl", "meshdl.transport"):
@@ -274,7 +277,14 @@ def main() -> None:
     from meshdl.transport.broker import EmbeddedBroker
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = QUICK if args.quick else FULL
+    spec = dict(QUICK if args.quick else FULL)
+    if args.models:
+        spec["models"] = args.models.split(",")
+    if args.strategies:
+        spec["strategies"] = args.strategies.split(",")
+    if args.configs:
+        spec["configs"] = [(c.split(":")[0], float(c.split(":")[1]) if ":" in c else None)
+                           for c in args.configs.split(",")]
     with EmbeddedBroker(broker_conf(out), backend="mosquitto") as b:
         trans = bench_transport(b.url, 50 if args.quick else args.pieces)
         log.info("transport: %s", trans)

@@ -34,8 +34,9 @@ from meshdl.graph.regions import crop
 from meshdl.graph.runner import assemble, stitch
 from meshdl.node import jobs as J
 from meshdl.node.emulation import Links, pace
-from meshdl.node.executor import GraphCache, Worker, compute_task, warm
-from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer
+from meshdl.node.executor import (GraphCache, Worker, compute_task, tensor_to_wire, warm,
+                                  wire_to_tensor)
+from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer, tcp_nodelay
 from meshdl.node.relay import Relay
 from meshdl.wire import topics
 from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_chunks
@@ -46,30 +47,6 @@ log = logging.getLogger(__name__)
 
 PIECE_QOS = 1
 LOOPBACK_BPS = 2e9          # what a hop costs when not emulated (rto estimate only)
-
-
-def tcp_nodelay(bus: Any) -> bool:
-    """Turn off Nagle's algorithm on a PahoBus socket (paho does not): without it a
-    small publish that follows a PUBACK waits ~40 ms for the broker's delayed TCP ack.
-    Best effort: the transport should do this on every (re)connect."""
-    import socket
-    client = getattr(bus, "_client", None)
-    sock = client.socket() if client is not None and hasattr(client, "socket") else None
-    if sock is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def tensor_to_wire(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
-
-
-def wire_to_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.require(a, requirements=("C", "W")))
 
 
 class DataPlane:

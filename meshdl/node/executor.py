@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from meshdl.errors import MeshdlError, PlanError
@@ -20,6 +21,14 @@ from meshdl.graph.plan import Plan, Task
 from meshdl.graph.runner import assemble, run_task
 
 log = logging.getLogger(__name__)
+
+
+def tensor_to_wire(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def wire_to_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.require(a, requirements=("C", "W")))
 
 
 def build_traced(model: str, input_shape: tuple[int, ...]):

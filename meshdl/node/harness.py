@@ -178,7 +178,7 @@ class InProcessMesh:
 
     def _bus(self, client_id: str, options: dict) -> Any:
         if isinstance(self._broker, str):
-            from meshdl.node.dataplane import tcp_nodelay
+            from meshdl.node.flow import tcp_nodelay
             from meshdl.transport.paho_bus import PahoBus
             bus = PahoBus(self._broker, client_id=f"{client_id}-{id(self):x}", **options)
             tcp_nodelay(bus)

@@ -73,10 +73,13 @@ def coarse(search: Search, seg: tuple, sizes: Sequence[int], heads_too: bool = T
     (then, with ``heads_too``, the best of those for the chosen m)."""
     heads = _heads(search, seg)
     best, best_obj = None, INF
-    for m in sizes:
+    # likely winners first (many devices when latency counts), so the bound prunes more
+    for m in sorted(sizes, reverse=search.alpha >= 0.5):
         for h in heads:             # the first head that fits beside these devices
             c = search.uniform(seg, tuple(search.pool[:m]), h)
             if search.fits(c):
+                if search.bound(c) >= best_obj:
+                    break
                 obj = search.evaluate(c)[0]
                 if obj < best_obj:
                     best, best_obj = c, obj
@@ -92,6 +95,8 @@ def coarse(search: Search, seg: tuple, sizes: Sequence[int], heads_too: bool = T
     devs = next((st[3] for st in best if st[2]), ())
     for h in heads:
         c = search.uniform(seg, devs, h)
+        if search.bound(c) >= best_obj:
+            continue
         obj = search.evaluate(c)[0]
         if obj < best_obj:
             best, best_obj = c, obj

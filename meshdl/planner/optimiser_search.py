@@ -40,7 +40,7 @@ class Search:
         self.alpha = float(req.alpha)
         # candidate -> (latency, energy, run) or (INF, INF, None) when it does not fit
         self.cache: dict[tuple, tuple[float, float, RunResult | None]] = {}
-        self.front: list[tuple[float, float, int, tuple]] = []   # the Pareto archive
+        self.front: list[tuple] = []   # the Pareto archive: (lat, e, size, n, cand)
         self._tasks: dict[tuple, object] = {}
         self.evaluations = 0
         ref = self.sim.run(self.sim.compile([(0, len(g.ops), [
@@ -294,24 +294,42 @@ class Search:
         self.cache[cand] = got
         return got
 
+    def bound(self, cand: tuple) -> float:
+        """A lower bound of the objective without simulating: no device computes less
+        than its tasks' FLOPs take, nor spends less than their compute energy."""
+        got = self.cache.get(cand)
+        if got is not None:
+            return self.objective(got[0], got[1])
+        sim = self.sim
+        comp: dict[int, float] = {}
+        for st in cand:
+            for d, _, _, f in self.tasks(st):
+                comp[d] = comp.get(d, 0.0) + f / sim.flops[d]
+        return self.objective(max(comp.values()),
+                              sum(t * sim.p_comp[d] for d, t in comp.items()))
+
     def evaluate(self, cand: tuple) -> tuple[float, RunResult | None]:
         """(objective at the current alpha, run)."""
         lat, e, r = self.score(cand)
         return self.objective(lat, e), r
 
     def _archive(self, lat: float, e: float, cand: tuple) -> None:
-        front = self.front
-        for p in front:
-            if p[0] <= lat and p[1] <= e:
+        """Keep the non-dominated candidates; of equal scores, the one with the fewest
+        tasks and stages (then the first found)."""
+        size = (sum(len(st[3]) for st in cand), len(cand))
+        for p in self.front:
+            if p[0] <= lat and p[1] <= e and (p[0] < lat or p[1] < e or p[2] <= size):
                 return
-        self.front = [p for p in front if not (lat <= p[0] and e <= p[1])]
-        self.front.append((lat, e, self.evaluations, cand))
+        self.front = [p for p in self.front if not (lat <= p[0] and e <= p[1])]
+        self.front.append((lat, e, size, self.evaluations, cand))
 
     def pick(self, alpha: float | None = None) -> tuple | None:
-        """The archived candidate with the least objective (ties: the earliest found)."""
+        """The archived candidate with the least objective (ties: the simplest, then the
+        earliest found)."""
         if not self.front:
             return None
-        return min(self.front, key=lambda p: (self.objective(p[0], p[1], alpha), p[2]))[3]
+        return min(self.front, key=lambda p: (self.objective(p[0], p[1], alpha), p[2],
+                                              p[3]))[4]
 
     def pareto(self) -> list[tuple[float, float]]:
         return sorted((p[0], p[1]) for p in self.front)
@@ -418,6 +436,8 @@ class Search:
             for trial in self.joint_moves(best):
                 if self.evaluations >= stop:
                     break
+                if self.bound(trial) >= best_obj - 1e-12:
+                    continue
                 obj = self.evaluate(trial)[0]
                 if obj < best_obj - 1e-12:
                     best, best_obj, improved = trial, obj, True
@@ -427,6 +447,8 @@ class Search:
                     if self.evaluations >= stop:
                         break
                     trial = best[:k] + (self.stage(a, b, sp, m),) + best[k + 1:]
+                    if self.bound(trial) >= best_obj - 1e-12:
+                        continue
                     obj = self.evaluate(trial)[0]
                     if obj < best_obj - 1e-12:
                         best, best_obj, improved = trial, obj, True
