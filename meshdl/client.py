@@ -87,8 +87,6 @@ class MeshClient:
         else:
             self._own_bus = False
         self.bus = bus
-        from meshdl.node.flow import tcp_nodelay
-        tcp_nodelay(bus)
         self._lock = threading.Lock()
         self._plans: dict[str, Plan] = {}
         self._online: dict[str, bool] = {}

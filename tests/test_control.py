@@ -10,7 +10,8 @@ import time
 import pytest
 
 from meshdl.node.launcher import MeshUp
-from meshdl.node.probe import Probe, encode_probe, probe_topic
+from meshdl.node.probe import Probe, encode_probe
+from meshdl.wire.topics import node_probe as probe_topic
 from meshdl.node.status import MeshWatcher
 from meshdl.transport.paho_bus import PahoBus
 from meshdl.wire import topics

@@ -35,12 +35,10 @@ links:
 
 
 def broker_template(directory, inflight: int = 0) -> str:
-    """The plain config plus TCP_NODELAY (mosquitto's Nagle adds ~40 ms per hop);
-    ``inflight`` > 0 limits unacked QoS 1 messages per client (so its queue fills)."""
+    """The plain config; ``inflight`` > 0 limits unacked QoS 1 messages per client (so its queue fills)."""
     from meshdl.data import data_dir
     text = (data_dir("broker") / "plain.conf").read_text()
     text = text.replace("max_inflight_messages 0", f"max_inflight_messages {inflight}")
-    text += "\nset_tcp_nodelay true\n"
     path = directory / "broker.conf"
     path.write_text(text)
     return str(path)
@@ -273,7 +271,7 @@ def test_emulated_times_follow_the_cost_model(broker, tiny, tmp_path):
     finish_plan(plan, g, mesh, 1)
     assert plan.latency_s > 0.2
     with InProcessMesh(broker.url, mesh, mesh_name="slow2", emulate=True,
-                       fixed={"tiny_cnn": plan}) as m:
+                       fixed={"tiny_cnn": plan}):
         with MeshClient(broker.url, "slow2") as c:
             x = torch.randn(1, 3, 32, 32)
             c.infer(x, model="tiny_cnn", timeout=30)            # warm

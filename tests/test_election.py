@@ -204,7 +204,7 @@ def _sim_network(n, seed, flops, sim_state, handler, kill_at, max_delay=0.05, un
 
 
 # ------------------------------------------------------------------ agents over MemoryBus
-from meshdl.mesh import Device, Power, load_topology  # noqa: E402
+from meshdl.mesh import Device, Power  # noqa: E402
 from meshdl.node.agent import NodeAgent  # noqa: E402
 from meshdl.node.config import DuplicateNodeError, NodeConfig, Timing  # noqa: E402
 from meshdl.node.status import MeshWatcher  # noqa: E402

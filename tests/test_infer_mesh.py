@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
+
 from pathlib import Path
 
 import pytest

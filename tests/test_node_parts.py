@@ -9,7 +9,8 @@ from meshdl.mesh import load_topology
 from meshdl.node.config import NodeConfig, NodeError, next_session
 from meshdl.node.leader import StandingRequest, needs_replan
 from meshdl.node.membership import claim_verdict, state_event, telemetry_event
-from meshdl.node.probe import Probe, decode_probe, encode_probe, probe_topic
+from meshdl.node.probe import Probe, decode_probe, encode_probe
+from meshdl.wire.topics import node_probe as probe_topic
 from meshdl.node.status import Snapshot
 from meshdl.node.telemetry import topology_links
 from meshdl.wire.control import (JobRequest, LeaderInfo, NodeState, PlanMessage, Telemetry)

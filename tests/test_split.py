@@ -1,7 +1,6 @@
 """The split engine's promise: any plan computes what the unsplit model computes."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -54,14 +54,6 @@ class PacingCounter(logging.Handler):
             self.count += 1
 
 
-def broker_conf(directory: Path) -> str:
-    from meshdl.data import data_dir
-    text = (data_dir("broker") / "plain.conf").read_text() + "\nset_tcp_nodelay true\n"
-    path = directory / "bench-broker.conf"
-    path.write_text(text)
-    return str(path)
-
-
 # ----------------------------------------------------------------- latency
 def bench_latency(spec: dict, runs: int, url: str, pacing: PacingCounter) -> list[dict]:
     import torch
@@ -128,7 +120,6 @@ def _bare_receiver(url: str, topic: str, n: int, q) -> None:
 
 def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
     """The data plane's receive path: verify + reassemble + dedupe + ack back."""
-    from meshdl.node.flow import tcp_nodelay
     from meshdl.node.flow import ReceiveLog
     from meshdl.transport.paho_bus import PahoBus
     from meshdl.wire import topics
@@ -136,7 +127,6 @@ def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
     from meshdl.wire.reassembly import Reassembler
     reasm, seen = Reassembler(), ReceiveLog()
     with PahoBus(url, max_inbound=100000) as bus:
-        tcp_nodelay(bus)
 
         def on(topic, payload, retained):
             step = topics.next_hop(topic, me)
@@ -153,7 +143,6 @@ def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
 
 def bench_transport(url: str, n: int) -> list[dict]:
     import numpy as np
-    from meshdl.node.flow import tcp_nodelay
     from meshdl.node.emulation import Links
     from meshdl.node.flow import ReliableSender
     from meshdl.transport.paho_bus import PahoBus
@@ -168,7 +157,6 @@ def bench_transport(url: str, n: int) -> list[dict]:
     p.start()
     q.get(timeout=60)
     with PahoBus(url) as bus:
-        tcp_nodelay(bus)
         t0 = time.time()
         for _ in range(n):
             bus.publish("bench/bare", payload.tobytes(), qos=1)
@@ -182,7 +170,6 @@ def bench_transport(url: str, n: int) -> list[dict]:
     p.start()
     q.get(timeout=60)
     with PahoBus(url) as bus:
-        tcp_nodelay(bus)
         links = Links("tx", lambda t, b: bus.publish(t, b, qos=1))
         sender = ReliableSender("tx", lambda tr, fr, done: links.send(tr.path[1], fr, done),
                                 window_bytes=64 * MIB)
@@ -285,7 +272,7 @@ def main() -> None:
     if args.configs:
         spec["configs"] = [(c.split(":")[0], float(c.split(":")[1]) if ":" in c else None)
                            for c in args.configs.split(",")]
-    with EmbeddedBroker(broker_conf(out), backend="mosquitto") as b:
+    with EmbeddedBroker("plain", backend="mosquitto") as b:
         trans = bench_transport(b.url, 50 if args.quick else args.pieces)
         log.info("transport: %s", trans)
         rows = [] if args.skip_latency else bench_latency(spec, args.runs, b.url, pacing)

@@ -100,8 +100,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of "
           f"{args.repeat} interleaved runs; ratios are split / plain forward")
-    print(f"| model | style | tiles | stages | task FLOPs / model FLOPs | time ratio | "
-          f"forward ms | split ms | max rel diff |")
+    print("| model | style | tiles | stages | task FLOPs / model FLOPs | time ratio | "
+          "forward ms | split ms | max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         for r in bench_model(name.strip(), args.repeat):

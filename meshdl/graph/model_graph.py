@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from meshdl.errors import PlanError
 from meshdl.graph.plan import Region
-from meshdl.graph.regions import crop
 from meshdl.graph.compiled import compile_range
 from meshdl.graph.fxtrace import INPUT, Op, build_ops
 

@@ -23,7 +23,8 @@ from meshdl.node import election as el
 from meshdl.node.config import DuplicateNodeError, NodeConfig, NodeError
 from meshdl.node.leader import GraphCache, LeaderDuties, duties_for
 from meshdl.node.membership import Membership, claim_verdict
-from meshdl.node.probe import Probe, decode_probe, encode_probe, probe_topic
+from meshdl.node.probe import Probe, decode_probe, encode_probe
+from meshdl.wire.topics import node_probe as probe_topic
 from meshdl.node.telemetry import Periodic, Prober, telemetry_message, topology_links
 from meshdl.transport.bus import Will
 from meshdl.wire import topics

@@ -36,7 +36,7 @@ from meshdl.node import jobs as J
 from meshdl.node.emulation import Links, pace
 from meshdl.node.executor import (GraphCache, Worker, compute_task, tensor_to_wire, warm,
                                   wire_to_tensor)
-from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer, tcp_nodelay
+from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer
 from meshdl.node.relay import Relay
 from meshdl.wire import topics
 from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_chunks
@@ -89,7 +89,6 @@ class DataPlane:
             torch.set_num_threads(1)      # emulated nodes share a few real cores
         self.ctx.bus.subscribe(topics.route_inbox(self.mesh_name, self.node_id),
                                self._on_message, qos=PIECE_QOS)
-        tcp_nodelay(self.ctx.bus)
         self._house.start()
         known = getattr(self.ctx, "plans", None)      # plans adopted before we started
         for plan in (known() if callable(known) else {}).values():

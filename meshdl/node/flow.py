@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -286,19 +286,3 @@ class ReceiveLog:
         with self._lock:
             for k in [k for k in self._done if k[0] == job]:
                 del self._done[k]
-
-
-def tcp_nodelay(bus: Any) -> bool:
-    """Turn off Nagle's algorithm on a PahoBus socket (paho does not): without it a
-    small publish that follows a PUBACK waits ~40 ms for the broker's delayed TCP ack.
-    Best effort: the transport should do this on every (re)connect."""
-    import socket
-    client = getattr(bus, "_client", None)
-    sock = client.socket() if client is not None and hasattr(client, "socket") else None
-    if sock is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return True
-    except (OSError, AttributeError):
-        return False

@@ -178,10 +178,8 @@ class InProcessMesh:
 
     def _bus(self, client_id: str, options: dict) -> Any:
         if isinstance(self._broker, str):
-            from meshdl.node.flow import tcp_nodelay
             from meshdl.transport.paho_bus import PahoBus
             bus = PahoBus(self._broker, client_id=f"{client_id}-{id(self):x}", **options)
-            tcp_nodelay(bus)
             return bus
         return self._broker.bus(client_id)
 

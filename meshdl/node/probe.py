@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from meshdl.errors import WireError
-from meshdl.wire.topics import node_probe as probe_topic, node_probe_all as probe_all, validate_id
+from meshdl.wire.topics import validate_id
 
 KINDS = ("claim", "here", "ping", "pong", "set_link")
 MAX_PROBE_BYTES = 1 << 20

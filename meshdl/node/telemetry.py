@@ -16,7 +16,8 @@ import uuid
 from typing import Callable, Mapping
 
 from meshdl.mesh import Mesh
-from meshdl.node.probe import Probe, encode_probe, probe_topic
+from meshdl.node.probe import Probe, encode_probe
+from meshdl.wire.topics import node_probe as probe_topic
 from meshdl.wire.control import Telemetry
 
 log = logging.getLogger(__name__)

@@ -115,6 +115,20 @@ def on_devices(search: Search, seg: tuple, devs: Sequence[int]) -> tuple | None:
     return best
 
 
+def tapered(search: Search, cand: tuple, tail: Sequence[int]) -> list[tuple]:
+    """Variants of ``cand`` that keep its devices on the first spatial stages (the
+    large maps) and run every later stage on one device of ``tail``."""
+    spatial = [k for k, st in enumerate(cand) if st[2] and len(st[3]) > 1]
+    out = []
+    for d in tail:
+        for j in spatial[:-1] if len(spatial) > 1 else spatial:
+            c = tuple(st if k <= j else search.stage(st[0], st[1], st[2], (d,))
+                      for k, st in enumerate(cand))
+            if c != cand and search.evaluate(c)[0] < INF:
+                out.append(c)
+    return out
+
+
 def pipeline(search: Search, seg: tuple, order: Sequence[int]) -> tuple | None:
     """Stages packed whole onto devices in ``order`` (fastest first): a stage stays on
     the current device while its weights fit, else moves to the next that holds it.
@@ -165,6 +179,8 @@ def explore(search: Search, segs: list, opts: dict) -> None:
     for _, i, seg in short[:2]:
         if any(sp for _, _, sp in seg):
             extra += [c for c in (on_devices(search, seg, ds) for ds in groups) if c]
+    for _, _, c in ranked[:2]:
+        extra += tapered(search, c, top[:1])
     extra.sort(key=obj)
     starts += [c for c in extra if c not in starts][:int(opts.get("extra_starts", 2))]
     budget = int(opts.get("budget", 150))

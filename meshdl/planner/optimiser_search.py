@@ -43,6 +43,7 @@ class Search:
         self.front: list[tuple] = []   # the Pareto archive: (lat, e, size, n, cand)
         self._tasks: dict[tuple, object] = {}
         self.evaluations = 0
+        self.slack = 0.05          # improve(): moves this close get their rows balanced
         ref = self.sim.run(self.sim.compile([(0, len(g.ops), [
             (self.src, None, None, g.flops)])], self.src, self.snk))
         self.lat_ref = max(ref.latency, 1e-12)
@@ -425,6 +426,18 @@ class Search:
             out[k] = self.stage(a, b, sp, fn(devs))
         return tuple(out)
 
+    def _try(self, trial: tuple, best_obj: float) -> tuple[tuple, float]:
+        """Score a move; one that falls just short (within ``slack``) with tiled stages
+        gets its rows balanced too (a device that joins helps once it has its share)."""
+        if self.bound(trial) >= best_obj - 1e-12:
+            return trial, INF
+        obj = self.evaluate(trial)[0]
+        if best_obj - 1e-12 <= obj < best_obj * (1.0 + self.slack) \
+                and any(st[4] is not None for st in trial):
+            trial = self.balance(trial, rounds=2)
+            obj = self.evaluate(trial)[0]
+        return trial, obj
+
     def improve(self, cand: tuple, budget: int = 300, rounds: int = 4) -> tuple:
         """Best-improvement local search: whole-plan moves, then stage by stage, with
         row balancing between rounds; stops after ``budget`` more evaluations."""
@@ -436,9 +449,7 @@ class Search:
             for trial in self.joint_moves(best):
                 if self.evaluations >= stop:
                     break
-                if self.bound(trial) >= best_obj - 1e-12:
-                    continue
-                obj = self.evaluate(trial)[0]
+                trial, obj = self._try(trial, best_obj)
                 if obj < best_obj - 1e-12:
                     best, best_obj, improved = trial, obj, True
             for k in range(len(best)):
@@ -447,9 +458,7 @@ class Search:
                     if self.evaluations >= stop:
                         break
                     trial = best[:k] + (self.stage(a, b, sp, m),) + best[k + 1:]
-                    if self.bound(trial) >= best_obj - 1e-12:
-                        continue
-                    obj = self.evaluate(trial)[0]
+                    trial, obj = self._try(trial, best_obj)
                     if obj < best_obj - 1e-12:
                         best, best_obj, improved = trial, obj, True
             if not improved or self.evaluations >= stop:
