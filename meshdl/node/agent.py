@@ -21,7 +21,8 @@ from meshdl.graph.plan import Plan
 from meshdl.mesh import Device, Mesh
 from meshdl.node import election as el
 from meshdl.node.config import DuplicateNodeError, NodeConfig, NodeError
-from meshdl.node.leader import GraphCache, LeaderDuties, duties_for
+from meshdl.node.graphs import GraphCache
+from meshdl.node.leader import LeaderDuties, duties_for
 from meshdl.node.membership import Membership, claim_verdict
 from meshdl.node.probe import Probe, decode_probe, encode_probe
 from meshdl.wire.topics import node_probe as probe_topic
@@ -260,7 +261,7 @@ class NodeAgent:
                 raise
             log.info("no data plane installed (meshdl.node.dataplane); control plane only")
             return
-        self.dataplane = DataPlane(self)
+        self.dataplane = DataPlane(self, graphs=self.graphs)
         self.dataplane.start()
         log.info("data plane started")
 

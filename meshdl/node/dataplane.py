@@ -34,7 +34,8 @@ from meshdl.graph.regions import crop
 from meshdl.graph.runner import assemble, stitch
 from meshdl.node import jobs as J
 from meshdl.node.emulation import Links, pace
-from meshdl.node.executor import (GraphCache, Worker, compute_task, tensor_to_wire, warm,
+from meshdl.node.graphs import GraphCache
+from meshdl.node.executor import (Worker, compute_task, tensor_to_wire, warm,
                                   wire_to_tensor)
 from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer
 from meshdl.node.relay import Relay

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 
-from meshdl.errors import MeshdlError, PlanError
+from meshdl.errors import MeshdlError
 from meshdl.graph.plan import Plan, Task
 from meshdl.graph.runner import assemble, run_task
 
@@ -29,50 +28,6 @@ def tensor_to_wire(t: torch.Tensor) -> np.ndarray:
 
 def wire_to_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(a, requirements=("C", "W")))
-
-
-def build_traced(model: str, input_shape: tuple[int, ...]):
-    """Build model ``model`` (pretrained when weights ship offline) and trace it."""
-    import meshdl
-    info = meshdl.models.info(model)
-    net = meshdl.models.build(model, pretrained=info.pretrained_available)
-    return meshdl.trace(net, tuple(input_shape), name=model)
-
-
-class GraphCache:
-    """(model, input shape) -> ModelGraph, built once per process, thread-safe."""
-
-    def __init__(self, builder: Callable = build_traced) -> None:
-        self._builder = builder
-        self._graphs: dict[tuple, object] = {}
-        self._locks: dict[tuple, threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    def get(self, model: str, input_shape: tuple[int, ...]):
-        key = (model, tuple(int(v) for v in input_shape))
-        with self._lock:
-            g = self._graphs.get(key)
-            if g is not None:
-                return g
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            with self._lock:
-                g = self._graphs.get(key)
-            if g is None:
-                t0 = time.perf_counter()
-                g = self._builder(*key)
-                log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
-                with self._lock:
-                    self._graphs[key] = g
-            return g
-
-    def for_plan(self, plan: Plan):
-        g = self.get(plan.model, plan.input_shape)
-        if len(g.ops) != plan.num_ops:
-            raise PlanError(f"plan {plan.plan_id} was made for {plan.model} with {plan.num_ops} "
-                            f"ops; this node traced {len(g.ops)}: node and leader run "
-                            "different meshdl versions")
-        return g
 
 
 def compute_task(g, plan: Plan, task: Task,

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from meshdl.errors import MeshdlError
 from meshdl.graph.plan import Plan
 from meshdl.node.dataplane import DataPlane
-from meshdl.node.executor import GraphCache
+from meshdl.node.graphs import GraphCache
 from meshdl.planner.base import fill_routes, plan_id as make_plan_id
 from meshdl.wire import topics
 from meshdl.wire.control import (JobRequest, JobStatus, NodeState, PlanMessage,

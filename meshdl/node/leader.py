@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from meshdl.errors import MeshdlError, PlanError
 from meshdl.mesh import Mesh, changed_links
+from meshdl.node.graphs import GraphCache
 from meshdl.wire import topics
 from meshdl.wire.control import JobRequest, JobStatus, PlanMessage, encode_control
 
@@ -32,6 +33,7 @@ class StandingRequest:
     alpha: float = 0.5
     source: str | None = None      # None: the topology default, else the leader
     sink: str | None = None
+    input_shape: tuple[int, ...] | None = None   # None: the model's own
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any]) -> "StandingRequest | None":
@@ -39,8 +41,10 @@ class StandingRequest:
         if not isinstance(req, Mapping):
             return None
         try:
+            shape = req.get("input_shape")
             return cls(str(req["model"]), str(req.get("strategy") or "meshdl"),
-                       float(req.get("alpha", 0.5)), req.get("source"), req.get("sink"))
+                       float(req.get("alpha", 0.5)), req.get("source"), req.get("sink"),
+                       None if shape is None else tuple(int(v) for v in shape))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -55,7 +59,17 @@ class StandingRequest:
         if type(alpha) not in (int, float) or not 0.0 <= alpha <= 1.0:
             raise PlanError(f"job {job.job}: alpha {alpha!r} must be a number in [0, 1]")
         return cls(job.model or default.model, job.strategy or default.strategy, float(alpha),
-                   opt_id("source"), opt_id("sink"))
+                   opt_id("source"), opt_id("sink"), _shape(job.job, o.get("input_shape")))
+
+
+def _shape(job: str, v: Any) -> tuple[int, ...] | None:
+    """A requested input shape: (N, C, H, W) of positive ints, bounded."""
+    if v is None:
+        return None
+    if (not isinstance(v, (list, tuple)) or len(v) != 4
+            or not all(type(d) is int and 0 < d <= 8192 for d in v)):
+        raise PlanError(f"job {job}: input_shape {v!r} must be 4 positive ints (N, C, H, W)")
+    return tuple(v)
 
 
 def needs_replan(old: Mesh | None, new: Mesh, threshold: float) -> bool:
@@ -68,26 +82,6 @@ def needs_replan(old: Mesh | None, new: Mesh, threshold: float) -> bool:
         if abs(dev.flops - before) > threshold * before:
             return True
     return bool(changed_links(old, new, threshold))
-
-
-class GraphCache:
-    """Traces each model once per process (torch is imported on first use)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._graphs: dict[str, Any] = {}
-
-    def get(self, model: str):
-        with self._lock:
-            if model not in self._graphs:
-                import meshdl
-                t0 = time.perf_counter()
-                info = meshdl.models.info(model)
-                g = meshdl.trace(meshdl.models.build(model), info.input_shape, name=model)
-                log.info("traced %s in %.2f s (%d ops)", model, time.perf_counter() - t0,
-                         len(g.ops))
-                self._graphs[model] = g
-            return self._graphs[model]
 
 
 class LeaderDuties:
@@ -224,7 +218,8 @@ class LeaderDuties:
         if not mesh.is_connected():
             comp = [c for c in _components(mesh) if source in c][0]
             mesh = mesh.subgraph(comp)
-        plan = meshdl.plan(self._graphs.get(req.model), mesh, strategy=req.strategy,
+        plan = meshdl.plan(self._graphs.get(req.model, req.input_shape), mesh,
+                           strategy=req.strategy,
                            source=source, sink=sink, alpha=req.alpha)
         plan.term = self.term
         plan.notes.extend(notes)

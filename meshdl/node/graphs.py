@@ -1,0 +1,61 @@
+"""Traced models on a node: built by name and traced once per (model, input shape) per
+process, shared by the leader's planner and the data plane. torch loads on first use."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from meshdl.errors import PlanError
+from meshdl.graph.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def build_traced(model: str, input_shape: tuple[int, ...]):
+    """Build model ``model`` (pretrained when weights ship offline) and trace it."""
+    import meshdl
+    info = meshdl.models.info(model)
+    net = meshdl.models.build(model, pretrained=info.pretrained_available)
+    return meshdl.trace(net, tuple(input_shape), name=model)
+
+
+class GraphCache:
+    """(model, input shape) -> ModelGraph, built once per process, thread-safe."""
+
+    def __init__(self, builder: Callable = build_traced) -> None:
+        self._builder = builder
+        self._graphs: dict[tuple, object] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str, input_shape: tuple[int, ...] | None = None):
+        """The graph of ``model`` at ``input_shape`` (default: the model's own)."""
+        if input_shape is None:
+            import meshdl
+            input_shape = meshdl.models.info(model).input_shape
+        key = (model, tuple(int(v) for v in input_shape))
+        with self._lock:
+            g = self._graphs.get(key)
+            if g is not None:
+                return g
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                g = self._graphs.get(key)
+            if g is None:
+                t0 = time.perf_counter()
+                g = self._builder(*key)
+                log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
+                with self._lock:
+                    self._graphs[key] = g
+            return g
+
+    def for_plan(self, plan: Plan):
+        g = self.get(plan.model, plan.input_shape)
+        if len(g.ops) != plan.num_ops:
+            raise PlanError(f"plan {plan.plan_id} was made for {plan.model} with {plan.num_ops} "
+                            f"ops; this node traced {len(g.ops)}: node and leader run "
+                            "different meshdl versions")
+        return g
