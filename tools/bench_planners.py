@@ -199,9 +199,16 @@ def alpha_sweep(g, args):
         rows.append({"alpha": a, "latency_s": p.latency_s, "energy_j": p.energy_j,
                      "objective": a * p.latency_s / loc.latency_s
                      + (1 - a) * p.energy_j / loc.energy_j,
-                     "devices": len({t.device for t in p.tasks()}), "plan_id": p.plan_id,
+                     "devices": len({t.device for t in p.tasks()}), "plan": structure(p),
                      "plan_s": dt})
     return rows
+
+
+def structure(p) -> str:
+    """What a plan does (stages, devices, tiles), without its alpha or id."""
+    return ";".join(f"{s.start}-{s.end}:" + ",".join(
+        f"{t.device}{'' if t.out_region is None else t.out_region.to_list()}" for t in s.tasks)
+        for s in p.stages)
 
 
 def sweep_facts(rows):
@@ -210,7 +217,7 @@ def sweep_facts(rows):
     rows = sorted(rows, key=lambda r: r["alpha"])
     mono = all(b["latency_s"] <= a["latency_s"] * (1 + 1e-9)
                and a["energy_j"] <= b["energy_j"] * (1 + 1e-9) for a, b in zip(rows, rows[1:]))
-    return len({r["plan_id"] for r in rows}), mono
+    return len({r["plan"] for r in rows}), mono
 
 
 MAX_DISTCNN = 100     # distcnn's programme has N^2 variables per layer: skip larger meshes

@@ -87,9 +87,14 @@ def run(paths, *, model_name: str, weights, strategy: str, alpha: float, broker:
     images = [(p, imaging.load_image(p, preprocessing=prep)) for p in paths]
     with ExitStack() as stack:
         url = broker or DEFAULT_BROKER
-        if broker is None and not _reachable(url):
+        embedded = broker is None and not _reachable(url)
+        if embedded:
             url, mesh_name = _embedded(stack, model_name, timeout)
         client = stack.enter_context(MeshClient(url, mesh_name))
+        if embedded:    # fresh node processes still load and trace the model: warm them
+            click.echo("warming up the mesh with one untimed job ...", err=True)
+            client.infer(images[0][1], model=model_name, strategy=strategy, alpha=alpha,
+                         timeout=max(120.0, timeout))
         results = []
         total = len(images) * repeat
         with click.progressbar(length=total, label="inferring", file=click.get_text_stream(

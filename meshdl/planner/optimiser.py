@@ -19,6 +19,7 @@ Candidates, scoring and the moves live in ``optimiser_search`` (``Search``). Sea
    spatial stage), per-stage add/remove/swap of devices, row balancing that equalises
    finish times, the best device for each whole stage; a move is kept only if the
    objective improves (so no device whose transfers cost more than they save);
+   the last whole stage may hand its smallest tensor to the sink;
 5. every simulated candidate enters a Pareto archive of (latency, energy); the plan is
    the archived candidate with the least objective for the requested alpha.
 Objective: alpha * latency / latency_local + (1 - alpha) * energy / energy_local;
@@ -129,6 +130,25 @@ def tapered(search: Search, cand: tuple, tail: Sequence[int]) -> list[tuple]:
     return out
 
 
+def tails(search: Search, cand: tuple) -> list[tuple]:
+    """Variants of ``cand`` whose last whole stage hands over at its smallest tensor:
+    the ops after it run on the sink (a classifier's logits can outweigh its
+    features)."""
+    g = search.g
+    k = len(cand) - 1
+    a, b, sp, devs, _ = cand[k]
+    if sp or devs[0] == search.snk:
+        return []
+    inner = [p for p in g.positions if a < p < b]
+    if not inner:
+        return []
+    q = min(inner, key=lambda p: (g.tensor_bytes(p), -p))
+    if g.tensor_bytes(q) >= g.tensor_bytes(b):
+        return []
+    c = cand[:k] + (search.stage(a, q, False, devs), search.stage(q, b, False, (search.snk,)))
+    return [c] if search.evaluate(c)[0] < INF else []
+
+
 def pipeline(search: Search, seg: tuple, order: Sequence[int]) -> tuple | None:
     """Stages packed whole onto devices in ``order`` (fastest first): a stage stays on
     the current device while its weights fit, else moves to the next that holds it.
@@ -186,7 +206,7 @@ def explore(search: Search, segs: list, opts: dict) -> None:
     budget = int(opts.get("budget", 150))
     for c in starts:
         if obj(c) < INF:
-            search.improve(c, budget=budget)
+            tails(search, search.improve(c, budget=budget))
 
 
 @register("meshdl", "joint choice of stage cuts, devices, tile rows and routes, judged "
