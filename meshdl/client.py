@@ -46,7 +46,8 @@ class StageTiming:
     devices: list[str]
     ops: tuple[int, int]
     predicted_s: float | None      # cost model: stage finish after the input reached the source
-    measured_s: float | None       # measured: last task end after the input was sent
+    measured_s: float | None       # measured: last task end after the source held the input
+                                   # (after the input was sent, if the source did not say)
 
 
 @dataclass
@@ -60,6 +61,10 @@ class InferResult:
     attempts: int
     job: str
     tasks: list[dict] = field(default_factory=list)
+    # source held the input -> sink held the answer (what the cost model predicts), from
+    # the nodes' wall clocks (comparable on one machine or with synced clocks); None if
+    # a node did not report. ``latency_s`` also counts client -> source and sink -> client.
+    mesh_latency_s: float | None = None
 
     @property
     def predicted_s(self) -> float | None:
@@ -71,6 +76,7 @@ class _Attempt:
         self.job = job
         self.events: queue.Queue = queue.Queue()
         self.tasks: dict[str, dict] = {}
+        self.input_at: float | None = None      # source's report: when it held the input
 
 
 class MeshClient:
@@ -168,6 +174,9 @@ class MeshClient:
             except (ValueError, KeyError, TypeError):
                 log.debug("malformed task report for %s", job)
             return
+        if st.state == "input":
+            a.input_at = st.ts
+            return
         a.events.put((st.state, st))
 
     def _on_result(self, topic: str, payload: Any, retained: bool) -> None:
@@ -196,7 +205,8 @@ class MeshClient:
             log.warning("client dropped a frame on %s: %s", topic, exc)
             return
         if isinstance(frame, AckFrame):
-            self._sender.on_ack(frame.job, frame.piece, frame.ok, frame.chunks)
+            for piece in frame.pieces:
+                self._sender.on_ack(frame.job, piece, frame.ok, frame.chunks)
 
     # ------------------------------------------------------------ API
     def online(self) -> set[str]:
@@ -307,10 +317,16 @@ class MeshClient:
         output = _tensor(val.result)
         want = sum(len(s.tasks) for s in plan.stages)
         grace = time.monotonic() + 0.5          # task reports may trail the answer
-        while len(a.tasks) < want and time.monotonic() < grace:
+        while (len(a.tasks) < want or a.input_at is None) and time.monotonic() < grace:
             time.sleep(0.01)
+        held = (val.timings or {}).get("held")
+        mesh_s = None
+        if a.input_at is not None and isinstance(held, (int, float)) and held >= a.input_at:
+            mesh_s = float(held) - a.input_at
+        t0 = a.input_at if a.input_at is not None else t_send
         return InferResult(output, [], t_done - t_send, t_done - t_req, plan,
-                           _stages(plan, a.tasks, t_send), 1, a.job, list(a.tasks.values()))
+                           _stages(plan, a.tasks, t0), 1, a.job, list(a.tasks.values()),
+                           mesh_latency_s=mesh_s)
 
     def _get_plan(self, pid: str, deadline: float) -> Plan:
         with self._plan_cv:
@@ -349,13 +365,13 @@ def _tensor(result: dict) -> Any:
     return torch.from_numpy(data.astype(dtype, copy=True))
 
 
-def _stages(plan: Plan, tasks: dict[str, dict], t_send: float) -> list[StageTiming]:
+def _stages(plan: Plan, tasks: dict[str, dict], t0: float) -> list[StageTiming]:
     score = (plan.meta or {}).get("score") or {}
     predicted = list(score.get("stage_finish_s") or [])
     out = []
     for s in plan.stages:
         ends = [tasks[t.id]["end"] for t in s.tasks if t.id in tasks]
-        measured = max(ends) - t_send if len(ends) == len(s.tasks) else None
+        measured = max(ends) - t0 if len(ends) == len(s.tasks) else None
         out.append(StageTiming(s.index, [t.device for t in s.tasks], (s.start, s.end),
                                predicted[s.index] if s.index < len(predicted) else None,
                                measured))

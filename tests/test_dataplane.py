@@ -279,5 +279,114 @@ def test_emulated_times_follow_the_cost_model(broker, tiny, tmp_path):
             close_enough(r.output, model(x))
             ratio = r.latency_s / plan.latency_s
             assert 0.85 < ratio < 1.3, (r.latency_s, plan.latency_s)
+            mesh_ratio = r.mesh_latency_s / plan.latency_s       # what the model counts
+            assert 0.85 < mesh_ratio < 1.3, (r.mesh_latency_s, plan.latency_s)
             for s in r.stages:
                 assert s.measured_s == pytest.approx(s.predicted_s, rel=0.3, abs=0.03)
+
+
+# ----------------------------------------------------------------- cheaper data plane
+def test_out_frames_are_the_encoded_chunks():
+    from meshdl.wire.codec import decode_frame, encode_frames
+    arr = np.arange(3000, dtype=np.float32).reshape(3, 1000)
+    lazy = encode_frames("j", "p.x", arr, chunk_bytes=4096, term=2, src_task="@c")
+    eager = list(encode_chunks("j", "p.x", arr, chunk_bytes=4096, term=2, src_task="@c"))
+    assert [bytes(f) for f in lazy] == eager
+    assert [len(f) for f in lazy] == [len(b) for b in eager]
+    assert decode_frame(bytes(lazy[1])).crc == decode_frame(eager[1]).crc   # crc verified
+
+
+def test_ack_batches_round_trip():
+    from meshdl.errors import WireError
+    from meshdl.wire.codec import AckFrame, decode_frame, encode_ack
+    ack = decode_frame(encode_ack(AckFrame("j", "p1", "n", 3, more=("p2", "p3"))))
+    assert ack.pieces == ("p1", "p2", "p3") and ack.ok and ack.term == 3
+    assert decode_frame(encode_ack(AckFrame("j", "p1", "n"))).pieces == ("p1",)
+    with pytest.raises(WireError):
+        encode_ack(AckFrame("j", "p1", "n", ok=False, chunks=(0,), more=("p2",)))
+
+
+def test_acker_batches_a_backlog_and_reacks():
+    import threading
+    from meshdl.node.flow import Acker
+    from meshdl.wire.codec import decode_frame
+    sent: list = []
+    gate = threading.Event()
+
+    def send(hop, topic, payload):
+        gate.wait(5)                   # a slow transport: acks queue up meanwhile
+        sent.append((hop, topic, decode_frame(payload)))
+    a = Acker("rx", send)
+    try:
+        route = topics.route_topic("m", ["tx"], "j", "p0").rsplit("/", 1)[0]
+        for i in range(10):
+            a.ack("tx", f"{route}/p{i}", "j", f"p{i}", 1)
+        a.ack("other", topics.route_topic("m", ["other"], "j", "q0"), "j", "q0", 1)
+        gate.set()
+        deadline = time.monotonic() + 5
+        while (sum(len(f.pieces) for _, _, f in sent) < 11 and time.monotonic() < deadline):
+            time.sleep(0.01)
+        acked = sorted(p for _, _, f in sent for p in f.pieces)
+        assert acked == sorted([f"p{i}" for i in range(10)] + ["q0"])
+        assert len(sent) < 11                                  # batched
+        for hop, topic, f in sent:                             # each on its own route
+            assert topics.next_hop(topic, hop).piece == f.piece
+        assert a.reack("j", "p7") and not a.reack("j", "zz")
+        while len(sent) < a.frames and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent[-1][2].pieces == ("p7",)
+    finally:
+        gate.set()
+        a.stop()
+
+
+def test_readopted_plan_is_warmed_once(home, tiny):
+    """The leader re-sends a plan for every job: warming it up again would queue
+    a full extra forward pass on the compute worker ahead of the job's tasks."""
+    m, c = home
+    model, g = tiny
+    plan = rename(meshdl.manual_plan(g, cuts=[1], grids=[(1, 2), (1, 1)]),
+                  sorted(m.mesh.devices), "pi4-a", "pi4-a")
+    finish_plan(plan, g, m.mesh, m.book.term)
+    dp = m.planes[plan.stages[0].tasks[0].device]
+    calls = []
+    orig = dp._warm
+    dp._warm = lambda p, mine: calls.append(p.plan_id)
+    try:
+        for _ in range(3):
+            dp.on_plan(plan)
+        deadline = time.monotonic() + 5
+        while (dp.compute.depth() or dp.compute.busy) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == [plan.plan_id]
+    finally:
+        dp._warm = orig
+
+
+def test_mesh_latency_counts_what_the_model_counts(home, tiny):
+    m, c = home
+    model, _ = tiny
+    r = c.infer(torch.randn(1, 3, 32, 32), model="tiny_cnn", strategy="meshdl", timeout=30)
+    assert r.mesh_latency_s is not None and 0 < r.mesh_latency_s <= r.latency_s
+
+
+def test_simulator_schedule_names_every_task_and_hop(home, tiny):
+    from meshdl.planner import simulate
+    m, _ = home
+    model, g = tiny
+    plan = rename(meshdl.manual_plan(g, cuts=[2], grids=[(2, 2), (1, 2)]),
+                  sorted(m.mesh.devices), "pi4-a", "pi3")
+    finish_plan(plan, g, m.mesh, 1)
+    plain = simulate(plan, g, m.mesh)
+    s = simulate(plan, g, m.mesh, schedule=True)
+    assert plain.schedule == {} and s.latency_s == plain.latency_s
+    assert set(s.schedule["tasks"]) == {t.id for t in plan.tasks()}
+    for t in plan.tasks():
+        dev, start, end = s.schedule["tasks"][t.id]
+        assert dev == t.device and end - start == pytest.approx(
+            t.flops / m.mesh.devices[dev].flops)
+    last = max(h[3] for tr in s.schedule["transfers"] if tr["dst"] == "" for h in tr["hops"])
+    assert last == pytest.approx(s.latency_s)
+    for tr in s.schedule["transfers"]:
+        for (_, v, _, e), (u2, _, s2, _) in zip(tr["hops"], tr["hops"][1:]):
+            assert v == u2 and s2 >= e - 1e-12               # store and forward

@@ -277,3 +277,51 @@ def test_reports(resnet, tmp_path):
     assert "skipped" in table and "speed-up vs local" in table
     png = plan_png(plans["meshdl"], mesh, tmp_path / "plan.png")
     assert png.stat().st_size > 1000
+
+
+# ----- the energy/latency trade-off -------------------------------------------------------
+def trade_off_mesh() -> Mesh:
+    """A slow, frugal source and a fast, power-hungry neighbour on a fast link: latency
+    wants the neighbour, energy wants the source."""
+    return Mesh("trade-off", {
+        "s": Device("s", "test", 1e9, 1 << 30, Power(1.0, 0.2, 0.2, 0.0)),
+        "f": Device("f", "test", 8e9, 1 << 30, Power(20.0, 0.5, 0.5, 0.0)),
+        "m": Device("m", "test", 3e9, 1 << 30, Power(4.0, 0.3, 0.3, 0.0))},
+        (Link("s", "f", 200e6, 0.0005), Link("s", "m", 200e6, 0.0005),
+         Link("f", "m", 200e6, 0.0005)))
+
+
+def _structure(p: Plan) -> tuple:
+    return tuple((s.start, s.end, tuple((t.device, None if t.out_region is None else
+                                          tuple(t.out_region.to_list())) for t in s.tasks))
+                 for s in p.stages)
+
+
+def _objective(p: Plan, ref: Plan, alpha: float) -> float:
+    return alpha * p.latency_s / ref.latency_s + (1 - alpha) * p.energy_j / ref.energy_j
+
+
+def test_alpha_sweep_is_monotone_with_a_real_trade_off(resnet):
+    mesh = trade_off_mesh()
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    plans = [plan(resnet, mesh, "meshdl", source="s", alpha=a) for a in alphas]
+    for lo, hi in zip(plans, plans[1:]):          # alpha grows from lo to hi
+        assert hi.latency_s <= lo.latency_s * (1 + 1e-9)
+        assert lo.energy_j <= hi.energy_j * (1 + 1e-9)
+    assert len({_structure(p) for p in plans}) >= 2
+    assert plans[-1].latency_s < plans[0].latency_s and plans[0].energy_j < plans[-1].energy_j
+    loc = plan(resnet, mesh, "local", source="s")
+    assert plans[0].energy_j <= loc.energy_j * (1 + 1e-9)
+    front = plans[0].meta["search"]["pareto"]      # the archive: non-dominated points
+    assert len(front) >= 2 and all(b[1] < a[1] for a, b in zip(front, front[1:]))
+
+
+@pytest.mark.parametrize("name", sorted(MESHES) + ["trade-off"])
+def test_meshdl_objective_never_above_local(resnet, name):
+    mesh = MESHES.get(name) or trade_off_mesh()
+    src = sorted(mesh.devices)[0]
+    loc = plan(resnet, mesh, "local", source=src)
+    for alpha in (0.0, 0.5, 1.0):
+        got = plan(resnet, mesh, "meshdl", source=src, alpha=alpha)
+        assert _objective(got, loc, alpha) <= 1.0 + 1e-9
+        assert got.meta["search"]["objective"] == pytest.approx(_objective(got, loc, alpha))

@@ -5,13 +5,16 @@
 1. Latency: every device of a topology runs as an emulated DataPlane (compute paced
    to the device's FLOP/s, every hop to its link) in this process, on a mosquitto
    started here; a MeshClient sends jobs. Per (mesh, bandwidth cap, model, strategy):
-   measured end-to-end latency (input sent -> answer), predicted latency (the cost
-   model), their ratio, the predicted energy per inference, and for meshdl the speedup
+   measured latency (the source holds the input -> the sink holds the answer, what the
+   cost model predicts), end to end (input sent by the client -> answer received),
+   predicted latency (the cost model), their ratios, the predicted energy per inference, and for meshdl the speedup
    over the fastest single device (its FLOPs / that device's FLOP/s) and that speedup
    as a share of the ideal one (sum of FLOP/s over the fastest device's).
 2. Transport: 1 MiB pieces between two processes with the data plane's reliable
    sender (acks, window) vs bare paho + mosquitto publishing 1 MiB payloads (QoS 1),
-   measured in the same run.
+   measured in the same run: the same number of pieces, interleaved runs (order
+   alternating), the median of --transport-runs runs of each, every run reported
+   with the sender's and receiver's CPU time per MiB.
 
 Writes bench_mesh.csv, transport.csv, bench_mesh.md and bench_mesh.png to --out.
 Honest pacing needs this machine to compute each task faster than the emulated
@@ -82,7 +85,12 @@ def bench_latency(spec: dict, runs: int, url: str, pacing: PacingCounter) -> lis
                         log.warning("%s %s %s: %s", topo, model, strategy, exc)
                         continue
                     plan = res[-1].plan
-                    measured = statistics.median(r.latency_s for r in res)
+                    # like for like with the cost model: source holds the input -> sink
+                    # holds the answer; e2e_s adds client -> source and sink -> client
+                    measured = statistics.median(
+                        r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s
+                        for r in res)
+                    e2e = statistics.median(r.latency_s for r in res)
                     g = m.graphs.get(model, (1, 3, 224, 224))
                     single = g.flops / max(flops)
                     row = {"mesh": topo, "cap_mbps": cap or "", "model": model,
@@ -90,6 +98,8 @@ def bench_latency(spec: dict, runs: int, url: str, pacing: PacingCounter) -> lis
                            "measured_s": round(measured, 4),
                            "predicted_s": round(plan.latency_s, 4),
                            "ratio": round(measured / plan.latency_s, 3),
+                           "e2e_s": round(e2e, 4),
+                           "e2e_ratio": round(e2e / plan.latency_s, 3),
                            "energy_j": round(plan.energy_j, 3),
                            "speedup_vs_fastest": round(single / measured, 3),
                            "ideal_speedup": round(ideal, 3),
@@ -101,6 +111,12 @@ def bench_latency(spec: dict, runs: int, url: str, pacing: PacingCounter) -> lis
 
 
 # ----------------------------------------------------------------- transport
+def _cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _bare_receiver(url: str, topic: str, n: int, q) -> None:
     from meshdl.transport.paho_bus import PahoBus
     import threading
@@ -114,19 +130,25 @@ def _bare_receiver(url: str, topic: str, n: int, q) -> None:
     with PahoBus(url, max_inbound=100000) as bus:
         bus.subscribe(topic, on, qos=1)
         q.put("ready")
+        c0 = _cpu()
         done.wait(300)
-        q.put(time.time())
+        q.put((time.time(), _cpu() - c0, got[0]))
 
 
-def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
-    """The data plane's receive path: verify + reassemble + dedupe + ack back."""
-    from meshdl.node.flow import ReceiveLog
+def _piece_receiver(url: str, mesh: str, me: str, n: int, q, stop) -> None:
+    """The data plane's receive path (as ``DataPlane._on_piece``): verify the crc,
+    reassemble, dedupe, ack back (``flow.Acker``, batched)."""
+    from meshdl.node.flow import Acker, ReceiveLog
     from meshdl.transport.paho_bus import PahoBus
     from meshdl.wire import topics
-    from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack
+    from meshdl.wire.codec import PieceFrame, decode_frame
     from meshdl.wire.reassembly import Reassembler
+    import threading
     reasm, seen = Reassembler(), ReceiveLog()
+    got = [0]
+    done = threading.Event()
     with PahoBus(url, max_inbound=100000) as bus:
+        acker = Acker(me, lambda hop, topic, payload: bus.publish(topic, payload, qos=1))
 
         def on(topic, payload, retained):
             step = topics.next_hop(topic, me)
@@ -134,39 +156,48 @@ def _piece_receiver(url: str, mesh: str, me: str, q) -> None:
             if not isinstance(f, PieceFrame) or seen.seen((f.job, f.piece)):
                 return
             if reasm.add(f) is not None and seen.mark((f.job, f.piece)):
-                back = topics.route_topic(mesh, [f.src_task[1:]], step.job, step.piece)
-                bus.publish(back, encode_ack(AckFrame(f.job, f.piece, me)), qos=1)
+                back = [f.src_task[1:]]
+                acker.ack(back[0], topics.route_topic(mesh, back, step.job, step.piece),
+                          f.job, f.piece, f.term)
+                got[0] += 1
+                if got[0] >= n:
+                    done.set()
         bus.subscribe(topics.route_inbox(mesh, me), on, qos=1)
         q.put("ready")
-        q.get()
+        c0 = _cpu()
+        done.wait(300)
+        cpu = _cpu() - c0
+        q.put((time.time(), cpu, got[0]))
+        stop.wait(60)              # keep acking retransmissions until the sender is done
+        acker.stop()
 
 
-def bench_transport(url: str, n: int) -> list[dict]:
-    import numpy as np
-    from meshdl.node.emulation import Links
-    from meshdl.node.flow import ReliableSender
+def _run_bare(ctx, url: str, n: int, payload) -> dict:
     from meshdl.transport.paho_bus import PahoBus
-    from meshdl.wire import topics
-    from meshdl.wire.codec import AckFrame, decode_frame, encode_chunks
-    ctx = mp.get_context("spawn")
-    rows = []
-    payload = np.random.default_rng(0).integers(0, 255, MIB, dtype=np.uint8)
-    # bare paho + mosquitto
     q = ctx.Queue()
     p = ctx.Process(target=_bare_receiver, args=(url, "bench/bare", n, q))
     p.start()
     q.get(timeout=60)
     with PahoBus(url) as bus:
-        t0 = time.time()
+        time.sleep(0.3)
+        c0, t0 = _cpu(), time.time()
         for _ in range(n):
-            bus.publish("bench/bare", payload.tobytes(), qos=1)
-        t1 = q.get(timeout=300)
+            bus.publish("bench/bare", payload.tobytes(), qos=1)   # one copy, as encode makes
+        tx_cpu = _cpu() - c0
+        t1, rx_cpu, got = q.get(timeout=300)
     p.join(10)
-    rows.append({"path": "bare paho+mosquitto", "pieces": n,
-                 "MiB_per_s": round(n / (t1 - t0), 1)})
-    # the data plane's reliable sender
-    q, mesh = ctx.Queue(), "bench"
-    p = ctx.Process(target=_piece_receiver, args=(url, mesh, "rx", q))
+    return {"path": "bare paho+mosquitto", "pieces": got, "seconds": t1 - t0,
+            "tx_cpu_s": tx_cpu, "rx_cpu_s": rx_cpu, "retransmissions": 0}
+
+
+def _run_pieces(ctx, url: str, n: int, payload) -> dict:
+    from meshdl.node.emulation import Links
+    from meshdl.node.flow import ReliableSender
+    from meshdl.transport.paho_bus import PahoBus
+    from meshdl.wire import topics
+    from meshdl.wire.codec import AckFrame, decode_frame, encode_frames
+    q, stop, mesh = ctx.Queue(), ctx.Event(), "bench"
+    p = ctx.Process(target=_piece_receiver, args=(url, mesh, "rx", n, q, stop))
     p.start()
     q.get(timeout=60)
     with PahoBus(url) as bus:
@@ -177,29 +208,61 @@ def bench_transport(url: str, n: int) -> list[dict]:
         def on_ack(topic, data, retained):
             f = decode_frame(data)
             if isinstance(f, AckFrame):
-                sender.on_ack(f.job, f.piece, f.ok, f.chunks)
+                for piece in f.pieces:
+                    sender.on_ack(f.job, piece, f.ok, f.chunks)
         bus.subscribe(topics.route_inbox(mesh, "tx"), on_ack, qos=1)
         time.sleep(0.3)
-        t0 = time.time()
+        c0, t0 = _cpu(), time.time()
         trs = []
         for i in range(n):
             piece = f"p{i}"
             topic = topics.route_topic(mesh, ["rx"], "bench", piece)
-            frames = [(topic, f) for f in encode_chunks("bench", piece, payload, src_task="@tx")]
+            frames = [(topic, f) for f in encode_frames("bench", piece, payload, src_task="@tx")]
             trs.append(sender.send("bench", piece, "rx", ["tx", "rx"], frames, 0.01,
                                    lambda msg: log.error(msg)))
         for tr in trs:
             tr.acked.wait(120)
-        t1 = time.time()
+        t1, tx_cpu = time.time(), _cpu() - c0
         resent = sender.retransmissions
+        acked = sum(tr.acked.is_set() for tr in trs)
         sender.stop()
         links.stop()
-    q.put("stop")
+    _, rx_cpu, _ = q.get(timeout=60)
+    stop.set()
     p.join(10)
-    rows.append({"path": "meshdl pieces (acked)", "pieces": n,
-                 "MiB_per_s": round(n / (t1 - t0), 1), "retransmissions": resent})
-    rows[-1]["share_of_bare"] = round(rows[-1]["MiB_per_s"] / rows[0]["MiB_per_s"], 3)
-    return rows
+    return {"path": "meshdl pieces (acked)", "pieces": acked, "seconds": t1 - t0,
+            "tx_cpu_s": tx_cpu, "rx_cpu_s": rx_cpu, "retransmissions": resent}
+
+
+def bench_transport(url: str, n: int, reps: int = 3) -> list[dict]:
+    """``reps`` interleaved runs of each path (the order alternates), ``n`` 1 MiB pieces
+    each, after one short warm-up run of each; rows for every run plus the medians."""
+    import numpy as np
+    ctx = mp.get_context("spawn")
+    payload = np.random.default_rng(0).integers(0, 255, MIB, dtype=np.uint8)
+    runs = {"bare": _run_bare, "pieces": _run_pieces}
+    for fn in runs.values():
+        fn(ctx, url, max(10, n // 10), payload)
+    rows = []
+    for rep in range(reps):
+        for name in (("bare", "pieces") if rep % 2 == 0 else ("pieces", "bare")):
+            r = runs[name](ctx, url, n, payload)
+            mib = r["pieces"]
+            rows.append({"path": r["path"], "run": rep + 1, "pieces": mib,
+                         "MiB_per_s": round(mib / r["seconds"], 1),
+                         "tx_cpu_ms_per_MiB": round(r["tx_cpu_s"] / max(1, mib) * 1e3, 3),
+                         "rx_cpu_ms_per_MiB": round(r["rx_cpu_s"] / max(1, mib) * 1e3, 3),
+                         "retransmissions": r["retransmissions"]})
+            log.info("transport run: %s", rows[-1])
+    out = list(rows)
+    for path in ("bare paho+mosquitto", "meshdl pieces (acked)"):
+        mine = [r for r in rows if r["path"] == path]
+        out.append({"path": path, "run": "median", "pieces": n,
+                    **{k: round(statistics.median(r[k] for r in mine), 3)
+                       for k in ("MiB_per_s", "tx_cpu_ms_per_MiB", "rx_cpu_ms_per_MiB")},
+                    "retransmissions": sum(r["retransmissions"] for r in mine)})
+    out[-1]["share_of_bare"] = round(out[-1]["MiB_per_s"] / out[-2]["MiB_per_s"], 3)
+    return out
 
 
 # ----------------------------------------------------------------- output
@@ -219,12 +282,16 @@ def write(out: Path, rows: list[dict], trans: list[dict], cmd: str) -> None:
         lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
         ratios = [r["ratio"] for r in rows]
         lines.append(f"\nmedian measured/predicted: {statistics.median(ratios):.3f} "
-                     f"(target within 15%: 0.85-1.15); pacing warnings: "
-                     f"{sum(r['pacing_warnings'] for r in rows)}")
+                     f"(target within 15%: 0.85-1.15; end to end incl. client hops: "
+                     f"{statistics.median(r['e2e_ratio'] for r in rows):.3f}); pacing "
+                     f"warnings: {sum(r['pacing_warnings'] for r in rows)}")
     if trans:
-        lines.append("\n| transport | pieces | MiB/s | share of bare |\n|---|---|---|---|")
-        lines += [f"| {t['path']} | {t['pieces']} | {t['MiB_per_s']} | "
-                  f"{t.get('share_of_bare', '')} |" for t in trans]
+        lines.append("\n| transport | run | pieces | MiB/s | sender CPU ms/MiB | receiver CPU "
+                     "ms/MiB | retransmissions | share of bare (medians) |\n"
+                     "|---|---|---|---|---|---|---|---|")
+        lines += [f"| {t['path']} | {t['run']} | {t['pieces']} | {t['MiB_per_s']} | "
+                  f"{t['tx_cpu_ms_per_MiB']} | {t['rx_cpu_ms_per_MiB']} | "
+                  f"{t['retransmissions']} | {t.get('share_of_bare', '')} |" for t in trans]
     (out / "bench_mesh.md").write_text("\n".join(lines) + "\n")
     if rows:
         import matplotlib
@@ -250,6 +317,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "mesh"))
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--pieces", type=int, default=200, help="1 MiB pieces for the transport")
+    ap.add_argument("--transport-runs", type=int, default=3,
+                    help="interleaved runs of each transport path (median reported)")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--models", help="comma-separated models (override)")
     ap.add_argument("--strategies", help="comma-separated strategies (override)")
@@ -273,7 +342,7 @@ def main() -> None:
         spec["configs"] = [(c.split(":")[0], float(c.split(":")[1]) if ":" in c else None)
                            for c in args.configs.split(",")]
     with EmbeddedBroker("plain", backend="mosquitto") as b:
-        trans = bench_transport(b.url, 50 if args.quick else args.pieces)
+        trans = bench_transport(b.url, 50 if args.quick else args.pieces, args.transport_runs)
         log.info("transport: %s", trans)
         rows = [] if args.skip_latency else bench_latency(spec, args.runs, b.url, pacing)
     write(out, rows, trans, " ".join(["python tools/bench_mesh.py", *sys.argv[1:]]))

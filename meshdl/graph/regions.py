@@ -33,6 +33,27 @@ def crop(t: torch.Tensor, held: Region, want: Region) -> torch.Tensor:
     return t[..., r.h0:r.h1, r.w0:r.w1]
 
 
+def pad_border(x: torch.Tensor, left: int, right: int, top: int, bottom: int,
+               value: float = 0.0) -> torch.Tensor:
+    """Constant padding of the last two dims. Same result as ``F.pad(x, (left, right,
+    top, bottom), value=value)`` for non-negative pads, but an allocation plus copies:
+    F.pad on a cropped view is over 10x slower here, and tiles are cropped views."""
+    if not (left or right or top or bottom):
+        return x
+    *lead, h, w = x.shape
+    out = x.new_empty((*lead, h + top + bottom, w + left + right))
+    if top:
+        out[..., :top, :] = value
+    if bottom:
+        out[..., top + h:, :] = value
+    if left:
+        out[..., top:top + h, :left] = value
+    if right:
+        out[..., top:top + h, left + w:] = value
+    out[..., top:top + h, left:left + w] = x
+    return out
+
+
 def clip_span(start: int, end: int, size: int) -> tuple[int, int, int, int]:
     """Split the span [start, end) over an axis of ``size`` into the real part [lo, hi)
     and the padding before and after it (a span may lie wholly in padding)."""
@@ -101,8 +122,7 @@ class WindowRule(Rule):
         x, (pt, pb, pl, pr) = self._padded(inputs, out_r)
         if pt == pb and pl == pr and self.pad_value == 0.0:
             return self.kernel(x, (pt, pl))           # the op pads symmetrically itself
-        x = F.pad(x, (pl, pr, pt, pb), value=self.pad_value)
-        return self.kernel(x, (0, 0))
+        return self.kernel(pad_border(x, pl, pr, pt, pb, self.pad_value), (0, 0))
 
     def kernel(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
@@ -128,8 +148,7 @@ class MaxPoolRule(WindowRule):
 
     def compute(self, inputs, out_r):
         x, (pt, pb, pl, pr) = self._padded(inputs, out_r)
-        if pt or pb or pl or pr:
-            x = F.pad(x, (pl, pr, pt, pb), value=float("-inf"))
+        x = pad_border(x, pl, pr, pt, pb, float("-inf"))
         return F.max_pool2d(x, self.k, self.s, 0, self.d)
 
 
@@ -156,8 +175,7 @@ class AvgPoolRule(WindowRule):
 
     def compute(self, inputs, out_r):
         x, (pt, pb, pl, pr) = self._padded(inputs, out_r)
-        if pt or pb or pl or pr:
-            x = F.pad(x, (pl, pr, pt, pb))
+        x = pad_border(x, pl, pr, pt, pb)
         summed = F.avg_pool2d(x, self.k, self.s, 0, False, True, divisor_override=1)
         if self.override:
             return summed / self.override
@@ -185,10 +203,7 @@ class PadRule(Rule):
         h0, h1, pt, pb = self._span(out_r.h0, out_r.h1, self.top, self.h)
         w0, w1, pl, pr = self._span(out_r.w0, out_r.w1, self.left, self.w)
         t, held = inputs[0]
-        x = crop(t, held, Region(h0, h1, w0, w1))
-        if pt or pb or pl or pr:
-            x = F.pad(x, (pl, pr, pt, pb), value=self.value)
-        return x
+        return pad_border(crop(t, held, Region(h0, h1, w0, w1)), pl, pr, pt, pb, self.value)
 
 
 class PointwiseRule(Rule):

@@ -37,10 +37,10 @@ from meshdl.node.emulation import Links, pace
 from meshdl.node.graphs import GraphCache
 from meshdl.node.executor import (Worker, compute_task, tensor_to_wire, warm,
                                   wire_to_tensor)
-from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer
+from meshdl.node.flow import Acker, ReceiveLog, ReliableSender, Transfer
 from meshdl.node.relay import Relay
 from meshdl.wire import topics
-from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_chunks
+from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_frames
 from meshdl.wire.control import JobResult, JobStatus, encode_control
 from meshdl.wire.reassembly import Reassembler
 
@@ -66,15 +66,16 @@ class DataPlane:
         self.sender = ReliableSender(self.node_id, self._transmit, rto_min_s=rto_min_s,
                                      max_retries=max_retries)
         self.rlog = ReceiveLog()
+        self.acker = Acker(self.node_id, self.links.send_small)
         self.reasm = Reassembler()
         self.relay = Relay(self.node_id, self.links, store_and_forward=self.emulate)
         self.jobs = J.JobTable(ttl_s=job_ttl_s)
         self.compute = Worker(f"compute-{self.node_id}")
         self.io = Worker(f"io-{self.node_id}")
-        self._acks: dict[tuple[str, str], tuple[str, str, bytes]] = {}
         self._nacked: dict[tuple[str, str], float] = {}
         self._waiting: dict[str, list[tuple[float, tuple, np.ndarray]]] = {}
         self._plans: dict[str, Plan] = {}
+        self._warmed: set[str] = set()
         self._mesh = None
         self._mesh_at = 0.0
         self._lock = threading.RLock()
@@ -103,6 +104,7 @@ class DataPlane:
         except MeshdlError as exc:
             log.debug("unsubscribe at stop: %s", exc)
         self.sender.stop()
+        self.acker.stop()
         self.links.stop()
         self.compute.stop()
         self.io.stop()
@@ -111,7 +113,9 @@ class DataPlane:
         with self._lock:
             self._plans[plan.plan_id] = plan
             waiting = self._waiting.pop(plan.plan_id, [])
-        if self.node_id in plan.devices():
+            fresh = plan.plan_id not in self._warmed     # re-adopted plans (the leader
+            self._warmed.add(plan.plan_id)                # re-sends per job) warm once:
+        if fresh and self.node_id in plan.devices():      # warm-up work delays the job
             mine = [t for t in plan.tasks() if t.device == self.node_id]
             self.compute.submit(lambda: self._warm(plan, mine))
         for _, meta, arr in waiting:
@@ -156,11 +160,8 @@ class DataPlane:
         return total + nbytes * 8.0 / LOOPBACK_BPS
 
     def _hop(self, a: str, b: str) -> tuple[float, float]:
-        if self.emulate:
-            fig = self._link_figures(a, b)
-            if fig is not None:
-                return fig
-        return LOOPBACK_BPS, 0.0
+        fig = self._link_figures(a, b) if self.emulate else None
+        return fig if fig is not None else (LOOPBACK_BPS, 0.0)
 
     def send_piece(self, job: str, plan: Plan, piece: str, dst_dev: str, arr: np.ndarray,
                    src: str, dst: str) -> None:
@@ -174,7 +175,7 @@ class DataPlane:
                                   f"{path}, which does not join them")
             return
         topic = topics.route_topic(self.mesh_name, path[1:], job, piece)
-        frames = [(topic, f) for f in encode_chunks(job, piece, arr, src_task=src, dst_task=dst,
+        frames = [(topic, f) for f in encode_frames(job, piece, arr, src_task=src, dst_task=dst,
                                                      term=plan.term,
                                                      chunk_bytes=self.chunk_bytes)]
         nbytes = arr.nbytes
@@ -210,7 +211,8 @@ class DataPlane:
             self._fenced(frame)
             return
         if isinstance(frame, AckFrame):
-            self.sender.on_ack(frame.job, frame.piece, frame.ok, frame.chunks)
+            for piece in frame.pieces:
+                self.sender.on_ack(frame.job, piece, frame.ok, frame.chunks)
         elif isinstance(frame, PieceFrame):
             self._on_piece(frame)
 
@@ -228,9 +230,8 @@ class DataPlane:
     def _on_piece(self, frame: PieceFrame) -> None:
         key = (frame.job, frame.piece)
         if self.rlog.seen(key):
-            ack = self._acks.get(key)
-            if ack is not None and self.rlog.should_reack(key):
-                self.links.send_small(*ack)
+            if self.rlog.should_reack(key):
+                self.acker.reack(*key)
             return
         if frame.nchunks > 1:
             self._maybe_nack(frame)
@@ -302,13 +303,8 @@ class DataPlane:
         if J.sender_device(plan, src) == self.node_id:
             return
         hop, topic = self._ack_route(plan, job, piece, src)
-        ack = (hop, topic, encode_ack(AckFrame(job, piece, self.node_id, term)))
-        with self._lock:
-            self._acks[(job, piece)] = ack
-            if len(self._acks) > 16384:
-                self._acks.pop(next(iter(self._acks)))
         self.rlog.mark((job, piece))
-        self.links.send_small(*ack)
+        self.acker.ack(hop, topic, job, piece, term)
 
     def _consume(self, plan: Plan, job: str, piece: str, src: str, dst: str, term: int,
                  arr: np.ndarray) -> None:
@@ -325,7 +321,8 @@ class DataPlane:
                 if plan.source != self.node_id:
                     raise PlanError(f"input of job {job} sent to {self.node_id}, but the plan's "
                                     f"source is {plan.source}")
-                self.io.submit(lambda: self._dispatch_input(st, arr))
+                held = time.time()           # the source holds the input: t = 0 of the model
+                self.io.submit(lambda: self._dispatch_input(st, arr, held))
             elif dst == "":
                 if plan.sink != self.node_id:
                     raise PlanError(f"output {piece} sent to {self.node_id}, not the sink")
@@ -337,7 +334,7 @@ class DataPlane:
             log.warning("%s dropped piece %s/%s: %s", self.node_id, job, piece, exc)
 
     # ================================================================ roles
-    def _dispatch_input(self, st: J.JobState, x: np.ndarray) -> None:
+    def _dispatch_input(self, st: J.JobState, x: np.ndarray, held: float) -> None:
         plan = st.plan
         try:
             g = self.graphs.for_plan(plan)
@@ -351,6 +348,8 @@ class DataPlane:
                                 tensor_to_wire(part), "", t.id)
         except MeshdlError as exc:
             self._fail(st.job, plan, f"source {self.node_id} could not split the input: {exc}")
+        else:       # when the source held the input (wall clock; see MeshClient)
+            self._status(st.job, "input", "", plan.term, ts=held)
         self._maybe_done(st)
 
     def _needs(self, plan: Plan, task: Task) -> list[tuple[str, Region | None]]:
@@ -412,6 +411,7 @@ class DataPlane:
             if len(st.outputs) < len(last.tasks) or st.finished:
                 return
             st.finished = True
+            st.held_at = time.time()        # the sink holds the answer: the model's latency
         self.io.submit(lambda: self._publish_result(st))
 
     def _publish_result(self, st: J.JobState) -> None:
@@ -422,7 +422,8 @@ class DataPlane:
             data = tensor_to_wire(y)
             res = JobResult(st.job, True, result={
                 "dtype": data.dtype.name, "shape": list(data.shape), "data": data.tobytes(),
-                "plan_id": plan.plan_id, "sink": self.node_id}, timings={"done": time.time()})
+                "plan_id": plan.plan_id, "sink": self.node_id},
+                            timings={"done": time.time(), "held": st.held_at})
         except (MeshdlError, KeyError) as exc:
             res = JobResult(st.job, False, error=f"sink {self.node_id} could not stitch the "
                                                  f"answer: {exc}")
@@ -445,8 +446,10 @@ class DataPlane:
         self.jobs.end(st.job)
 
     # ================================================================ failures, upkeep
-    def _status(self, job: str, state: str, detail: str, term: int) -> None:
-        msg = JobStatus(job, state, detail=detail[:4000], term=term, ts=time.time())
+    def _status(self, job: str, state: str, detail: str, term: int,
+                ts: float | None = None) -> None:
+        msg = JobStatus(job, state, detail=detail[:4000], term=term,
+                        ts=time.time() if ts is None else ts)
         try:
             self.ctx.bus.publish(topics.job(self.mesh_name, job, "status"),
                                  encode_control(msg), qos=1)
@@ -486,14 +489,10 @@ class DataPlane:
                 pids = list(self._waiting)
             for pid in pids:
                 plan = self._plan(pid)
-                with self._lock:
-                    items = self._waiting.pop(pid, []) if plan is not None else [
-                        w for w in self._waiting.get(pid, []) if now - w[0] < 30.0]
-                    if plan is None:
-                        if items:
-                            self._waiting[pid] = items
-                        else:
-                            self._waiting.pop(pid, None)
-                if plan is not None:
-                    for _, meta, arr in items:
-                        self._consume(plan, *meta, arr)
+                with self._lock:      # adopted: consume; else keep pieces up to 30 s
+                    items = self._waiting.pop(pid, [])
+                    keep = [w for w in items if now - w[0] < 30.0] if plan is None else []
+                    if keep:
+                        self._waiting[pid] = keep
+                for _, meta, arr in items if plan is not None else []:
+                    self._consume(plan, *meta, arr)

@@ -195,9 +195,10 @@ class ReliableSender:
                 return
             tr.timer_gen += 1
             due = self._clock() + tr.rto_s
-            heapq.heappush(self._timers, (due, next(self._ids), (tr.job, tr.piece),
-                                          tr.timer_gen))
-            self._lock.notify_all()
+            entry = (due, next(self._ids), (tr.job, tr.piece), tr.timer_gen)
+            heapq.heappush(self._timers, entry)
+            if self._timers[0] is entry:      # the timer thread sleeps until the earliest
+                self._lock.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -286,3 +287,91 @@ class ReceiveLog:
         with self._lock:
             for k in [k for k in self._done if k[0] == job]:
                 del self._done[k]
+
+
+
+class Acker:
+    """Sends a consumer's acks, batched: ``ack(hop, topic, job, piece, term)`` queues
+    the ack of one piece (``topic`` is that piece's return route topic); a thread
+    sends what is queued, one ``AckFrame`` per (hop, route, job, term) with the other
+    pieces in ``more`` (at most ``MAX_ACK_BATCH``). An idle receiver acks each piece at
+    once; one that receives faster than it can ack sends fewer, fuller acks, so acks
+    cost fewer broker messages exactly when the transport is the bottleneck.
+    ``reack(job, piece)`` answers a duplicate of a completed piece with its own ack."""
+
+    def __init__(self, node_id: str, send: Callable[[str, str, bytes], None],
+                 remember: int = 16384) -> None:
+        self.node_id = node_id
+        self._send = send
+        self._remember = remember
+        self._done: OrderedDict[Key, tuple[str, str, int]] = OrderedDict()
+        self._queue: list[tuple[str, str, str, str, int]] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self.frames = 0                  # ack frames sent (a batch counts once)
+        self._thread = threading.Thread(target=self._run, name=f"acks-{node_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def ack(self, hop: str, topic: str, job: str, piece: str, term: int = 0) -> None:
+        with self._cv:
+            self._done[(job, piece)] = (hop, topic, term)
+            while len(self._done) > self._remember:
+                self._done.popitem(last=False)
+            self._queue.append((hop, topic, job, piece, term))
+            self._cv.notify()
+
+    def reack(self, job: str, piece: str) -> bool:
+        """Send the ack of an already acked piece again; False if it is unknown."""
+        with self._cv:
+            item = self._done.get((job, piece))
+        if item is None:
+            return False
+        hop, topic, term = item
+        self._emit(hop, topic, job, piece, term, ())
+        return True
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Send what is queued, then stop."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        from meshdl.wire.codec import MAX_ACK_BATCH
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            groups: dict[tuple, list[tuple[str, str]]] = {}
+            for hop, topic, job, piece, term in batch:
+                route = topic.rsplit("/", 1)[0]           # the same for one sender's pieces
+                groups.setdefault((hop, route, job, term), []).append((topic, piece))
+            for (hop, _, job, term), items in groups.items():
+                part: list[tuple[str, str]] = []
+                size = 0
+                for item in items + [None]:       # batches within the frame header limit
+                    if part and (item is None or len(part) > MAX_ACK_BATCH
+                                 or size + len(item[1]) > 3000):
+                        self._emit(hop, part[0][0], job, part[0][1], term,
+                                   tuple(p for _, p in part[1:]))
+                        part, size = [], 0
+                    if item is not None:
+                        part.append(item)
+                        size += len(item[1]) + 3
+
+    def _emit(self, hop: str, topic: str, job: str, piece: str, term: int,
+              more: tuple[str, ...]) -> None:
+        from meshdl.errors import MeshdlError
+        from meshdl.wire.codec import AckFrame, encode_ack
+        try:
+            self._send(hop, topic, encode_ack(AckFrame(job, piece, self.node_id, term,
+                                                       more=more)))
+            self.frames += 1
+        except MeshdlError as exc:     # a lost ack: the sender retransmits, we re-ack
+            log.warning("%s could not send an ack of %s/%s: %s", self.node_id, job, piece,
+                        exc)

@@ -89,6 +89,7 @@ class JobState:
     completed: set[str] = field(default_factory=set)                 # tasks computed
     outputs: dict[str, Any] = field(default_factory=dict)            # sink: task -> array
     finished: bool = False
+    held_at: float = 0.0          # sink: wall time it held every output tile
     failed: str = ""
     reported_stale: bool = False
 

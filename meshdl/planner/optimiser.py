@@ -167,20 +167,24 @@ def pipeline(search: Search, seg: tuple, order: Sequence[int]) -> tuple | None:
     return tuple(stages)
 
 
-def _sizes(n: int, full: bool) -> list[int]:
-    """Device counts tried on every spatial stage (screening skips one device: the
-    single-device seeds cover it)."""
-    base = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48] if full else [3, n // 2]
+def _sizes(n: int, full: bool, alpha: float = 0.5) -> list[int]:
+    """Device counts tried on every spatial stage. Screening skips one device (the
+    single-device seeds cover it) and, when latency dominates, small counts."""
+    base = ([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48] if full
+            else [n // 2] if alpha >= 0.9 else [3, n // 2])
     return sorted({m for m in base if 1 <= m <= n} | {n})
 
 
 def explore(search: Search, segs: list, opts: dict) -> None:
     """Seeds and local search for ``search.alpha``; results land in the archive."""
     n = len(search.pool)
-    obj = lambda c: search.evaluate(c)[0]     # noqa: E731
+
+    def obj(c: tuple) -> float:
+        return search.evaluate(c)[0]
+
     screened = []
     for i, seg in enumerate(segs):
-        c = coarse(search, seg, _sizes(n, False), heads_too=False)
+        c = coarse(search, seg, _sizes(n, False, search.alpha), heads_too=False)
         if c is not None:
             screened.append((obj(c), i, seg))
     screened.sort()

@@ -49,6 +49,10 @@ class Score:
     bytes_moved: int = 0          # bytes x hops: what the links carried
     transfers: int = 0            # pieces that crossed the mesh (>= 1 hop)
     over_memory: tuple[str, ...] = ()   # devices whose peak memory exceeds theirs
+    # per-event schedule (only with ``simulate(..., schedule=True)``; not in to_dict):
+    # {"tasks": {task id: (device, start_s, end_s)}, "transfers": [{"src": task id | "",
+    #  "dst": task id | "", "bytes": n, "hops": [(u, v, start_s, end_s), ...]}]}
+    schedule: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"latency_s": self.latency_s, "energy_j": self.energy_j,
@@ -90,6 +94,8 @@ class RunResult:
     rx_s: list[float]
     bytes_moved: int
     transfers: int
+    task_start: list[float] | None = None          # with run(..., trace=True)
+    hop_times: list[list[tuple[float, float]]] | None = None   # transfer -> [(start, end)]
 
 
 class Simulator:
@@ -295,7 +301,7 @@ class Simulator:
         return self.compile(stages, self.dev(plan.source), self.dev(plan.sink), plan.routes)
 
     # ----- the event loop -------------------------------------------------------
-    def run(self, prog: Program) -> RunResult:
+    def run(self, prog: Program, trace: bool = False) -> RunResult:
         n_dev = len(self.ids)
         link_free = [0.0] * self.n_links
         dev_free = [0.0] * n_dev
@@ -317,6 +323,8 @@ class Simulator:
         # kind h >= 1 = request for hop h-1 of transfer id; seq breaks ties (FIFO)
         heap: list[tuple[float, int, int, int]] = []
         seq = 0
+        task_start = [0.0] * len(waiting) if trace else None
+        hop_times: list[list] | None = [[] for _ in tr_dest] if trace else None
         pending: list[tuple[int, float]] = [(tr, 0.0) for tr in prog.start_transfers]
         for t, n in enumerate(prog.n_inputs):   # a tile of pure padding needs no input
             if n == 0:
@@ -350,6 +358,8 @@ class Simulator:
             if kind == 0:
                 d = task_dev[x]
                 f = (dev_free[d] if dev_free[d] > t else t) + task_dur[x]
+                if task_start is not None:
+                    task_start[x] = f - task_dur[x]
                 dev_free[d] = f
                 compute_s[d] += task_dur[x]
                 finish[x] = f
@@ -361,6 +371,8 @@ class Simulator:
             hops = tr_hops[x]
             link, u, v, dur = hops[kind - 1]
             f = (link_free[link] if link_free[link] > t else t) + dur
+            if hop_times is not None:
+                hop_times[x].append((f - dur, f))
             link_free[link] = f
             tx_s[u] += dur
             rx_s[v] += dur
@@ -386,11 +398,13 @@ class Simulator:
         energy = sum(pc[d] * compute_s[d] + pt[d] * tx_s[d] + pr[d] * rx_s[d]
                      for d in range(n_dev))
         return RunResult(sink_time, energy, finish, stage_finish, compute_s, tx_s, rx_s,
-                         moved, crossings)
+                         moved, crossings, task_start, hop_times)
 
     # ----- scores -----------------------------------------------------------------
-    def score(self, prog: Program, include_idle: bool = False) -> Score:
-        r = self.run(prog)
+    def score(self, prog: Program, include_idle: bool = False,
+              task_ids: Sequence[str] | None = None) -> Score:
+        """``task_ids`` (the plan's task ids in stage order) also fills ``schedule``."""
+        r = self.run(prog, trace=task_ids is not None)
         busy: dict[str, float] = {}
         energy: dict[str, float] = {}
         comp: dict[str, float] = {}
@@ -411,19 +425,37 @@ class Simulator:
                      energy_by_device=energy, compute_s_by_device=comp, busy_by_device=busy,
                      peak_memory_by_device=peak, stage_finish_s=list(r.stage_finish),
                      bytes_moved=int(r.bytes_moved), transfers=r.transfers,
-                     over_memory=over)
+                     over_memory=over,
+                     schedule={} if task_ids is None else self._schedule(prog, r, task_ids))
+
+    def _schedule(self, prog: Program, r: RunResult, task_ids: Sequence[str]) -> dict:
+        """Per-task and per-transfer times of a traced run, named by plan task ids."""
+        producer = {tr: p for p, trs in enumerate(prog.out_transfers) for tr in trs}
+        tasks = {task_ids[i]: (self.ids[prog.task_dev[i]], r.task_start[i], r.task_finish[i])
+                 for i in range(len(task_ids))}
+        transfers = []
+        for tr, dest in enumerate(prog.tr_dest):
+            p = producer.get(tr)
+            hops = [(self.ids[u], self.ids[v], s, e) for (_, u, v, _), (s, e)
+                    in zip(prog.tr_hops[tr], r.hop_times[tr])]
+            transfers.append({"src": "" if p is None else task_ids[p],
+                              "dst": "" if dest < 0 else task_ids[dest],
+                              "bytes": prog.tr_bytes[tr], "hops": hops})
+        return {"tasks": tasks, "transfers": transfers}
 
 
 def simulate(plan: Plan, graph, mesh, bandwidth_cap_mbps: float | None = None,
-             include_idle: bool = False) -> Score:
-    """Predict latency, energy and the rest of ``Score`` for ``plan`` on ``mesh``."""
+             include_idle: bool = False, schedule: bool = False) -> Score:
+    """Predict latency, energy and the rest of ``Score`` for ``plan`` on ``mesh``.
+    ``schedule=True`` also fills ``Score.schedule`` (when each task and hop runs)."""
     if plan.num_ops != len(graph.ops):
         raise PlanError(f"plan was made for {plan.model} ({plan.num_ops} ops), not "
                         f"{graph.name} ({len(graph.ops)} ops); re-plan for this model")
     if bandwidth_cap_mbps is not None:
         mesh = mesh.with_bandwidth_cap(bandwidth_cap_mbps)
     sim = Simulator(graph, mesh)
-    return sim.score(sim.compile_plan(plan), include_idle=include_idle)
+    ids = [t.id for s in plan.stages for t in s.tasks] if schedule else None
+    return sim.score(sim.compile_plan(plan), include_idle=include_idle, task_ids=ids)
 
 
 __all__ = ["Score", "Simulator", "Program", "RunResult", "simulate"]
