@@ -131,3 +131,33 @@ def test_killed_device_mid_job_still_exact(mesh4):
     close_enough(r.output, ref)
     assert victims[-1] not in r.plan.devices()
     assert r.attempts >= 2
+
+
+def test_three_hop_route_across_node_processes(tmp_path):
+    """Source a, sink d on a line a-b-c-d: the answer crosses b and c, which relay it."""
+    from meshdl.node.launcher import MeshUp
+    from tests.test_dataplane import LINE_YAML, broker_template
+    topo = tmp_path / "line.yaml"
+    topo.write_text(LINE_YAML)
+    model = meshdl.models.build("tiny_cnn")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with EmbeddedBroker(broker_template(tmp_path), backend="mosquitto",
+                        workdir=tmp_path / "b") as b:
+        with MeshUp(topo, broker=b.url, mesh="line", model="tiny_cnn",
+                    log_dir=tmp_path / "logs", verbose=False) as up:
+            up.wait_ready(120)
+            seen: set[str] = set()
+            from meshdl.transport.paho_bus import PahoBus
+            with PahoBus(b.url) as spy, MeshClient(b.url, "line") as c:
+                spy.subscribe(f"{topics.PREFIX}/line/route/#",
+                              lambda t, p, r: seen.add(topics.parse_route(t)[1][0]), qos=1)
+                ready = threading.Event()     # the retained leader record proves the
+                spy.subscribe(topics.leader("line"), lambda t, p, r: ready.set(), qos=1)
+                assert ready.wait(10)          # spy's subscriptions are live
+                r = c.infer(x, model="tiny_cnn", strategy="local", source="a", sink="d",
+                            timeout=60)
+    close_enough(r.output, model(x))
+    assert r.plan.source == "a" and r.plan.sink == "d"
+    last = r.plan.stages[-1].tasks[0].device
+    assert r.plan.route(last, "d") == ["a", "b", "c", "d"]
+    assert {"b", "c", "d"} <= seen      # each relay received the answer on its own inbox
