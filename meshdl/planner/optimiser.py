@@ -13,8 +13,9 @@ Candidates, scoring and the moves live in ``optimiser_search`` (``Search``). Sea
 3. for each alpha of the schedule (below): seeds = the whole model on the single best
    device by objective (transfers of the input and the answer included; the source,
    i.e. ``local``, is one of them), the best few single devices and their pairs on
-   the best segmentations, and the top-m pool devices on every spatial stage for a
-   few m (segmentations screened by objective);
+   the best segmentations, the source handing one of its smallest tensors to one of
+   those devices, and the top-m pool devices on every spatial stage for a few m
+   (segmentations screened by objective);
 4. local search from the best seeds: whole-plan moves (a device joins or leaves every
    spatial stage), per-stage add/remove/swap of devices, row balancing that equalises
    finish times, the best device for each whole stage; a move is kept only if the
@@ -149,6 +150,33 @@ def tails(search: Search, cand: tuple) -> list[tuple]:
     return [c] if search.evaluate(c)[0] < INF else []
 
 
+def handovers(search: Search, heads: Sequence[int], k: int = 2) -> list[tuple]:
+    """The source runs the model up to a tensor smaller than the input, a device of
+    ``heads`` (or the sink) the rest (DNN surgery's space): for each device the ``k``
+    hand-over points with the best estimated objective are simulated."""
+    g, sim, src, snk = search.g, search.sim, search.src, search.snk
+    end = len(g.ops)
+    inner = [p for p in g.cut_points if g.tensor_bytes(p) < g.tensor_bytes(0)]
+    out = []
+    for d in dict.fromkeys([*heads, snk]):
+        if d == src:
+            continue
+        est = []
+        for p in inner:
+            f0, f1 = g.flops_between(0, p), g.flops_between(p, end)
+            nb, ob = g.tensor_bytes(p), g.tensor_bytes(end)
+            lat = (f0 / sim.flops[src] + search.path_time(src, d, nb) + f1 / sim.flops[d]
+                   + search.path_time(d, snk, ob))
+            e = (f0 * sim.p_comp[src] / sim.flops[src] + search.path_energy(src, d, nb)
+                 + f1 * sim.p_comp[d] / sim.flops[d] + search.path_energy(d, snk, ob))
+            est.append((search.objective(lat, e), p))
+        for _, p in sorted(est)[:k]:
+            c = (search.stage(0, p, False, (src,)), search.stage(p, end, False, (d,)))
+            if search.evaluate(c)[0] < INF:
+                out.append(c)
+    return out
+
+
 def pipeline(search: Search, seg: tuple, order: Sequence[int]) -> tuple | None:
     """Stages packed whole onto devices in ``order`` (fastest first): a stage stays on
     the current device while its weights fit, else moves to the next that holds it.
@@ -196,8 +224,9 @@ def explore(search: Search, segs: list, opts: dict) -> None:
             ranked.append((obj(c), i, c))
     ranked.sort()
     ones = singles(search)
-    starts = ones[:1] + [c for _, _, c in ranked[:int(opts.get("finalists", 3))]]
     top = [c[0][3][0] for c in ones[:int(opts.get("top_singles", 3))]]
+    cut = sorted(handovers(search, top), key=obj)
+    starts = ones[:1] + cut[:2] + [c for _, _, c in ranked[:int(opts.get("finalists", 3))]]
     groups = [(d,) for d in top] + list(combinations(top, 2))
     extra = []
     for _, i, seg in short[:2]:

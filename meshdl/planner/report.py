@@ -55,9 +55,18 @@ def plan_table(plan: Plan, g=None) -> str:
     body = _table(["stage", "ops", "device", "out tile [h0,h1,w0,w1]", "in region",
                    "GFLOP", "stage done"], rows)
     extra = [f"note: {n}" for n in plan.notes]
+    multi = sorted((k, v) for k, v in plan.routes.items() if len(v) > 2)
+    direct = sum(1 for v in plan.routes.values() if len(v) == 2)
+    if plan.routes:
+        extra.append(f"routes: {direct} direct links" + (", relayed:" if multi else ""))
+        extra += [f"  {k.replace('>', ' -> ')}: {' - '.join(v)}" for k, v in multi]
     if score:
         extra.append(f"moved {score.get('bytes_moved', 0) / 2**20:.2f} MiB over links in "
                      f"{score.get('transfers', 0)} transfers")
+        energy = score.get("energy_by_device") or {}
+        if energy:
+            top = sorted(energy.items(), key=lambda kv: -kv[1])
+            extra.append("energy by device: " + ", ".join(f"{d} {e:.2f} J" for d, e in top))
     return "\n".join([head, body, *extra])
 
 
