@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from meshdl.models.init import init_weights
+
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TensorFlow's 0.99 decay
 
@@ -109,15 +111,7 @@ class EfficientNetLite(nn.Module):
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
         self._swish = nn.ReLU6()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._stem_pad is not None:

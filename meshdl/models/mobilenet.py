@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from meshdl.models.init import init_weights
 from torch.nn import functional as F
 
 # (expansion t, output channels c, repeats n, first stride s)
@@ -73,17 +75,7 @@ class MobileNetV2(nn.Module):
         layers.append(conv_bn_relu(channels, last, kernel_size=1))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(p=0.2), nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from meshdl.models.init import init_weights
+
 # VGG configuration "D": channel counts, "M" = 2x2 max pool
 VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                                        512, 512, 512, "M", 512, 512, 512, "M")
@@ -41,27 +43,13 @@ class VGG(nn.Module):
             nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(p=0.5),
             nn.Linear(4096, num_classes),
         )
-        _init_vgg(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
-
-
-def _init_vgg(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def vgg16(num_classes: int = 1000) -> VGG:
