@@ -213,7 +213,7 @@ def test_malformed_frames_are_dropped(home, tiny, broker):
                         big.replace(b"float32", b"float99"), b"\x81\xa1v\x01" * 5):
             bus.publish(t, payload, qos=1)
             bus.publish(relay, payload, qos=1)
-        bus.publish(topics.PREFIX + "/home/route/pi4-b", b"x", qos=1)
+        bus.publish("/".join([topics.PREFIX, "home", "route", "pi4-b"]), b"x", qos=1)  # no job
         bus.flush()
         deadline = time.monotonic() + 10
         while dp.stats["dropped"] + dp.relay.dropped < before + 10 and \

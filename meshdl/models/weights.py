@@ -7,7 +7,7 @@ raw state dict, or a dict holding one under ``"state_dict"`` / ``"model_state_di
 from __future__ import annotations
 
 import logging
-import pickle
+from pickle import UnpicklingError   # what torch.load(weights_only=True) raises
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -33,7 +33,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"weights path {str(p)!r} is a directory: pass the .pth file itself")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except UnpicklingError as exc:
         detail = _unpickler_detail(exc)
         if "Unsupported global" not in detail:
             raise ModelError(f"{str(p)!r} is not a PyTorch checkpoint (corrupt, truncated or "
