@@ -11,7 +11,3 @@ _PACKAGES = {"nodes": "meshdl.nodes", "topologies": "meshdl.topologies",
 def data_dir(kind: str) -> Path:
     """Directory of one kind of package data: "nodes", "topologies" or "broker"."""
     return Path(str(resources.files(_PACKAGES[kind])))
-
-
-def data_file(kind: str, name: str) -> Path:
-    return data_dir(kind) / name

@@ -181,10 +181,6 @@ def _upsample(x_shape, out_shape) -> OpInfo:
                   0.0, 0)
 
 
-def _const(v: Any) -> Any:
-    return v
-
-
 def classify_function(fn, args: tuple, kwargs: dict, in_shapes, out_shape,
                       call: Callable, is_tensor: Callable[[Any], bool]) -> OpInfo:
     """``args``/``kwargs`` hold real values (tensors or constants) from shape propagation."""

@@ -39,10 +39,6 @@ class Op:
     target: str = ""                         # module path or function name
     node: Any = field(default=None, repr=False, compare=False)   # the fx node
 
-    @property
-    def input_names(self) -> list[str]:
-        return ["input" if i == INPUT else str(i) for i in self.inputs]
-
 
 def _user_frame(exc: BaseException) -> str:
     """The deepest traceback frame outside torch: the user's construct that failed."""

@@ -13,10 +13,6 @@ from meshdl.graph.regions import crop
 from meshdl.graph.tiling import check_plan
 
 
-def region_of(t: torch.Tensor) -> Region:
-    return Region.full(t.shape)
-
-
 def assemble(shape: tuple[int, ...], want: Region | None,
              pieces: Iterable[tuple[Region | None, torch.Tensor]]) -> torch.Tensor:
     """Build region ``want`` of a tensor of ``shape`` from disjoint pieces.

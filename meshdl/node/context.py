@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from meshdl.graph.plan import Plan
     from meshdl.mesh import Device, Mesh
-    from meshdl.transport.bus import Bus
+    from meshdl.transport.bus import Bus  # noqa: F401  (named in the protocol)
 
 
 class NodeContext(Protocol):
