@@ -281,3 +281,23 @@ def test_graph_facts_for_a_known_net():
     # <- conv3x3/p1: input rows [0,7) (the halo row 6; row -1 is border padding)
     assert g.input_region(0, 4, r) == Region(0, 7, 0, 12)
     assert g.tile_flops(0, 4, Region.full(g.output_shape)) == pytest.approx(g.flops)
+
+
+class NegativeAndValuedPads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.p = nn.ZeroPad2d((-1, 2, 1, -2))         # crops one side, pads the other
+        self.c2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.c2(F.pad(self.p(self.c(x)), (2, -1, -1, 3), value=0.5))
+
+
+def test_negative_and_valued_padding_split_exactly():
+    m = NegativeAndValuedPads().eval()
+    g = meshdl.trace(m, (1, 3, 17, 19))
+    assert [op.kind for op in g.ops] == ["conv2d", "pad", "pad", "conv2d"]
+    x = torch.randn(1, 3, 17, 19)
+    for grid in [(2, 2), (3, 3), (4, 1)]:
+        assert close(meshdl.execute(meshdl.manual_plan(g, grids=[grid]), g, x), m(x))
