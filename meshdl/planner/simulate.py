@@ -326,6 +326,21 @@ class Simulator:
         task_start = [0.0] * len(waiting) if trace else None
         hop_times: list[list] | None = [[] for _ in tr_dest] if trace else None
         pending: list[tuple[int, float]] = [(tr, 0.0) for tr in prog.start_transfers]
+
+        def arrive(tr: int, t: float) -> None:
+            """Transfer ``tr`` is complete at ``t``: its consumer may become ready."""
+            nonlocal seq, sink_time
+            dest = tr_dest[tr]
+            if dest < 0:
+                sink_time = max(sink_time, t)
+                return
+            if t > ready_at[dest]:
+                ready_at[dest] = t
+            waiting[dest] -= 1
+            if waiting[dest] == 0:
+                push(heap, (ready_at[dest], seq, 0, dest))
+                seq += 1
+
         for t, n in enumerate(prog.n_inputs):   # a tile of pure padding needs no input
             if n == 0:
                 push(heap, (0.0, seq, 0, t))
@@ -339,18 +354,8 @@ class Simulator:
                     moved += tr_bytes[tr] * len(hops)
                     push(heap, (tt, seq, 1, tr))
                     seq += 1
-                    continue
-                dest = tr_dest[tr]
-                if dest < 0:
-                    if tt > sink_time:
-                        sink_time = tt
-                    continue
-                if tt > ready_at[dest]:
-                    ready_at[dest] = tt
-                waiting[dest] -= 1
-                if waiting[dest] == 0:
-                    push(heap, (ready_at[dest], seq, 0, dest))
-                    seq += 1
+                else:
+                    arrive(tr, tt)
             pending = []
             if not heap:
                 break
@@ -379,18 +384,8 @@ class Simulator:
             if kind < len(hops):
                 push(heap, (f, seq, kind + 1, x))
                 seq += 1
-                continue
-            dest = tr_dest[x]
-            if dest < 0:
-                if f > sink_time:
-                    sink_time = f
-                continue
-            if f > ready_at[dest]:
-                ready_at[dest] = f
-            waiting[dest] -= 1
-            if waiting[dest] == 0:
-                push(heap, (ready_at[dest], seq, 0, dest))
-                seq += 1
+            else:
+                arrive(x, f)
         if any(w > 0 for w in waiting):
             raise PlanError("a task never received all its inputs; the plan's stages do "
                             "not chain (check it with meshdl.graph.check_plan)")
