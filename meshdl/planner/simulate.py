@@ -102,9 +102,10 @@ class Simulator:
     """Scores plans on one (graph, mesh). Keep one per planning call: it caches the
     mesh's link table, routes and the graph's per-position byte sizes."""
 
-    def __init__(self, graph, mesh) -> None:
+    def __init__(self, graph, mesh, wire=None) -> None:
         self.graph = graph
         self.mesh = mesh
+        self.wire = wire         # a planner.wiremodel.WireModel: compressed pieces, or None
         self.ids = list(mesh.devices)
         self.index = {d: i for i, d in enumerate(self.ids)}
         devs = [mesh.devices[d] for d in self.ids]
@@ -204,21 +205,19 @@ class Simulator:
         wbytes: dict[int, int] = {}
         act: dict[int, int] = {}
 
-        def transfer(a: int, b: int, nbytes: int, dest: int) -> int:
+        def transfer(a: int, b: int, nbytes: int, dest: int, pos: int = -1) -> int:
             if a == b or nbytes <= 0:
                 hops: tuple = ()
             else:
                 path = routes.get(f"{self.ids[a]}>{self.ids[b]}") if routes else None
                 if path is None:
-                    hkey = (a, b, nbytes)
+                    hkey = (a, b, nbytes) if self.wire is None else (a, b, nbytes, pos)
                     hops = hop_cache.get(hkey)
                     if hops is None:
-                        hops = tuple((l, u, v, links[(u, v)][1] + nbytes * links[(u, v)][2])
-                                     for l, u, v in self.hops(a, b))
+                        hops = self._hop_durations(self.hops(a, b), nbytes, pos)
                         hop_cache[hkey] = hops
                 else:
-                    hops = tuple((l, u, v, links[(u, v)][1] + nbytes * links[(u, v)][2])
-                                 for l, u, v in self.hops(a, b, path))
+                    hops = self._hop_durations(self.hops(a, b, path), nbytes, pos)
             tr_dest.append(dest)
             tr_hops.append(hops)
             tr_bytes.append(nbytes)
@@ -244,7 +243,8 @@ class Simulator:
                 wbytes[dev] = wbytes.get(dev, 0) + wb
             if k == 0:
                 for i, (dev, _, in_r, _) in enumerate(tasks):
-                    start.append(transfer(source, dev, self.region_bytes(a, in_r), base + i))
+                    start.append(transfer(source, dev, self.region_bytes(a, in_r), base + i,
+                                          a))
                     n_inputs[base + i] = 1
             else:
                 key = (keys[k - 1], keys[k]) if keys is not None else None
@@ -256,18 +256,31 @@ class Simulator:
                 for i, j, nbytes in edges:
                     p = base_prev + i
                     out_tr[p].append(transfer(task_dev[p], task_dev[base + j], nbytes,
-                                              base + j))
+                                              base + j, a))
                     n_inputs[base + j] += 1
             base_prev, prev_tasks = base, tasks
         last_end = stages[-1][1]
         for i, (_, out_r, _, _) in enumerate(prev_tasks):
             t = base_prev + i
             out_tr[t].append(transfer(task_dev[t], sink, self.region_bytes(last_end, out_r),
-                                      -1))
+                                      -1, last_end))
         used.setdefault(sink, None)
         peak = {d: wbytes.get(d, 0) + act.get(d, 0) for d in used}
         return Program(task_dev, task_dur, task_stage, n_inputs, start, out_tr, tr_dest,
                        tr_hops, tr_bytes, len(stages), list(used), peak)
+
+    def _hop_durations(self, hops: tuple, nbytes: int, pos: int) -> tuple:
+        """((link, u, v, seconds), ...): latency + bytes / bandwidth per hop; with a
+        wire model the bytes are the compressed ones and the first hop also carries
+        the codec's time (compress at the sender, decompress at the receiver)."""
+        links = self.links
+        codec_s = 0.0
+        if self.wire is not None:
+            slowest = min(8.0 / links[(u, v)][2] for _, u, v in hops)
+            nbytes, codec_s = self.wire.cost(pos, nbytes, slowest)
+        return tuple((l, u, v, links[(u, v)][1] + nbytes * links[(u, v)][2]
+                      + (codec_s if k == 0 else 0.0))
+                     for k, (l, u, v) in enumerate(hops))
 
     def _pieces(self, pos: int, prev: Sequence[tuple], cur: Sequence[tuple]
                 ) -> list[tuple[int, int, int]]:
@@ -440,15 +453,16 @@ class Simulator:
 
 
 def simulate(plan: Plan, graph, mesh, bandwidth_cap_mbps: float | None = None,
-             include_idle: bool = False, schedule: bool = False) -> Score:
+             include_idle: bool = False, schedule: bool = False, wire=None) -> Score:
     """Predict latency, energy and the rest of ``Score`` for ``plan`` on ``mesh``.
-    ``schedule=True`` also fills ``Score.schedule`` (when each task and hop runs)."""
+    ``schedule=True`` also fills ``Score.schedule`` (when each task and hop runs).
+    ``wire``: a ``planner.wiremodel.WireModel`` (compressed pieces), None = raw."""
     if plan.num_ops != len(graph.ops):
         raise PlanError(f"plan was made for {plan.model} ({plan.num_ops} ops), not "
                         f"{graph.name} ({len(graph.ops)} ops); re-plan for this model")
     if bandwidth_cap_mbps is not None:
         mesh = mesh.with_bandwidth_cap(bandwidth_cap_mbps)
-    sim = Simulator(graph, mesh)
+    sim = Simulator(graph, mesh, wire)
     ids = [t.id for s in plan.stages for t in s.tasks] if schedule else None
     return sim.score(sim.compile_plan(plan), include_idle=include_idle, task_ids=ids)
 

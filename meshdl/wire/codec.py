@@ -4,13 +4,15 @@ Layout of a piece frame (DESIGN section 5)::
 
     msgpack map {"v": 1, "type": "piece", "job", "piece", "src", "dst", "term", "seq",
                  "region": [n, c, h0, h1, w0, w1] | None, "dtype", "shape",
-                 "chunk": [i, n], "off", "cs", "crc", "pad"}
+                 "chunk": [i, n], "off", "cs", "crc", "pad"[, "z": codec]}
     `pad` zero bytes (so the data starts 16-byte aligned)
-    raw C-order little-endian tensor bytes (this chunk's slice)
+    raw C-order little-endian tensor bytes (this chunk's slice), or with "z" that
+    slice compressed losslessly by the named codec (:mod:`meshdl.wire.compress`)
 
 A tensor larger than ``chunk_bytes`` travels as several frames; chunk ``i`` of
 ``n`` carries bytes ``[off, off + len)`` of the tensor, ``off == i * cs``.
-``crc`` is the CRC-32 of this frame's data bytes. Decoding reads only the header
+``crc`` is the CRC-32 of this frame's data bytes (as sent: compressed with "z"); a
+compressed chunk is decompressed at decode to exactly its raw size, or refused. Decoding reads only the header
 (``msgpack.Unpacker``) and wraps the rest with ``np.frombuffer``: no copy.
 
 Acks and credits are plain msgpack maps and may travel back along route topics.
@@ -28,6 +30,7 @@ import msgpack
 import numpy as np
 
 from meshdl.errors import WireError
+from meshdl.wire.compress import check_codec, compress, decompress
 from meshdl.wire.control import decode_control, encode_control  # noqa: F401 (re-export)
 from meshdl.wire.topics import validate_id
 
@@ -159,10 +162,11 @@ class OutFrame:
     pieces does not also hold a second, freshly allocated (page-faulting) copy of
     every tensor. The viewed array must not change while the frame lives."""
 
-    __slots__ = ("head", "data")
+    __slots__ = ("head", "data", "raw")
 
-    def __init__(self, head: bytes, data: memoryview) -> None:
-        self.head, self.data = head, data
+    def __init__(self, head: bytes, data: Any, raw: int | None = None) -> None:
+        self.head, self.data = head, memoryview(data)
+        self.raw = self.data.nbytes if raw is None else raw    # tensor bytes carried
 
     def __len__(self) -> int:
         return len(self.head) + self.data.nbytes
@@ -182,9 +186,14 @@ def encode_chunks(job: str, piece: str, array: np.ndarray, **kw: Any) -> Iterato
 
 def encode_frames(job: str, piece: str, array: np.ndarray, *, region: Any = None,
                   src_task: str = "", dst_task: str = "", term: int = 0, seq: int = 0,
-                  chunk_bytes: int = CHUNK_BYTES) -> list[OutFrame]:
+                  chunk_bytes: int = CHUNK_BYTES, codec: str | None = None
+                  ) -> list[OutFrame]:
     """``encode_chunks`` as :class:`OutFrame` objects: the CRC is computed now, the
-    data is copied only by ``bytes(frame)`` (publish)."""
+    data is copied only by ``bytes(frame)`` (publish). ``codec``: compress each chunk
+    with it (a chunk that does not shrink travels raw); ``OutFrame.raw`` keeps the
+    chunk's tensor bytes, so ``raw / len(data)`` is the ratio achieved."""
+    if codec is not None:
+        check_codec(codec)
     if chunk_bytes <= 0 or chunk_bytes > MAX_FRAME_BYTES - MAX_HEADER_BYTES:
         raise WireError(f"chunk_bytes {chunk_bytes} out of range")
     arr = np.asarray(array)
@@ -200,11 +209,17 @@ def encode_frames(job: str, piece: str, array: np.ndarray, *, region: Any = None
     out = []
     for i in range(n):
         part = view[i * cs:(i + 1) * cs].toreadonly()
-        head = _header({"v": VERSION, "type": PieceFrame.TYPE, "job": job, "piece": piece,
-                        "src": src_task, "dst": dst_task, "term": term, "seq": seq,
-                        "region": reg, "dtype": dtype, "shape": shape, "chunk": [i, n],
-                        "off": i * cs, "cs": cs, "crc": _crc32(part)})
-        out.append(OutFrame(head, part))
+        fields = {"v": VERSION, "type": PieceFrame.TYPE, "job": job, "piece": piece,
+                  "src": src_task, "dst": dst_task, "term": term, "seq": seq,
+                  "region": reg, "dtype": dtype, "shape": shape, "chunk": [i, n],
+                  "off": i * cs, "cs": cs}
+        data: Any = part
+        if codec is not None and len(part) >= 64:
+            packed = compress(part, item, codec)
+            if len(packed) < len(part):
+                data, fields["z"] = packed, codec
+        fields["crc"] = _crc32(data)
+        out.append(OutFrame(_header(fields), data, len(part)))
     return out
 
 
@@ -381,6 +396,21 @@ def _decode_piece(head: dict[str, Any], at: int, view: memoryview,
     start = at + pad
     data = view[start:]
     expect = min(cs, total - off)
+    z = head.get("z")
+    if z is not None:
+        check_codec(z)
+        if expect > MAX_FRAME_BYTES or len(data) > expect + (expect >> 6) + 1024:
+            raise WireError(f"compressed chunk {i}/{n} of {job}/{piece}: {len(data)} bytes "
+                            f"for {expect} raw bytes (max {MAX_FRAME_BYTES}): refused")
+        if any(view[at:start]):
+            raise WireError("non-zero padding after the header")
+        if verify_crc and _crc32(data) != crc:
+            raise WireError(f"bad crc on {job}/{piece} chunk {i}/{n}: data corrupted in "
+                            "transit")
+        data = memoryview(decompress(data, z, expect))
+        return PieceFrame(job, piece, dtype, shape, data.toreadonly(),
+                          None if region is None else tuple(region), src, dst, term, seq,
+                          i, n, off, cs, crc)
     if len(data) != expect:
         raise WireError(f"chunk {i}/{n} carries {len(data)} bytes, header says {expect} "
                         f"(shape {shape}, {dtype})")
