@@ -14,12 +14,14 @@ Rules, per node with known session S (none if never seen):
                   s < S -> ignored.
 - NodeOffline(s): s >= S -> offline (its link measurements dropped), S = s;
                   s < S -> ignored.
+- NodeCleared:    the retained record was cleared: the node is forgotten.
 - Telemetry:      only from an online node, and (when it carries a session) only
                   for the current one; updates load and the measured links.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -28,8 +30,10 @@ from typing import Any, Union
 from meshdl.errors import TopologyError
 from meshdl.mesh.model import Device, Link, Mesh, Power
 from meshdl.mesh.profiles import Profile
+from meshdl.security.bounds import MAX_FLOPS, sanitise
 
 log = logging.getLogger(__name__)
+MAX_MEMBERS = 256
 
 
 def _frozen(d: Mapping[Any, Any] | None) -> Mapping[Any, Any]:
@@ -60,7 +64,14 @@ class Telemetry:
     session: int | None = None
 
 
-Event = Union[NodeOnline, NodeOffline, Telemetry]
+@dataclass(frozen=True)
+class NodeCleared:
+    """The node's retained state record was cleared (empty payload): forget it."""
+
+    id: str
+
+
+Event = Union[NodeOnline, NodeOffline, Telemetry, NodeCleared]
 
 
 @dataclass(frozen=True)
@@ -99,8 +110,15 @@ class MeshState:
                 profiles: Mapping[str, Profile] | None = None) -> Mesh:
         """The live Mesh of the online members, figures from their caps (falling back
         to the base device of the same id, then to ``profiles[caps["profile"]]``), links
-        from measurements (falling back to the base topology's link)."""
-        devices = {m: _device(self.members[m], base, profiles) for m in self.online}
+        from measurements (falling back to the base topology's link). A member whose
+        figures are unusable (none advertised and no fallback, NaN, <= 0 FLOP/s, a
+        bad power map) is left out with a logged reason: it never stops planning."""
+        devices = {}
+        for m in self.online:
+            try:
+                devices[m] = _device(self.members[m], base, profiles)
+            except (TopologyError, TypeError, ValueError, KeyError) as exc:
+                log.warning("left out node %s: %s", sanitise(m), exc)
         links: dict[frozenset[str], Link] = {}
         if base is not None:
             for link in base.links:
@@ -157,8 +175,15 @@ def _device(member: Member, base: Mesh | None, profiles: Mapping[str, Profile] |
         except (KeyError, TypeError, ValueError):
             raise TopologyError(f"node {member.id!r} advertised power {dict(power)!r}; it needs "
                                 "compute_w and tx_w (watts)") from None
-    return Device(id=member.id, profile=str(profile), flops=float(pick("flops")),
-                  memory_bytes=int(pick("memory_bytes")), power=power, meta=meta)
+    flops, memory = float(pick("flops")), int(pick("memory_bytes"))
+    if not (math.isfinite(flops) and 0 < flops <= MAX_FLOPS) or memory <= 0:
+        raise TopologyError(f"node {sanitise(member.id)} advertised {flops!r} FLOP/s and "
+                            f"{memory!r} bytes; both must be finite and > 0")
+    if not isinstance(power, Power) or not all(
+            math.isfinite(w) and w >= 0 for w in power.to_dict().values()):
+        raise TopologyError(f"node {sanitise(member.id)} advertised an unusable power map")
+    return Device(id=member.id, profile=str(profile), flops=flops,
+                  memory_bytes=memory, power=power, meta=meta)
 
 
 def _drop_links_of(links: Mapping[frozenset[str], LinkObs], node: str
@@ -169,10 +194,19 @@ def _drop_links_of(links: Mapping[frozenset[str], LinkObs], node: str
 def apply(state: MeshState, event: Event) -> MeshState:
     """The state after ``event`` (pure; stale events return ``state`` unchanged)."""
     known = state.members.get(event.id)
+    if isinstance(event, NodeCleared):
+        if known is None:
+            return state
+        return MeshState({k: v for k, v in state.members.items() if k != event.id},
+                         _drop_links_of(state.links, event.id))
     if isinstance(event, NodeOnline):
         if known is not None and event.session < known.session:
             log.debug("stale online of %s (session %d, known %d)", event.id, event.session,
                       known.session)
+            return state
+        if known is None and len(state.members) >= MAX_MEMBERS:
+            log.warning("ignored birth of %s: the mesh already knows %d nodes (the cap)",
+                        sanitise(event.id), MAX_MEMBERS)
             return state
         new_life = known is None or event.session > known.session
         member = Member(event.id, event.session, True, _frozen(event.caps),
@@ -195,8 +229,8 @@ def apply(state: MeshState, event: Event) -> MeshState:
         links = dict(state.links)
         for nb, fig in event.links.items():
             nb = str(nb)
-            if nb == event.id:
-                continue
+            if nb == event.id or nb not in state.members:
+                continue                 # links only between known members: bounded
             links[frozenset((event.id, nb))] = LinkObs(
                 rtt_s=_opt(fig.get("rtt_s")), throughput_bps=_opt(fig.get("throughput_bps")),
                 by=event.id)

@@ -7,12 +7,16 @@ it). A frame whose ids disagree with its topic is foreign.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from meshdl.errors import WireError
 from meshdl.graph.plan import Plan
 from meshdl.node import election as el
+from meshdl.mesh.state import NodeCleared
 from meshdl.node.membership import state_event, telemetry_event
+from meshdl.security.limits import RateLimiter
+from meshdl.security.bounds import MAX_TERM_STEP, BoundsError, sanitise, term_step_ok
 from meshdl.wire import topics
 from meshdl.wire.control import (Campaign, JobRequest, LeaderInfo, NodeState, PlanMessage,
                                  Telemetry, decode_control)
@@ -27,10 +31,21 @@ def _parse(agent, topic: str, kind: str) -> topics.ParsedTopic:
     return p
 
 
+def _term_ok(agent, term: int, what: str) -> None:
+    """Terms only grow by bounded steps (meshdl.security.bounds.term_step_ok)."""
+    s = agent._elect
+    known = s.term if s is not None else 0
+    if not term_step_ok(known, term):
+        raise BoundsError(f"{what} has term {term}, more than {MAX_TERM_STEP} past the "
+                          f"known term {known}: dropped")
+
+
 def on_state(agent, topic: str, payload: Any, retained: bool) -> None:
     p = _parse(agent, topic, "state")
-    if not len(payload):
-        return                                  # a cleared record: nothing to fold
+    if not len(payload):                        # a cleared record: forget the node
+        if agent.membership.apply(NodeCleared(p.node)):
+            agent.members_changed()
+        return
     st = decode_control(payload, NodeState)
     if st.node != p.node:
         raise WireError(f"state of {st.node!r} published on {p.node!r}'s topic")
@@ -55,6 +70,7 @@ def on_telemetry(agent, topic: str, payload: Any, retained: bool) -> None:
 def on_election(agent, topic: str, payload: Any, retained: bool) -> None:
     _parse(agent, topic, "election")
     c = decode_control(payload, Campaign)
+    _term_ok(agent, c.term, "campaign of " + sanitise(c.node))
     if c.kind == "campaign":
         agent._elect_step(el.ClaimSeen(c.node, c.term, c.priority))
 
@@ -65,6 +81,7 @@ def on_leader(agent, topic: str, payload: Any, retained: bool) -> None:
         agent._elect_step(el.LeaderCleared())
         return
     info = decode_control(payload, LeaderInfo)
+    _term_ok(agent, info.term, "leader record of " + sanitise(info.node))
     agent._elect_step(el.LeaderSeen(info.node, info.term))
 
 
@@ -74,6 +91,7 @@ def on_plan(agent, topic: str, payload: Any, retained: bool) -> None:
         agent.adopt_plan(p.plan_id, None)
         return
     msg = decode_control(payload, PlanMessage)
+    _term_ok(agent, msg.term, "plan " + sanitise(p.plan_id))
     if msg.plan_id != p.plan_id:
         raise WireError(f"plan {msg.plan_id!r} published on plan/{p.plan_id}")
     agent.adopt_plan(p.plan_id, msg)
@@ -86,6 +104,12 @@ def on_job(agent, topic: str, payload: Any, retained: bool) -> None:
     job = decode_control(payload, JobRequest)
     if job.job != p.job:
         raise WireError(f"job {job.job!r} requested on job/{p.job}")
+    limiter = getattr(agent, "job_limiter", None)
+    if limiter is None:                          # one per agent, made on first use
+        limiter = agent.job_limiter = RateLimiter()
+    if not limiter.allow(job.client, time.monotonic()):
+        raise BoundsError(f"job {sanitise(job.job)} of client {sanitise(job.client)} refused: "
+                          "over the job request rate limit")
     agent.job_request(job)
 
 

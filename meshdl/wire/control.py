@@ -3,7 +3,9 @@
 Each message is a frozen dataclass; :func:`encode_control` packs it and
 :func:`decode_control` checks version, type and every field's type before
 building it. Unknown keys are ignored (a newer minor sender); missing required
-keys, wrong types or oversize values raise :class:`WireError`.
+keys, wrong types or oversize values raise :class:`WireError`; out-of-bounds
+numbers (NaN, inf, term >= 2**53, huge maps) raise its subclass BoundsError
+(``meshdl.security.bounds.check_message``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from meshdl.errors import WireError
+from meshdl.security.bounds import check_message
 from meshdl.wire.topics import MAX_ID_LEN
 
 VERSION = 1
@@ -131,8 +134,8 @@ def _check(name: str, kind: str, value: Any, cls: type) -> Any:
     if kind == "str":
         if not isinstance(value, str):
             raise WireError(f"{where} must be a string, got {type(value).__name__}")
-        if name in _ID_FIELDS and not 0 < len(value) <= MAX_ID_LEN:
-            raise WireError(f"{where} must be 1..{MAX_ID_LEN} characters")
+        if name in _ID_FIELDS and not (0 < len(value) <= MAX_ID_LEN and value.isprintable()):
+            raise WireError(f"{where} must be 1..{MAX_ID_LEN} printable characters")
         return value
     if kind == "bool":
         if type(value) is not bool:
@@ -206,4 +209,4 @@ def decode_control(payload: Any, expected_type: str | type | tuple | None = None
             kwargs[f.name] = _check(f.name, str(f.type), body[f.name], cls)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise WireError(f"{type_name} message lacks required field {f.name!r}")
-    return cls(**kwargs)
+    return check_message(cls(**kwargs))

@@ -41,6 +41,9 @@ def validate_id(value: object, what: str = "id") -> str:
         if ch in value:
             raise WireError(f"{what} {value!r} contains {ch!r}; ids may not contain "
                             "'/', '+', '#' or NUL")
+    if not value.isprintable():
+        raise WireError(f"{what} {value!r} contains a control character; ids must be "
+                        "printable")
     return value
 
 
