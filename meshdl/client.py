@@ -27,17 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from meshdl.errors import JobError, MeshdlError, WireError
+from meshdl.errors import JobError, MeshdlError, TransportError, WireError
 from meshdl.graph.plan import Plan
 from meshdl.node import jobs as J
 from meshdl.node.emulation import Links
 from meshdl.node.flow import ReliableSender
 from meshdl.wire import topics
 from meshdl.wire.codec import AckFrame, decode_frame, encode_chunks
-from meshdl.wire.control import (JobRequest, JobResult, JobStatus, NodeState, PlanMessage,
-                                 decode_control, encode_control)
+from meshdl.wire.control import (JobRequest, JobResult, JobStatus, LeaderInfo, NodeState,
+                                 PlanMessage, decode_control, encode_control)
 
 log = logging.getLogger(__name__)
+
+RESEND_S = 1.0          # re-send a request not answered "planned" within this
+NO_MESH_S = 2.0         # with no live member and no leader, give up after this
 
 
 @dataclass
@@ -96,6 +99,8 @@ class MeshClient:
         self._lock = threading.Lock()
         self._plans: dict[str, Plan] = {}
         self._online: dict[str, bool] = {}
+        self._leader: tuple[str, int] | None = None
+        self._meshes: set[str] = set()          # meshes with a leader record on this broker
         self._attempts: dict[str, _Attempt] = {}
         self._plan_cv = threading.Condition(self._lock)
         self._links = Links(self.client_id, lambda t, p: self.bus.publish(t, p, qos=1))
@@ -111,6 +116,8 @@ class MeshClient:
         m = self.mesh
         self.bus.subscribe(topics.plan_all(m), self._on_plan, qos=1)
         self.bus.subscribe(topics.node_state_all(m), self._on_state, qos=1)
+        self.bus.subscribe(topics.leader(m), self._on_leader, qos=1)
+        self.bus.subscribe(f"{topics.PREFIX}/+/leader", self._on_any_leader, qos=0)
         self.bus.subscribe(topics.job_all(m, "status"), self._on_status, qos=1)
         self.bus.subscribe(topics.job_all(m, "result"), self._on_result, qos=1)
         self.bus.subscribe(topics.route_inbox(m, self.client_id), self._on_inbox, qos=1)
@@ -152,6 +159,55 @@ class MeshClient:
         if not st.online:
             for a in attempts:
                 a.events.put(("offline", st.node))
+
+    def _on_leader(self, topic: str, payload: Any, retained: bool) -> None:
+        try:
+            info = decode_control(payload, LeaderInfo) if payload else None
+        except MeshdlError:
+            return
+        with self._lock:
+            new = None if info is None else (info.node, info.term)
+            changed, self._leader = new != self._leader, new
+            attempts = list(self._attempts.values())
+        if changed:
+            for a in attempts:
+                a.events.put(("leader", new))
+
+    def _on_any_leader(self, topic: str, payload: Any, retained: bool) -> None:
+        try:
+            mesh = topics.parse(topic).mesh
+        except WireError:
+            return
+        with self._lock:
+            if payload:
+                if len(self._meshes) < 64:
+                    self._meshes.add(mesh)
+            else:
+                self._meshes.discard(mesh)
+
+    def _no_mesh(self) -> str | None:
+        """Why no job can run here (no member of the mesh online, no leader), or None."""
+        with self._lock:
+            online = [n for n, on in self._online.items() if on]
+            seen = sorted(self._online)
+            leader = self._leader
+            others = sorted(self._meshes - {self.mesh})
+        if online or leader is not None:
+            return None
+        saw = (f"all {len(seen)} known member(s) are offline ({', '.join(seen[:8])}"
+               f"{', ...' if len(seen) > 8 else ''})" if seen else
+               "no node has ever announced itself under that mesh name")
+        other = (f"; this broker has live mesh(es) {', '.join(others[:8])} (pass --mesh "
+                 "with one of them)" if others else "")
+        return (f"no live members on mesh {self.mesh!r} at {self._where()}: {saw}{other}. "
+                f"Start nodes for it (meshdl mesh up --mesh {self.mesh}, or meshdl node "
+                f"start --mesh {self.mesh} --broker URL on each device) or pass the mesh "
+                "name and broker the nodes use")
+
+    def _where(self) -> str:
+        url = getattr(self.bus, "url", None)
+        redacted = getattr(url, "redacted", None)
+        return redacted() if callable(redacted) else "the broker"
 
     def _attempt_for(self, job: str) -> _Attempt | None:
         with self._lock:
@@ -237,14 +293,14 @@ class MeshClient:
                 labels = imaging.imagenet_labels() if info.num_classes == 1000 else None
                 res.top5 = imaging.topk(res.output, 5, labels=labels)
                 return res
-            except _Retry as exc:
+            except (_Retry, TransportError) as exc:
                 errors.append(f"attempt {attempt} (job {job}): {exc}")
                 log.info("job %s: %s; retrying", job, exc)
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(min(0.2 * attempt, max(0.0, deadline - time.monotonic())))
         raise JobError(f"inference of {model} on mesh {self.mesh!r} did not complete within "
-                       f"{timeout:g} s after {attempt} attempt(s): " + "; ".join(errors))
+                       f"{timeout:g} s after {attempt} attempt(s): " + "; ".join(errors[-3:]))
 
     # ------------------------------------------------------------ one attempt
     def _run(self, job: str, x: Any, model: str, strategy: str, alpha: float,
@@ -276,17 +332,7 @@ class MeshClient:
         if sink:
             opts["sink"] = sink
         t_req = time.time()
-        req = JobRequest(a.job, self.client_id, model, strategy,
-                         deadline_s=max(0.0, deadline - time.monotonic()), options=opts)
-        self.bus.publish(topics.job(self.mesh, a.job, "request"), encode_control(req), qos=1)
-        while True:
-            kind, val = self._wait(a, deadline, "an answer from the leader (is a mesh running "
-                                                "with this mesh name?)")
-            if kind == "planned":
-                pid = val.detail
-                break
-            if kind == "failed":
-                raise JobError(f"the leader refused job {a.job}: {val.detail}")
+        pid = self._request(a, model, strategy, opts, deadline)
         plan = self._get_plan(pid, deadline)
         gone = [d for d in plan.devices() if self._online.get(d) is False]
         if gone:
@@ -328,6 +374,43 @@ class MeshClient:
                            _stages(plan, a.tasks, t0), 1, a.job, list(a.tasks.values()),
                            mesh_latency_s=mesh_s)
 
+    def _request(self, a: _Attempt, model: str, strategy: str, opts: dict,
+                 deadline: float) -> str:
+        """Publish the request until the leader answers; re-send it after RESEND_S
+        without a "planned" and at once when the leader changes (a request sent
+        during a fail-over reaches nobody). Returns the plan id."""
+        topic = topics.job(self.mesh, a.job, "request")
+        t0 = time.monotonic()
+        sent = 0
+        next_send = t0
+        while True:
+            now = time.monotonic()
+            if now >= next_send:
+                req = JobRequest(a.job, self.client_id, model, strategy,
+                                 deadline_s=max(0.0, deadline - now), options=opts)
+                self.bus.publish(topic, encode_control(req), qos=1)
+                sent += 1
+                next_send = now + RESEND_S
+            why = self._no_mesh()
+            if why is not None and now - t0 >= NO_MESH_S:
+                raise JobError(why)
+            if now >= deadline:
+                with self._lock:
+                    leader = self._leader
+                who = f"{leader[0]} of term {leader[1]}" if leader else "none known"
+                raise _Retry(f"no answer from the leader ({who}) to {sent} request(s)")
+            try:
+                kind, val = a.events.get(timeout=max(0.0, min(next_send, deadline, now + 0.25)
+                                                     - now))
+            except queue.Empty:
+                continue
+            if kind == "planned":
+                return val.detail
+            if kind == "failed":
+                raise JobError(f"the leader refused job {a.job}: {val.detail}")
+            if kind == "leader":
+                next_send = time.monotonic()       # a new leader: ask it now
+
     def _get_plan(self, pid: str, deadline: float) -> Plan:
         with self._plan_cv:
             while pid not in self._plans:
@@ -338,10 +421,15 @@ class MeshClient:
             return self._plans[pid]
 
     def close(self) -> None:
-        self._sender.stop()
-        self._links.stop()
-        if self._own_bus:
-            self.bus.close(timeout=1.0)
+        """Stop; never raises."""
+        for stop in (self._sender.stop, self._links.stop,
+                     (lambda: self.bus.close(timeout=1.0)) if self._own_bus else None):
+            if stop is None:
+                continue
+            try:
+                stop()
+            except Exception:
+                log.exception("error while closing the client (ignored)")
 
     def __enter__(self) -> "MeshClient":
         return self

@@ -224,6 +224,37 @@ def test_reconnect_resubscribes_after_broker_restart(mosquitto_broker):
                 inbox._cond.wait(0.2)
 
 
+def test_publish_while_broker_down_never_raises_or_wedges(mosquitto_broker):
+    """paho 2.x queues a QoS-1 publish made while disconnected (rc NO_CONN) and its
+    is_published() raises RuntimeError: the bus must neither raise nor wedge later
+    publishes, must reconnect, send the queued messages and tell its listeners."""
+    url = mosquitto_broker.url
+    with PahoBus(url, reconnect_delay=(0.05, 0.2)) as bus:
+        reconnected = threading.Event()
+        bus.on_reconnect(reconnected.set)
+        first = bus.connects
+        mosquitto_broker.stop(cleanup=False)
+        deadline = time.monotonic() + DEADLINE
+        while bus.connected:
+            assert time.monotonic() < deadline, "the bus never noticed the broker left"
+            time.sleep(0.02)
+        for i in range(20):                    # queued by paho: no exception
+            bus.publish("meshdl/v1/q/down", b"%d" % i, qos=1, retain=True)
+        with pytest.raises(TransportError, match="not connected"):
+            bus.publish("meshdl/v1/q/zero", b"x", qos=0)
+        assert not bus.flush(0.2)              # still queued, and flush does not raise
+        mosquitto_broker.start()
+        assert reconnected.wait(DEADLINE), "no reconnect listener call"
+        assert bus.connects > first
+        assert bus.flush(DEADLINE), "queued messages not sent after the reconnect"
+        bus.publish("meshdl/v1/q/up", b"later", qos=1)
+        assert bus.flush(DEADLINE)
+    with PahoBus(url) as late:
+        inbox = Inbox()
+        late.subscribe("meshdl/v1/q/down", inbox, qos=1)
+        assert inbox.wait(_payload(b"19"))[2], "the last queued message was lost"
+
+
 def test_unreachable_broker_fails_fast_with_hint():
     from meshdl.transport.broker import free_port
     port = free_port()

@@ -9,6 +9,7 @@ are dropped with a log line; no message can stop the node.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,6 +36,23 @@ from meshdl.wire.control import (Campaign, JobRequest, LeaderInfo, NodeState, Pl
 log = logging.getLogger(__name__)
 
 BusFactory = Callable[[str, "Will | None"], Any]
+DEFAULT_KEEPALIVE = 10
+
+
+def keepalive_s() -> int:
+    """MQTT keepalive of node connections: MESHDL_KEEPALIVE (2-600 s), else 10 s. The
+    broker fires a silent node's will after 1.5x this."""
+    raw = os.environ.get("MESHDL_KEEPALIVE")
+    if raw is None:
+        return DEFAULT_KEEPALIVE
+    try:
+        v = int(raw)
+    except ValueError:
+        v = 0
+    if not 2 <= v <= 600:
+        raise NodeError(f"MESHDL_KEEPALIVE={raw!r} must be a whole number of seconds in "
+                        "[2, 600]; unset it for the default of 10")
+    return v
 
 
 class NodeAgent:
@@ -79,7 +97,9 @@ class NodeAgent:
         self._last_view: tuple | None = None
         self._view_at = 0.0
         self._tele_at = 0.0
-        self._was_up = True
+        self._connects = 0             # bus.connects at the last (re-)announcement
+        self._reassert_at: float | None = None   # leader: re-publish its record then
+        self._early_jobs: list[tuple[float, JobRequest]] = []   # asked while leaderless
         self._warmed = False
         self.dataplane: Any = None
 
@@ -116,7 +136,7 @@ class NodeAgent:
         c = self.config
         return PahoBus(c.broker, client_id=client_id, username=c.username,
                        password=c.password, tls_ca=c.tls_ca, will=will, protocol=c.protocol,
-                       keepalive=10)
+                       keepalive=keepalive_s(), reconnect_delay=(0.1, 1.0))
 
     def _state(self, online: bool) -> NodeState:
         d = self._device
@@ -153,6 +173,9 @@ class NodeAgent:
             self.bus.subscribe(pattern, self._enqueue(tag), qos=1)
         self.bus.publish(topics.node_state(m, self.node_id), encode_control(self._state(True)),
                          qos=1, retain=True)
+        self._connects = getattr(self.bus, "connects", 0)
+        if hasattr(self.bus, "on_reconnect"):
+            self.bus.on_reconnect(lambda: self._q.put(("reconnected", "", b"", False)))
         log.info("node %s joined mesh %s (session %d, %.2f GFLOP/s, %s)", self.node_id, m,
                  self.session, self._device.flops / 1e9,
                  "emulated" if self.emulate else "measured")
@@ -204,6 +227,10 @@ class NodeAgent:
             return
         if not self._owner:
             self._retained_self = st
+        elif not st.online and st.session == self.session and not self._closed:
+            # our will fired (the broker lost us: a stall past keepalive, a restart):
+            # we are alive, so say so again
+            self._q.put(("reconnected", "", b"", False))
         elif st.online and st.session > self.session:
             log.error("node id %s was taken over by a newer process (session %d); leaving "
                       "without publishing", self.node_id, st.session)
@@ -304,20 +331,39 @@ class NodeAgent:
         threading.Thread(target=warm, daemon=True, name="warm-graphs").start()
 
     def _check_connection(self) -> None:
-        """After a reconnect (e.g. the broker restarted and lost its retained records),
-        publish the birth, the leader record and telemetry again."""
-        up = self.bus.connected
-        if up and not self._was_up:
-            log.info("reconnected: publishing the birth state again")
+        """After a reconnect (the broker restarted and lost its retained records, or
+        dropped us after a stall and fired our will) announce ourselves again: the
+        birth, telemetry, and, if we lead, the leader record and our plans."""
+        connects = getattr(self.bus, "connects", 0)
+        if connects != self._connects and self.bus.connected:
+            self._connects = connects
+            self._reannounce()
+        if self._reassert_at is not None and time.monotonic() >= self._reassert_at:
+            self._reassert_at = None
+            if self.is_leader:
+                # no newer leader showed up in the retained records: we still lead
+                self._publish_leader(self._elect.leader_term)
+                if self._duties is not None:
+                    self._duties.republish()
+
+    def _reannounce(self) -> None:
+        log.info("%s (re)connected: publishing the birth state again", self.node_id)
+        try:
             self.bus.publish(topics.node_state(self.mesh_name, self.node_id),
                              encode_control(self._state(True)), qos=1, retain=True)
-            if self.is_leader:
-                self._publish_leader(self._elect.leader_term)
-            self._tele_at = 0.0
-        self._was_up = up
+        except MeshdlError as exc:
+            log.warning("could not re-announce %s: %s", self.node_id, exc)
+        if self.is_leader:
+            # wait for the retained records first: a newer leader may have taken over
+            # while we were gone, and our record must not overwrite its record
+            self._reassert_at = time.monotonic() + 0.5
+        self._tele_at = 0.0
 
     def _handle(self, tag: str, topic: str, payload: Any, retained: bool) -> None:
         from meshdl.node import handlers
+        if tag == "reconnected":
+            self._reannounce()
+            return
         try:
             getattr(handlers, f"on_{tag}")(self, topic, payload, retained)
         except (WireError, MeshdlError) as exc:
@@ -358,6 +404,13 @@ class NodeAgent:
         if self._duties is not None:
             self._duties.job_request(job)
 
+    def early_job(self, job: JobRequest) -> None:
+        """A request that reached no leader (fail-over under way): keep it a few
+        seconds; whoever of us wins the election answers it."""
+        now = time.monotonic()
+        self._early_jobs = [(t, j) for t, j in self._early_jobs if now - t < 5.0][-63:]
+        self._early_jobs.append((now, job))
+
     # ------------------------------------------------------------ election effects
     def _elect_step(self, event: Any) -> None:
         s, actions = el.step(self._elect, event, time.monotonic())
@@ -378,6 +431,10 @@ class NodeAgent:
             self._publish_leader(a.term)
             self._open_leader_bus()
             self._start_duties(a.term)
+            early, self._early_jobs = self._early_jobs, []
+            for t, job in early:
+                if time.monotonic() - t < 5.0:
+                    self._duties.job_request(job)
         elif isinstance(a, el.AssertLeader):
             self._publish_leader(a.term)
         elif isinstance(a, el.StepDown):

@@ -99,8 +99,8 @@ def on_plan(agent, topic: str, payload: Any, retained: bool) -> None:
 
 def on_job(agent, topic: str, payload: Any, retained: bool) -> None:
     p = _parse(agent, topic, "job")
-    if not agent.is_leader:
-        return
+    if not agent.is_leader and agent.leader is not None:
+        return                                  # the leader answers it
     job = decode_control(payload, JobRequest)
     if job.job != p.job:
         raise WireError(f"job {job.job!r} requested on job/{p.job}")
@@ -110,7 +110,10 @@ def on_job(agent, topic: str, payload: Any, retained: bool) -> None:
     if not limiter.allow(job.client, time.monotonic()):
         raise BoundsError(f"job {sanitise(job.job)} of client {sanitise(job.client)} refused: "
                           "over the job request rate limit")
-    agent.job_request(job)
+    if agent.is_leader:
+        agent.job_request(job)
+    else:
+        agent.early_job(job)                    # no leader known: a fail-over is under way
 
 
 def on_set_link(agent, topic: str, p: Any, retained: bool) -> None:

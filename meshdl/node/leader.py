@@ -99,6 +99,8 @@ class LeaderDuties:
         self._foreign: dict[str, int] = dict(known_plans)   # retained plan id -> term
         self._current: dict[StandingRequest, str] = {}
         self._published: set[str] = set()
+        self._issued: dict[str, Any] = {}        # plan id -> Plan of every live plan
+        self._republish = False
         self._planned_mesh: Mesh | None = None
         self._jobs: collections.deque[JobRequest] = collections.deque()
         self._cv = threading.Condition()
@@ -142,6 +144,12 @@ class LeaderDuties:
                 self._dirty_at = time.monotonic()
             self._cv.notify_all()
 
+    def republish(self) -> None:
+        """Publish every live plan again (the broker restarted and lost them)."""
+        with self._cv:
+            self._republish = True
+            self._cv.notify_all()
+
     def job_request(self, job: JobRequest) -> None:
         with self._cv:
             self._jobs.append(job)
@@ -162,7 +170,7 @@ class LeaderDuties:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopped and not self._jobs and (
+                while not self._stopped and not self._jobs and not self._republish and (
                         self._dirty_at is None
                         or time.monotonic() - self._dirty_at < self._debounce):
                     wait = None if self._dirty_at is None else \
@@ -175,7 +183,11 @@ class LeaderDuties:
                     time.monotonic() - self._dirty_at >= self._debounce
                 if dirty:
                     self._dirty_at = None
+                again, self._republish = self._republish, False
             try:
+                if again:
+                    for plan in list(self._issued.values()):
+                        self._publish(plan)
                 if dirty:
                     self._refresh()
                 if job is not None:
@@ -231,6 +243,7 @@ class LeaderDuties:
     def _publish(self, plan) -> str:
         msg = PlanMessage(plan.plan_id, self.term, plan.to_dict(), time.time())
         self._published.add(plan.plan_id)
+        self._issued[plan.plan_id] = plan
         self._bus.publish(topics.plan(self.mesh_name, plan.plan_id), encode_control(msg),
                           qos=1, retain=True)
         self._foreign.pop(plan.plan_id, None)
@@ -245,6 +258,7 @@ class LeaderDuties:
             log.info("leader %s: clearing superseded plan %s", self.me, pid)
             self._bus.publish(topics.plan(self.mesh_name, pid), b"", qos=1, retain=True)
             self._published.discard(pid)
+            self._issued.pop(pid, None)
             with self._cv:
                 self._foreign.pop(pid, None)
 

@@ -82,6 +82,9 @@ class PahoBus:
         self._pending_bytes = 0
         self._client: mqtt.Client | None = None
         self._closed = False
+        self._connects = 0                          # successful CONNACKs so far
+        self.session_present = False
+        self._listeners: list = []                  # called (off paho's thread) per reconnect
         if connect:
             self.connect()
 
@@ -92,6 +95,17 @@ class PahoBus:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    @property
+    def connects(self) -> int:
+        """How many times this bus got a CONNACK: a change means a reconnect happened
+        (the broker may have lost our session, retained records and subscriptions)."""
+        return self._connects
+
+    def on_reconnect(self, callback) -> None:
+        """Call ``callback()`` after every reconnect (not the first connect), on a
+        short-lived thread of its own, never on paho's network thread."""
+        self._listeners.append(callback)
 
     @property
     def dropped(self) -> int:
@@ -202,6 +216,15 @@ class PahoBus:
     # ----------------------------------------------------------- paho callbacks (network thread)
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
                     props: Any) -> None:
+        # Runs on paho's network thread: an exception escaping here kills that thread
+        # for good (paho re-raises), so nothing may escape.
+        try:
+            self._connected_cb(client, flags, rc, props)
+        except Exception:
+            log.exception("error handling CONNACK from %s (ignored)", self.url.redacted())
+            self._answered.set()
+
+    def _connected_cb(self, client: mqtt.Client, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self._last_rc = rc
             self._answered.set()
@@ -212,24 +235,45 @@ class PahoBus:
             return
         size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         self._broker_max_packet = size
+        self.session_present = bool(getattr(flags, "session_present", False))
         subs = self._subs.items()
         if subs:
             client.subscribe([(p, q) for p, q in subs])
         with self._out:                 # qos 0 packets queued before a reconnect are gone
             self._reap(drop_qos0=True)
             self._out.notify_all()
+        self._connects += 1
         self._connected.set()
         self._answered.set()
-        log.info("connected to %s (%d subscriptions)", self.url.redacted(), len(subs))
+        log.info("connected to %s (%d subscriptions%s)", self.url.redacted(), len(subs),
+                 ", reconnect" if self._connects > 1 else "")
+        if self._connects > 1 and self._listeners:
+            threading.Thread(target=self._notify_reconnect, daemon=True,
+                             name=f"reconnect-{self.client_id[:24]}").start()
+
+    def _notify_reconnect(self) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb()
+            except Exception:
+                log.exception("reconnect listener %r failed", cb)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
                        props: Any) -> None:
+        try:
+            self._disconnected_cb(rc)
+        except Exception:
+            log.exception("error handling a disconnect (ignored)")
+
+    def _disconnected_cb(self, rc: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         if not self._answered.is_set():
             self._last_rc = ConnectionAbortedError(f"broker closed the connection before "
                                                    f"answering CONNECT ({rc})")
             self._answered.set()
+        with self._out:
+            self._out.notify_all()
         if was and not self._closed:
             log.warning("lost connection to %s (%s); reconnecting", self.url.redacted(), rc)
 
@@ -239,12 +283,18 @@ class PahoBus:
         except UnicodeDecodeError:
             log.warning("dropped a message with a non-UTF-8 topic")
             return
-        self._dispatcher.put(topic, msg.payload, bool(msg.retain))
+        try:
+            self._dispatcher.put(topic, msg.payload, bool(msg.retain))
+        except Exception:
+            log.exception("could not queue a message on %s", topic)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any,
                     props: Any) -> None:
-        with self._out:
-            self._out.notify_all()
+        try:
+            with self._out:
+                self._out.notify_all()
+        except Exception:
+            log.exception("error in on_publish (ignored)")
 
     # ----------------------------------------------------------- bus API
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
@@ -275,7 +325,15 @@ class PahoBus:
             raise TransportError(f"not connected to {self.url.redacted()} (reconnecting); "
                                  "retry later or publish with qos=1 to have it queued")
         self._wait_room(size, timeout)
-        info = client.publish(topic, payload, qos, retain)
+        try:
+            info = client.publish(topic, payload, qos, retain)
+        except (OSError, ValueError, RuntimeError, ssl.SSLError) as exc:
+            # a socket broken under paho: the network thread reconnects; qos >= 1 is
+            # queued by paho only when it returned an info, so report this one
+            raise TransportError(f"publish to {topic} failed: {exc}; the connection to "
+                                 f"{self.url.redacted()} is being re-established") from exc
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and qos == 0:
+            return info                  # lost with the connection, as qos 0 may be
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         with self._out:
@@ -290,7 +348,8 @@ class PahoBus:
 
     def _reap(self, drop_qos0: bool = False) -> None:
         pending = self._pending
-        while pending and (pending[0][0].is_published() or (drop_qos0 and pending[0][2] == 0)):
+        while pending and (_is_done(pending[0][0], pending[0][2])
+                           or (drop_qos0 and pending[0][2] == 0)):
             self._pending_bytes -= pending.popleft()[1]
 
     def _wait_room(self, size: int, timeout: float) -> None:
@@ -341,7 +400,8 @@ class PahoBus:
 
     def close(self, final: Will | None = None, timeout: float = 5.0) -> None:
         """Clean disconnect (the broker sends no will). ``final``, e.g. an offline
-        state, is published at qos >= 1 and waited for first."""
+        state, is published at qos >= 1 and waited for first. Never raises: a bus
+        that cannot say goodbye is closed anyway."""
         if self._closed:
             return
         try:
@@ -350,18 +410,43 @@ class PahoBus:
                     self.publish(final.topic, final.payload, max(1, final.qos), final.retain)
                 except TransportError as exc:
                     log.warning("could not publish the final message: %s", exc)
-            if not self.flush(timeout):
+            wait = timeout if self._connected.is_set() else min(timeout, 0.5)
+            if not self.flush(wait):
                 log.warning("closing %s with unsent messages", self.url.redacted())
+        except Exception:
+            log.exception("error while closing the bus to %s (ignored)", self.url.redacted())
         finally:
             self._closed = True
-            self._stop_client()
-            self._dispatcher.stop(timeout)
+            try:
+                self._stop_client()
+                self._dispatcher.stop(timeout)
+            except Exception:
+                log.exception("error stopping the bus to %s (ignored)", self.url.redacted())
 
     def __enter__(self) -> "PahoBus":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_done(info: mqtt.MQTTMessageInfo, qos: int) -> bool:
+    """Sent (qos 0) or acknowledged (qos >= 1); never raises. paho 2.x's
+    ``is_published()`` raises RuntimeError for a message published while
+    disconnected (rc MQTT_ERR_NO_CONN) even though paho queued it (qos >= 1) and
+    sends it after the reconnect; it marks it published then."""
+    if info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_AGAIN:
+        try:
+            return info.is_published()
+        except (RuntimeError, ValueError):
+            return True
+    if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
+        cond = getattr(info, "_condition", None)
+        if cond is None:
+            return True
+        with cond:
+            return bool(getattr(info, "_published", True))
+    return True                     # qos 0 lost with the connection, or refused by paho
 
 
 def _value(rc: Any) -> Any:

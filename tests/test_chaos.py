@@ -1,0 +1,121 @@
+"""Chaos on real mosquitto with real node processes: broker restarts, frozen nodes,
+leader kills. Every job must come back exact (or fail with a named reason) within
+its deadline. One 4-node mesh for the fast subset; the long runs are marked slow."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import meshdl
+from meshdl.client import MeshClient
+from meshdl.errors import JobError
+from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+KEEPALIVE = 3          # node keepalive here: the broker fires a frozen node's will after 4.5 s
+
+
+def exact(y: torch.Tensor, ref: torch.Tensor) -> None:
+    diff = (y - ref).abs().max().item()
+    assert diff <= 1e-4 * ref.abs().max().item(), diff
+    assert int(y.argmax()) == int(ref.argmax())
+
+
+@pytest.fixture(scope="module")
+def chaos4(tmp_path_factory):
+    from meshdl.node.launcher import MeshUp
+    from tests.test_dataplane import broker_template
+    d = tmp_path_factory.mktemp("chaos4")
+    env = dict(os.environ, MESHDL_KEEPALIVE=str(KEEPALIVE))
+    with EmbeddedBroker(broker_template(d), backend="mosquitto", workdir=d / "b") as b:
+        up = MeshUp("home-4", broker=b.url, mesh="c4", model="tiny_cnn", log_dir=d / "logs",
+                    verbose=True, env=env)
+        with up:
+            up.wait_ready(120)
+            yield b, up
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = meshdl.models.build("tiny_cnn")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    return x, model(x)
+
+
+def test_broker_restart_then_job_succeeds(chaos4, tiny):
+    """Stop and restart mosquitto on the same port (it loses every retained record and
+    fires every will): the nodes reconnect, re-announce, re-form one leader and the
+    plans, and a client made before the restart runs a job exactly."""
+    b, up = chaos4
+    x, ref = tiny
+    with MeshClient(b.url, "c4") as c:
+        exact(c.infer(x, model="tiny_cnn", timeout=60).output, ref)
+        b.restart()
+        t0 = time.monotonic()
+        r = c.infer(x, model="tiny_cnn", timeout=60)
+        took = time.monotonic() - t0
+        exact(r.output, ref)
+    assert took < 45, took
+    snap = up.wait_ready(60)            # one leader, every node online and agreeing
+    assert set(snap.online) == set(up.devices)
+
+
+def test_frozen_node_past_keepalive_rejoins(chaos4, tiny):
+    """SIGSTOP a worker for longer than its keepalive (the broker fires its will),
+    SIGCONT it: it reconnects, announces itself again and is back in the mesh."""
+    b, up = chaos4
+    x, ref = tiny
+    snap = up.watcher.snapshot()
+    leader = snap.leader.node if snap.leader else None
+    victim = next(d for d in ("pi3", "pi4-b", "nano") if d != leader)
+    pid = up.procs[victim].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        up.wait_for(lambda s: victim not in s.online, 30, f"{victim}'s will")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    up.wait_for(lambda s: victim in s.online, 30, f"{victim} back online")
+    up.wait_ready(60)
+    with MeshClient(b.url, "c4") as c:
+        exact(c.infer(x, model="tiny_cnn", timeout=60).output, ref)
+
+
+def test_job_sent_right_after_leader_killed_is_answered(chaos4, tiny):
+    """SIGKILL the leader and at once ask for a job: the request reaches no leader, so
+    the client re-sends it; the new leader answers and the job is exact."""
+    b, up = chaos4
+    x, ref = tiny
+    with MeshClient(b.url, "c4") as c:
+        exact(c.infer(x, model="tiny_cnn", timeout=60).output, ref)
+        old = up.watcher.snapshot().leader.node
+        up.kill(old)
+        t0 = time.monotonic()
+        r = c.infer(x, model="tiny_cnn", timeout=60)
+        took = time.monotonic() - t0
+    exact(r.output, ref)
+    assert r.plan.meta.get("leader") != old
+    assert old not in r.plan.devices()
+    assert took < 45, took
+    up.spawn(old)                        # leave the mesh whole for later tests
+    up.wait_for(lambda s: old in s.online, 60, f"{old} back")
+
+
+def test_no_live_mesh_fails_fast_naming_it(chaos4):
+    """A client asking a mesh that has no live member fails in <= 3 s, naming the mesh,
+    what it saw and the fix (not after its whole deadline)."""
+    b, _ = chaos4
+    with MeshClient(b.url, "nosuchmesh") as c:
+        t0 = time.monotonic()
+        with pytest.raises(JobError) as err:
+            c.infer(torch.zeros(1, 3, 32, 32), model="tiny_cnn", timeout=60)
+        took = time.monotonic() - t0
+    msg = str(err.value)
+    assert took <= 3.5, took
+    assert "nosuchmesh" in msg and "no live members" in msg
+    assert "ever announced" in msg and "c4" in msg, msg   # other live mesh named
+    assert "meshdl mesh up" in msg or "node start" in msg
