@@ -28,7 +28,7 @@ def test_infer_in_process_reports_top5_and_the_split_difference(tmp_path):
     synthetic_image(3, 64).save(img)
     r = run("infer", str(img), "--in-process", "--model", "tiny_cnn", "--grid", "2x2", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert len(out["top5"]) == 5 and out["same_top1"] is True
     assert out["relative_diff"] <= 1e-4
     assert out["tasks"] > out["stages"]          # it really was split
@@ -40,7 +40,7 @@ def test_infer_in_process_plans_on_a_topology(tmp_path):
     r = run("infer", str(img), "--in-process", "--model", "tiny_cnn", "--topology", "home-4",
             "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["relative_diff"] <= 1e-4
+    assert json.loads(r.stdout)["relative_diff"] <= 1e-4
 
 
 def test_corrupt_image_and_bad_flags_get_clear_errors(tmp_path):

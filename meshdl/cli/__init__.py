@@ -1,10 +1,16 @@
 """The ``meshdl`` command. This package alone configures logging and prints.
 
-Each sub-command lives in its own module and is registered in ``main`` below.
+One module per command or command group, listed in ``COMMANDS`` below (add yours
+there). Shared options (broker connection, strategy, alpha) live in ``options``.
+
+Signals: SIGINT, SIGTERM and SIGHUP all unwind the command (context managers stop what
+it started: nodes, broker, temp dirs); a second signal during that cleanup is ignored so
+the cleanup finishes (it is bounded to ~2 s). Exit status 128 + signal number.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -15,8 +21,51 @@ from meshdl.errors import MeshdlError
 log = logging.getLogger("meshdl")
 
 
+class Interrupted(BaseException):
+    """Raised in the main thread by the first SIGINT/SIGTERM/SIGHUP."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """First signal: raise Interrupted (unwinds, cleanup runs). Later ones: noted only."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            raise Interrupted(signum)
+        try:
+            sys.stderr.write("still stopping what this command started ...\n")
+        except (OSError, ValueError):
+            pass
+
+    def install(self) -> dict:
+        """Install the handlers; returns the previous ones (for ``restore``)."""
+        prev = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            try:
+                prev[sig] = signal.signal(sig, self.handle)
+            except (ValueError, OSError):      # not the main thread (e.g. CliRunner in a thread)
+                break
+        return prev
+
+    @staticmethod
+    def restore(prev: dict) -> None:
+        for sig, handler in prev.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+
+
 class MeshdlGroup(click.Group):
-    """Turns every MeshdlError into one clear line and exit status 2 (no traceback)."""
+    """Turns every MeshdlError into one clear line and exit status 2 (no traceback), and
+    a signal into a clean stop with exit status 128 + signal."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -24,6 +73,11 @@ class MeshdlGroup(click.Group):
         except MeshdlError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
+        except Interrupted as exc:
+            name = signal.Signals(exc.signum).name
+            click.secho(f"interrupted by {name}: stopped everything this command started",
+                        fg="yellow", err=True)
+            sys.exit(128 + exc.signum)
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -38,18 +92,33 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(verbose: int, quiet: bool) -> None:
-    """meshdl: exact DNN inference split across a mesh of edge devices over MQTT."""
+    """meshdl: exact DNN inference split across a mesh of edge devices over MQTT.
+
+    Start with `meshdl infer sample` (an embedded mesh, nothing to set up), then
+    `meshdl models`, `meshdl topologies`, `meshdl profiles`, `meshdl strategies`.
+    """
     setup_logging(verbose, quiet)
+    sigs = _Signals()
+    prev = sigs.install()
+    click.get_current_context().call_on_close(lambda: sigs.restore(prev))
+
+
+# (module, command names): one module per command or group
+COMMANDS = (
+    ("meshdl.cli.infer_cmd", ("infer",)),
+    ("meshdl.cli.models_cmd", ("models",)),
+    ("meshdl.cli.list_cmd", ("topologies", "profiles", "strategies")),
+    ("meshdl.cli.plan_cmd", ("plan",)),
+    ("meshdl.cli.mesh_cmd", ("mesh",)),
+    ("meshdl.cli.node_cmd", ("node",)),
+)
 
 
 def _register() -> None:
-    from meshdl.cli import models_cmd, infer_cmd
-    main.add_command(models_cmd.models)
-    main.add_command(infer_cmd.infer)
-    for module, names in (("meshdl.cli.node_cmd", ("node",)), ("meshdl.cli.mesh_cmd", ("mesh",)),
-                          ("meshdl.cli.plan_cmd", ("plan",))):
+    import importlib
+    for module, names in COMMANDS:
         try:
-            mod = __import__(module, fromlist=list(names))
+            mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise

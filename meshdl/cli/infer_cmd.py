@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from meshdl.cli.options import (DEFAULT_BROKER, alpha_option, broker_options, connection,
+                                strategy_option, topology_help)
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -30,6 +33,8 @@ def image_paths(target: str) -> list[Path]:
     if not p.exists():
         raise ImageError(f"image {p} does not exist; give a path to a .jpg/.png file or a "
                          "directory of images")
+    if p.stat().st_size == 0:
+        raise ImageError(f"image {p} is empty (0 bytes); give a JPEG/PNG file")
     return [p]
 
 
@@ -38,9 +43,33 @@ def parse_grid(text: str | None):
         return None
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
-        return rows, cols
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not ROWSxCOLS, e.g. 2x2") from None
+        raise click.BadParameter(f"{text!r} is not ROWSxCOLS, e.g. 2x2",
+                                 param_hint="--grid") from None
+    if rows < 1 or cols < 1:
+        raise click.BadParameter(f"{text!r}: rows and columns must be at least 1",
+                                 param_hint="--grid")
+    return rows, cols
+
+
+def check_model(model_name: str) -> None:
+    """Refuse an unknown model before anything starts."""
+    import meshdl
+    if model_name not in meshdl.models.names():
+        raise click.BadParameter(f"unknown model {model_name!r}; choose one of "
+                                 f"{', '.join(meshdl.models.names())} (`meshdl models`)",
+                                 param_hint="--model")
+
+
+def warn_untrained(model_name: str, weights) -> None:
+    """Random weights give meaningless labels: say so before the user reads them."""
+    import meshdl
+    info = meshdl.models.info(model_name)
+    if weights is None and not info.pretrained_available:
+        click.secho(f"warning: {model_name} has no pretrained weights here (seeded random "
+                    "initialisation): its labels are meaningless. The split is still exact; "
+                    "for real labels use efficientnet_lite0 or load weights "
+                    "(--weights FILE with --in-process).", fg="yellow", err=True)
 
 
 def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, as_json, repeat):
@@ -49,13 +78,15 @@ def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, 
     import meshdl
     from meshdl import imaging
 
-    pretrained = model_name == "efficientnet_lite0" and weights is None
-    model = meshdl.models.build(model_name, pretrained=pretrained, weights=weights)
     info = meshdl.models.info(model_name)
+    pretrained = info.pretrained_available and weights is None
+    model = meshdl.models.build(model_name, pretrained=pretrained, weights=weights)
     g = meshdl.trace(model, info.input_shape, name=model_name)
     if grid:
         plan = meshdl.manual_plan(g, grids=[grid])
         how = f"manual {grid[0]}x{grid[1]} tiles"
+        for note in plan.notes:         # e.g. a grid larger than the map shrank to fit
+            click.secho(f"note: {note}", fg="yellow", err=True)
     else:
         mesh = meshdl.load_topology(topology)
         plan = meshdl.plan(g, mesh, strategy=strategy, alpha=alpha)
@@ -105,37 +136,60 @@ def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, 
 @click.command()
 @click.argument("image", type=str)
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True,
-              help="Model from the zoo (see `meshdl models`).")
+              help="Model from the zoo (`meshdl models`). Only efficientnet_lite0 ships "
+              "pretrained weights; the others have seeded random weights.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
-              help="A state-dict file (torchvision layout) to load into the model.")
-@click.option("--strategy", default="meshdl", show_default=True, help="Planning strategy.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=1.0, show_default=True,
-              help="0 = minimum energy, 1 = minimum latency.")
+              help="With --in-process: a state-dict file (torchvision layout) to load into "
+              "the model.")
+@strategy_option()
+@alpha_option
 @click.option("--in-process", is_flag=True,
-              help="Split and run inside this process (no broker, no mesh).")
+              help="Split and run inside this process (no broker, no mesh) and show the "
+              "difference from the unsplit model.")
 @click.option("--topology", default="home-4", show_default=True,
-              help="With --in-process: the mesh to plan for.")
-@click.option("--grid", default=None, help="With --in-process: hand-made ROWSxCOLS tiles.")
-@click.option("--broker", default=None, help="Broker URL (default mqtt://127.0.0.1:1883).")
-@click.option("--mesh", "mesh_name", default="default", show_default=True, help="Mesh name.")
-@click.option("--repeat", type=click.IntRange(1, 10000), default=1, show_default=True)
-@click.option("--timeout", type=float, default=60.0, show_default=True,
-              help="Seconds before a job fails.")
+              help=topology_help("With --in-process: the mesh to plan for."))
+@click.option("--grid", default=None, help="With --in-process: hand-made ROWSxCOLS tiles of "
+              "one stage instead of a planned split (a grid larger than the feature map "
+              "shrinks to fit, with a note).")
+@broker_options(default=None, broker_help=(
+    "Broker URL of a running mesh (mqtt://host:port or mqtts://). Leave it out to start an "
+    "embedded default: a local broker with random credentials plus an emulated home-4 mesh, "
+    "removed at exit. A mesh already at mqtt://127.0.0.1:1883 is used only when "
+    "--username/--password are given."))
+@click.option("--repeat", type=click.IntRange(1, 10000), default=1, show_default=True,
+              help="Run each image this many times; report the median latency.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds before a job fails.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def infer(image, model_name, weights, strategy, alpha, in_process, topology, grid, broker,
-          mesh_name, repeat, timeout, as_json):
+          mesh_name, username, password, password_file, tls_ca, repeat, timeout, as_json):
     """Classify IMAGE (a file, a directory of images, or `sample` for a bundled photo):
-    top-5 labels and timings."""
-    import meshdl
-    if model_name not in meshdl.models.names():
-        raise click.BadParameter(f"unknown model {model_name!r}; choose one of "
-                                 f"{', '.join(meshdl.models.names())}", param_hint="--model")
+    top-5 labels and timings.
+
+    Without --broker (and without --in-process) an embedded mesh starts: a local broker
+    and one emulated node process per device of home-4; everything it starts stops with
+    this command (also on Ctrl-C, SIGTERM or a closed terminal).
+    """
+    ctx = click.get_current_context()
+    if not in_process:
+        for name, value in (("--grid", grid), ("--weights", weights)):
+            if value is not None:
+                raise click.UsageError(f"{name} works only with --in-process")
+        if ctx.get_parameter_source("topology") == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("--topology works only with --in-process (a mesh plans "
+                                   "on its live members)")
+    check_model(model_name)
+    grid_rc = parse_grid(grid)
     paths = image_paths(image)
+    warn_untrained(model_name, weights)
     if in_process:
-        run_in_process(paths, model_name, weights, topology, strategy, parse_grid(grid),
+        run_in_process(paths, model_name, weights, topology, strategy, grid_rc,
                        alpha, as_json, repeat)
         return
     from meshdl.cli import infer_mesh
+    conn = None if (broker, username, password, password_file, tls_ca) == (None,) * 5 \
+        else connection(broker or DEFAULT_BROKER, username, password,
+                                              password_file, tls_ca)
     infer_mesh.run(paths, model_name=model_name, weights=weights, strategy=strategy,
-                   alpha=alpha, broker=broker, mesh_name=mesh_name, repeat=repeat,
-                   timeout=timeout, as_json=as_json)
+                   alpha=alpha, conn=conn, explicit=broker is not None, mesh_name=mesh_name,
+                   repeat=repeat, timeout=timeout, as_json=as_json)

@@ -1,8 +1,9 @@
 """``meshdl infer`` on a mesh: send each image as a job, print top-5, latency, the plan
 and predicted vs measured time per stage.
 
-With no ``--broker`` and nothing listening at the default address, an embedded
-default starts: a broker plus an emulated home-4 mesh (one process per device).
+With no ``--broker`` an embedded default starts (a broker with random credentials plus
+an emulated home-4 mesh, one process per device), unless credentials are given and a
+broker listens at the default address: see ``choose_broker``.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import click
 
+from meshdl.cli.options import DEFAULT_BROKER, Connection, fail_fast_if_refused
 from meshdl.errors import JobError
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_TOPOLOGY = "home-4"
+LIVE_MESH_WAIT_S = 1.5
 
 
 def _reachable(url: str) -> bool:
@@ -26,15 +28,73 @@ def _reachable(url: str) -> bool:
     return port_open(u.host, u.port, timeout=0.5)
 
 
-def _embedded(stack: ExitStack, model_name: str, timeout: float) -> tuple[str, str]:
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def choose_broker(conn: Connection | None, explicit: bool) -> Connection | None:
+    """The broker to send images to, or None for the embedded default.
+
+    An explicit --broker is used as given. Without one, a broker at the default address
+    is used only with credentials: any local user can listen on 127.0.0.1:1883, and an
+    image must not go to a broker meshdl did not start unless it authenticated us."""
+    from meshdl.transport.urls import parse_url
+    if explicit:
+        u = parse_url(conn.url)
+        if not conn.authenticated and not u.tls and not _is_loopback(u.host):
+            click.secho(f"WARNING: sending images to {u.redacted()} without credentials or "
+                        "TLS: anyone on that network can read them or pose as the broker; "
+                        "use --username/--password-file and mqtts:// with --tls-ca.",
+                        fg="red", bold=True, err=True)
+        fail_fast_if_refused(conn.url)
+        return conn
+    if conn is not None and conn.authenticated and _reachable(conn.url):
+        return conn
+    if _reachable(DEFAULT_BROKER):
+        click.echo(f"note: a broker listens at {DEFAULT_BROKER} but no credentials were "
+                   "given, and meshdl sends images only to a broker it started or one that "
+                   "authenticates it; starting the embedded default instead (use that broker "
+                   "with --broker, or give --username and --password-file).", err=True)
+    return None
+
+
+def _embedded(stack: ExitStack, model_name: str, timeout: float) -> tuple[Connection, str,
+                                                                        str]:
     from meshdl.node.launcher import MeshUp
-    click.echo(f"no broker at {DEFAULT_BROKER}: starting an embedded broker and an emulated "
-               f"{DEFAULT_TOPOLOGY} mesh (one node process per device; takes a few seconds)",
+    click.echo(f"starting the embedded default: a local broker and an emulated "
+               f"{DEFAULT_TOPOLOGY} mesh (one node process per device; a few seconds)",
                err=True)
-    up = stack.enter_context(MeshUp(DEFAULT_TOPOLOGY, model=model_name, verbose=False))
+    up = stack.enter_context(MeshUp(DEFAULT_TOPOLOGY, model=model_name, verbose=False,
+                                    credentials=True, supervise=True, stop_timeout=1.0))
     up.wait_ready(max(60.0, timeout))
-    click.echo(f"embedded mesh {up.mesh_name!r} ready at {up.url}", err=True)
-    return up.url, up.mesh_name
+    click.echo(f"embedded mesh {up.mesh_name!r} ready at {up.url} ({up.broker.kind})",
+               err=True)
+    return (Connection(up.url, up.username, up.password), up.mesh_name,
+            up.protocol or "auto")
+
+
+def check_live_mesh(client, url: str, mesh_name: str, wait: float = LIVE_MESH_WAIT_S) -> None:
+    """Fail fast when the broker carries no live member of ``mesh_name``: name the mesh,
+    the members seen (all offline, or none) and the fix."""
+    from meshdl.node.status import MeshWatcher
+    from meshdl.transport.urls import parse_url
+    w = MeshWatcher(client.bus, mesh_name)
+    snap = w.wait_for(lambda s: bool(s.online), wait)
+    if snap is not None:
+        return
+    seen = sorted(w.snapshot().states)
+    where = parse_url(url).redacted()
+    members = (f"members {', '.join(seen)} are all offline" if seen
+               else "no member has ever joined it")
+    raise JobError(f"mesh {mesh_name!r} at {where} has no live member ({members}); start "
+                   f"nodes (`meshdl node start --broker {where} --mesh {mesh_name}` on each "
+                   "device), check --mesh, or leave out --broker to use the embedded default")
 
 
 def _summary(path: Path, runs: list) -> dict:
@@ -76,8 +136,9 @@ def _print(s: dict) -> None:
                    f"{_ms(st['predicted_s'])}    {_ms(st['measured_s'])}")
 
 
-def run(paths, *, model_name: str, weights, strategy: str, alpha: float, broker: str | None,
-        mesh_name: str, repeat: int, timeout: float, as_json: bool) -> None:
+def run(paths, *, model_name: str, weights, strategy: str, alpha: float,
+        conn: Connection | None, explicit: bool, mesh_name: str, repeat: int, timeout: float,
+        as_json: bool) -> None:
     from meshdl import imaging
     from meshdl.client import MeshClient
     if weights is not None:
@@ -86,12 +147,15 @@ def run(paths, *, model_name: str, weights, strategy: str, alpha: float, broker:
     prep = imaging.preprocess_for(model_name)
     images = [(p, imaging.load_image(p, preprocessing=prep)) for p in paths]
     with ExitStack() as stack:
-        url = broker or DEFAULT_BROKER
-        embedded = broker is None and not _reachable(url)
+        chosen = choose_broker(conn, explicit)
+        protocol, embedded = "auto", chosen is None
         if embedded:
-            url, mesh_name = _embedded(stack, model_name, timeout)
-        client = stack.enter_context(MeshClient(url, mesh_name))
-        if embedded:    # fresh node processes still load and trace the model: warm them
+            chosen, mesh_name, protocol = _embedded(stack, model_name, timeout)
+        client = stack.enter_context(MeshClient(chosen.url, mesh_name, protocol=protocol,
+                                                **chosen.bus_options()))
+        if not embedded:
+            check_live_mesh(client, chosen.url, mesh_name)
+        else:           # fresh node processes still load and trace the model: warm them
             click.echo("warming up the mesh with one untimed job ...", err=True)
             client.infer(images[0][1], model=model_name, strategy=strategy, alpha=alpha,
                          timeout=max(120.0, timeout))

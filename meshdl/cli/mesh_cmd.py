@@ -7,6 +7,8 @@ import threading
 
 import click
 
+from meshdl.cli.options import DEFAULT_BROKER, broker_options, connection, fail_fast_if_refused
+
 
 @click.group()
 def mesh() -> None:
@@ -15,29 +17,42 @@ def mesh() -> None:
 
 @mesh.command("up")
 @click.argument("topology")
-@click.option("--broker", default=None, help="Use this broker instead of starting one.")
-@click.option("--mesh", "mesh_name", default="default", show_default=True)
+@click.option("--broker", default=None, help="Use this broker instead of starting one "
+              "(default: an embedded broker on a free loopback port, with random "
+              "credentials).")
+@click.option("--mesh", "mesh_name", default="default", show_default=True,
+              help="Mesh name.")
 @click.option("--model", "models", default="", help="Model(s) to keep a plan for "
               "(comma-separated; default: the topology's, else efficientnet_lite0).")
 @click.option("--backend", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto",
-              show_default=True, help="Embedded broker implementation.")
+              show_default=True, help="Embedded broker: mosquitto, or amqtt (pure Python); "
+              "auto = mosquitto when installed.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for "
               "all members, a leader and a plan.")
 @click.option("--log-dir", default=None, type=click.Path(file_okay=False),
               help="Where node logs go (default: a temp dir, removed at exit).")
 @click.option("--no-dataplane", is_flag=True, help="Control plane only.")
 def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_dataplane):
-    """Start a broker and one emulated node process per device of TOPOLOGY."""
+    """Start a broker and one emulated node process per device of TOPOLOGY (a shipped
+    topology, see `meshdl topologies`, or a YAML file). Ctrl-C, SIGTERM or SIGHUP stops
+    everything; so does the death of this process."""
     from meshdl.node.launcher import MeshUp
 
     launcher = MeshUp(topology, broker=broker, mesh=mesh_name,
                       models=[m.strip() for m in models.split(",") if m.strip()],
-                      backend=backend, log_dir=log_dir, dataplane=not no_dataplane)
+                      backend=backend, log_dir=log_dir, dataplane=not no_dataplane,
+                      credentials=True, supervise=True, stop_timeout=1.5)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     launcher.start()
     try:
+        login = ""
+        if launcher.password:
+            pw_file = launcher.log_dir / "password"
+            pw_file.write_text(launcher.password + "\n")
+            pw_file.chmod(0o600)
+            login = f" --username {launcher.username} --password-file {pw_file}"
         click.echo(f"broker: {launcher.url}   mesh: {mesh_name}   nodes: "
                    f"{len(launcher.devices)}   logs: {launcher.log_dir}")
         click.echo(f"waiting up to {timeout:g} s for members, a leader and a plan...")
@@ -58,7 +73,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
         if "snap" in result:
             click.echo(render_status(result["snap"].to_dict()))
             click.echo(f"\nmesh is up. Try: meshdl mesh status --broker {launcher.url} "
-                       f"--mesh {mesh_name}   (Ctrl-C stops everything)")
+                       f"--mesh {mesh_name}{login}   (Ctrl-C stops everything)")
         while not stop.is_set():
             stop.wait(0.5)
             dead = [d for d, p in launcher.procs.items() if p.poll() is not None]
@@ -72,19 +87,19 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
 
 
 @mesh.command("status")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True)
-@click.option("--mesh", "mesh_name", default="default", show_default=True)
-@click.option("--username", default=None)
-@click.option("--password", default=None, envvar="MESHDL_PASSWORD")
-@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False))
-@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto")
+@broker_options(default=DEFAULT_BROKER)
+@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
+              show_default=True, help="MQTT version (auto: 5, else 3.1.1).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(broker, mesh_name, username, password, tls_ca, protocol, as_json):
-    """Members, leader and term, link figures and current plans (from retained records)."""
+def status(broker, mesh_name, username, password, password_file, tls_ca, protocol, as_json):
+    """Members, leader and term, link figures and current plans (from retained records).
+    Fails at once when nothing listens at --broker."""
     from meshdl.node.status import read_status
 
-    snap = read_status(broker, mesh_name, username=username, password=password,
-                       tls_ca=tls_ca, protocol=protocol)
+    conn = connection(broker, username, password, password_file, tls_ca)
+    fail_fast_if_refused(conn.url)
+    snap = read_status(conn.url, mesh_name, username=conn.username, password=conn.password,
+                       tls_ca=conn.tls_ca, protocol=protocol)
     data = snap.to_dict()
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))

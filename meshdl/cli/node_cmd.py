@@ -8,6 +8,10 @@ import threading
 
 import click
 
+from meshdl.cli.options import (DEFAULT_BROKER, alpha_option, broker_options, connection,
+                                profile_help, strategy_option, topology_help)
+from meshdl.node.reaper import watch_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -17,28 +21,20 @@ def node() -> None:
 
 
 @node.command("start")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="Broker URL (mqtt:// or mqtts://, user:pass@ allowed).")
-@click.option("--mesh", "mesh_name", default="default", show_default=True, help="Mesh name.")
+@broker_options(default=DEFAULT_BROKER)
 @click.option("--id", "node_id", default=None, help="Node id (default: the host name).")
-@click.option("--profile", default=None, help="Device profile name (rpi4...) or path.")
+@click.option("--profile", default=None, help=profile_help(
+    "Device profile (compute, memory, power figures)."))
 @click.option("--emulate", is_flag=True, help="Pace compute and links to the profile and "
               "topology figures instead of measuring this host.")
-@click.option("--topology", default=None, help="Topology name or path (link figures, "
-              "device figures, default source/sink/model).")
-@click.option("--username", default=None)
-@click.option("--password", default=None, envvar="MESHDL_PASSWORD",
-              help="Broker password (or MESHDL_PASSWORD).")
-@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="CA certificate for mqtts://.")
+@click.option("--topology", default=None, help=topology_help(
+    "Link figures, device figures, default source/sink/model."))
 @click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
               show_default=True, help="MQTT version (amqtt needs 3.1.1).")
 @click.option("--models", default="", help="Comma-separated models the leader keeps a "
               "default plan for (default: the topology's, else efficientnet_lite0).")
-@click.option("--strategy", default="meshdl", show_default=True,
-              help="Strategy of the default plans.")
-@click.option("--alpha", default=0.5, show_default=True, type=float,
-              help="Latency/energy weight of the default plans (1 = fastest).")
+@strategy_option(help_extra=" Used for the default plans the leader keeps.")
+@alpha_option
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False),
               help="Where to persist the session counter (optional).")
 @click.option("--telemetry-period", default=2.0, show_default=True, type=float,
@@ -48,16 +44,19 @@ def node() -> None:
               default="auto", show_default=True,
               help="Lossless compression of tensor pieces: auto compresses on links slower "
                    "than the codec, never on fast ones.")
-def start(broker, mesh_name, node_id, profile, emulate, topology, username, password, tls_ca,
-          protocol, models, strategy, alpha, state_dir, telemetry_period, no_dataplane,
-          compression):
-    """Join a mesh: birth state, telemetry, election, plans (and the data plane)."""
+def start(broker, mesh_name, username, password, password_file, tls_ca, node_id, profile,
+          emulate, topology, protocol, models, strategy, alpha, state_dir, telemetry_period,
+          no_dataplane, compression):
+    """Join a mesh: birth state, telemetry, election, plans (and the data plane).
+    Runs until Ctrl-C, SIGTERM or SIGHUP, then leaves the mesh cleanly."""
     import socket
     from dataclasses import replace
 
     from meshdl.node.agent import NodeAgent
     from meshdl.node.config import NodeConfig, Timing
 
+    conn = connection(broker, username, password, password_file, tls_ca)
+    username, password = conn.username, conn.password
     node_id = node_id or socket.gethostname().split(".")[0]
     cfg = NodeConfig(node_id=node_id, broker=broker, mesh=mesh_name, profile=profile,
                      emulate=emulate, topology=topology, username=username,
@@ -72,8 +71,10 @@ def start(broker, mesh_name, node_id, profile, emulate, topology, username, pass
         log.info("signal %d: leaving the mesh", signum)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    # spawned by `meshdl infer` / `mesh up`: leave when that process is gone, however
+    watch_parent(stop.set)
     agent.start()
     click.echo(f"node {node_id} joined mesh {mesh_name} at {agent.config.broker.split('@')[-1]} "
                f"(session {agent.session})", err=True)

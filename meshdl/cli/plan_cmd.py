@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import click
 
+from meshdl.cli.options import (alpha_option, broker_options, connection,
+                                fail_fast_if_refused, strategy_option, topology_help)
+
 
 @click.group()
 def plan() -> None:
@@ -10,40 +13,52 @@ def plan() -> None:
 
 
 @plan.command("show")
-@click.option("--broker", default=None, help="Live mode: read the retained plans here.")
-@click.option("--mesh", "mesh_name", default="default", show_default=True)
-@click.option("--username", default=None)
-@click.option("--password", default=None, envvar="MESHDL_PASSWORD")
-@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False))
-@click.option("--topology", default=None, help="Offline mode: topology name or path.")
-@click.option("--model", default="efficientnet_lite0", show_default=True)
-@click.option("--strategy", default="meshdl", show_default=True)
-@click.option("--source", default=None, help="Device holding the input (default: the "
-              "topology's).")
-@click.option("--sink", default=None, help="Device receiving the answer.")
-@click.option("--alpha", default=0.5, show_default=True, type=float,
-              help="1 = fastest, 0 = least energy.")
-@click.option("--bandwidth-cap", "cap", default=None, type=float,
-              help="Cap every link at this many Mbit/s.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "png"]), default="table",
-              show_default=True)
+@broker_options(default=None, broker_help="Live mode: read the retained plans of the mesh "
+                "at this broker URL (mqtt://host:port or mqtts://).")
+@click.option("--topology", default=None, help=topology_help("Offline mode: plan for this "
+              "mesh."))
+@click.option("--model", default="efficientnet_lite0", show_default=True,
+              help="Offline mode: model from the zoo (`meshdl models`).")
+@strategy_option(help_extra=" Offline mode.")
+@click.option("--source", default=None, help="Offline mode: device holding the input "
+              "(default: the topology's).")
+@click.option("--sink", default=None, help="Offline mode: device receiving the answer "
+              "(default: the topology's, else the source).")
+@alpha_option
+@click.option("--bandwidth-cap", "cap", default=None, type=click.FloatRange(min=0,
+              min_open=True), help="Offline mode: cap every link at this many Mbit/s.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "png"]), default=None,
+              help="Output format (default: from the -o suffix: .png, .json, else table).")
 @click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
-              help="Write here (required for png; default plan.png).")
-@click.option("--compare", is_flag=True, help="Offline: every strategy side by side.")
-def show(broker, mesh_name, username, password, tls_ca, topology, model, strategy, source,
-         sink, alpha, cap, fmt, output, compare):
-    """Render a plan as a table, JSON or a PNG of the mesh."""
+              help="Write to this file instead of printing (a PNG always goes to a file: "
+              "plan.png when -o is left out). Several plans (--compare, or several live "
+              "plans) are drawn as panels of this one file.")
+@click.option("--compare", is_flag=True, help="Offline mode: every strategy side by side "
+              "(latency, energy and the objective each minimises at --alpha).")
+def show(broker, mesh_name, username, password, password_file, tls_ca, topology, model,
+         strategy, source, sink, alpha, cap, fmt, output, compare):
+    """Show a plan as a table, JSON or a PNG of the mesh: computed here for --topology
+    (offline), or the live mesh's current plans (--broker)."""
     from meshdl.errors import MeshdlError
     if (broker is None) == (topology is None):
         raise click.UsageError("give either --topology (offline) or --broker (live)")
+    if fmt is None:
+        suffix = (output or "").lower().rsplit(".", 1)[-1]
+        fmt = {"png": "png", "json": "json"}.get(suffix, "table")
     if broker is not None:
-        plans, mesh = _live(broker, mesh_name, username, password, tls_ca)
+        if compare:
+            raise click.UsageError("--compare works offline only (with --topology)")
+        conn = connection(broker, username, password, password_file, tls_ca)
+        fail_fast_if_refused(conn.url)
+        plans, mesh = _live(conn.url, mesh_name, conn.username, conn.password, conn.tls_ca)
         if not plans:
             raise MeshdlError(f"mesh {mesh_name!r} at {broker} has no retained plan; is a "
                               "leader running (meshdl mesh status)?")
         graphs = {}
     else:
         import meshdl
+        from meshdl.cli.infer_cmd import check_model
+        check_model(model)
         mesh = meshdl.load_topology(topology)
         info = meshdl.models.info(model)
         with _progress(f"tracing {model}"):
@@ -62,7 +77,7 @@ def show(broker, mesh_name, username, password, tls_ca, topology, model, strateg
         graphs = {name: g for name in names}
         if compare and fmt == "table":
             from meshdl.planner.report import compare_table
-            _emit(compare_table(plans), output)
+            _emit(compare_table(plans, alpha=alpha), output)
             return
     _render(plans, mesh, graphs, fmt, output)
 
@@ -126,9 +141,10 @@ def _render(plans, mesh, graphs, fmt, output) -> None:
     else:
         if mesh is None:
             raise click.UsageError("cannot draw: the mesh is unknown")
-        base = output or "plan.png"
         for k, p in items:
-            path = base if len(items) == 1 else base.replace(".png", f"-{k}.png")
             if not set(p.devices()) <= set(mesh.devices):
                 raise click.UsageError(f"plan {k} uses devices that are not in the mesh")
-            click.echo(f"wrote {plan_png(p, mesh, path)}", err=True)
+        if not items:
+            raise click.UsageError("no plan to draw")
+        path = output or "plan.png"
+        click.echo(f"wrote {plan_png([p for _, p in items], mesh, path)}", err=True)
