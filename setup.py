@@ -29,10 +29,10 @@ setup(
         "blosc2",          # byte-shuffle + zstd compression of tensor pieces (slow links)
         "lz4",             # LZ4 compression of tensor pieces
         "isal",            # CRC-32 of tensor frames ~6x faster than zlib (falls back to zlib)
+        "amqtt>=0.12",     # the embedded broker when the mosquitto binary is missing
     ],
     extras_require={
-        "amqtt": ["amqtt"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "amqtt"],
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
     },
     entry_points={"console_scripts": ["meshdl=meshdl.cli:main"]},
 )

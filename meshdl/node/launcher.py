@@ -43,7 +43,8 @@ class MeshUp:
                  devices: Sequence[str] | None = None, dataplane: bool = True,
                  node_args: Sequence[str] = (), username: str | None = None,
                  password: str | None = None, telemetry_period: float | None = None,
-                 verbose: bool = True, env: dict | None = None) -> None:
+                 verbose: bool = True, env: dict | None = None, credentials: bool = False,
+                 supervise: bool = False, stop_timeout: float = 10.0) -> None:
         self.mesh_obj = load_topology(topology)
         self._topology_arg = topology if not isinstance(topology, Mesh) else None
         self.mesh_name = mesh
@@ -57,6 +58,14 @@ class MeshUp:
         self._dataplane = dataplane
         self._node_args = list(node_args)
         self._username, self._password = username, password
+        # credentials=True: the embedded broker gets a random user and password (also on
+        # loopback: another local user must not read or inject mesh traffic)
+        self._credentials = credentials and broker is None
+        # supervise=True: a Reaper process removes everything if this process dies, and
+        # the nodes watch for their parent's death themselves
+        self._supervise = supervise
+        self._reaper = None
+        self._stop_timeout = stop_timeout
         self._telemetry = telemetry_period
         self._verbose = verbose
         self._env = env
@@ -74,6 +83,14 @@ class MeshUp:
             raise LaunchError("mesh not started; call start() first")
         return self.broker.url
 
+    @property
+    def username(self) -> str | None:
+        return self._username
+
+    @property
+    def password(self) -> str | None:
+        return self._password
+
     def __enter__(self) -> "MeshUp":
         return self.start()
 
@@ -81,6 +98,11 @@ class MeshUp:
         self.stop()
 
     def start(self) -> "MeshUp":
+        if self._supervise and self._reaper is None:
+            from meshdl.node.reaper import Reaper
+            self._reaper = Reaper().start()
+            if self._own_logs and os.environ.get("MESHDL_KEEP_LOGS") is None:
+                self._reaper.add_dir(self.log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self._topology_arg is None or not _is_file_or_name(self._topology_arg):
             path = self.log_dir / "topology.yaml"
@@ -91,7 +113,17 @@ class MeshUp:
         try:
             if self._broker_url is None:
                 from meshdl.transport.broker import EmbeddedBroker
-                self.broker = EmbeddedBroker(backend=self._backend).start()
+                users = None
+                if self._credentials:
+                    import secrets
+                    self._username = f"meshdl-{secrets.token_hex(4)}"
+                    self._password = secrets.token_urlsafe(24)
+                    users = {self._username: self._password}
+                self.broker = EmbeddedBroker("auth" if users else None, users=users,
+                                             backend=self._backend,
+                                             reaper=self._reaper).start()
+                if self.broker.kind == "amqtt":
+                    self.protocol = "3.1.1"
             from meshdl.transport.paho_bus import PahoBus
             self._watch_bus = PahoBus(self.url, username=self._username,
                                       password=self._password,
@@ -126,6 +158,9 @@ class MeshUp:
         if old is not None and old.poll() is None:
             raise LaunchError(f"node {device} is already running (pid {old.pid})")
         env = dict(os.environ if self._env is None else self._env)
+        if self._supervise:
+            from meshdl.node.reaper import child_env
+            env = child_env(env)
         if self._password:
             env["MESHDL_PASSWORD"] = self._password
         with open(self.log_path(device), "ab") as logf:
@@ -133,6 +168,8 @@ class MeshUp:
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                  start_new_session=True)
         self.procs[device] = p
+        if self._reaper is not None:
+            self._reaper.add_process(p.pid, group=True)
         return p
 
     def log_path(self, device: str) -> Path:
@@ -160,7 +197,11 @@ class MeshUp:
     def alive(self) -> list[str]:
         return sorted(d for d, p in self.procs.items() if p.poll() is None)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM the nodes (they leave cleanly), SIGKILL any still there after
+        ``timeout`` (default: the constructor's ``stop_timeout``), stop the broker,
+        remove the temp dirs."""
+        timeout = self._stop_timeout if timeout is None else timeout
         procs = [p for p in self.procs.values() if p.poll() is None]
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -169,8 +210,11 @@ class MeshUp:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("node pid %d did not leave in %.0f s; killing it", p.pid, timeout)
-                p.kill()
+                log.info("node pid %d did not leave in %.1f s; killing it", p.pid, timeout)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    p.kill()
                 p.wait(5)
         if self._watch_bus is not None:
             self._watch_bus.close()
@@ -180,6 +224,11 @@ class MeshUp:
             self.broker = None
         if self._own_logs and os.environ.get("MESHDL_KEEP_LOGS") is None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            for p in self.procs.values():
+                reaper.forget(p.pid)
+            reaper.close()
 
     # ------------------------------------------------------------ readiness
     def wait_for(self, pred, timeout: float, what: str = "condition") -> Snapshot:

@@ -15,9 +15,15 @@ from meshdl.errors import TransportError
 log = logging.getLogger(__name__)
 
 
+QUIET_LOGGERS = ("amqtt", "transitions")
+
+
 class AmqttThread:
-    def __init__(self, host: str, port: int) -> None:
+    """``users``: name -> password; when given, only those may connect."""
+
+    def __init__(self, host: str, port: int, users: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
+        self._users = dict(users or {})
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Any = None
         self._thread: threading.Thread | None = None
@@ -25,20 +31,31 @@ class AmqttThread:
         self._error: BaseException | None = None
 
     def _config(self) -> dict[str, Any]:
+        if self._users:
+            from meshdl.transport.passwords import hash_password
+            auth = {"meshdl.transport.amqtt_auth.PasswordAuth":
+                    {"users": {n: hash_password(p) for n, p in self._users.items()}}}
+        else:
+            auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                    {"allow_anonymous": True}}
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
                                       "max_connections": 0}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                        {"allow_anonymous": True}},
+            "plugins": auth,
         }
 
     def start(self, timeout: float = 10.0) -> None:
         try:
-            from amqtt.broker import Broker  # noqa: F401 (optional dependency)
+            from amqtt.broker import Broker  # noqa: F401 (a dependency of meshdl)
         except ImportError as exc:
-            raise TransportError("neither mosquitto nor amqtt is installed; install "
-                                 "mosquitto (apt-get install mosquitto) or pip install "
-                                 "amqtt") from exc
+            raise TransportError("neither mosquitto nor amqtt is installed; reinstall meshdl "
+                                 "(pip install -e .: amqtt is a dependency) or install "
+                                 "mosquitto (apt-get install mosquitto)") from exc
+        # amqtt logs every connection and plugin detail at INFO/WARNING: keep meshdl's
+        # output clean unless meshdl itself is at debug level
+        if not logging.getLogger("meshdl").isEnabledFor(logging.DEBUG):
+            for name in QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
         self._thread = threading.Thread(target=self._run, name="meshdl-amqtt", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):

@@ -4,12 +4,17 @@ mosquitto (``mosquitto -c conf``) on a free 127.0.0.1 port with a config from
 ``broker/`` (installed as ``meshdl.broker_conf``): ``plain``, ``auth``, ``tls``,
 ``bridge``, or a path to your own template. Placeholders ``@NAME@`` are
 substituted (PORT, HOST, DIR, MAX_PACKET_SIZE, MAX_QUEUED, USER_LINE and any you
-pass). Without the mosquitto binary, the ``plain`` config falls back to amqtt
-running in-process (MQTT 3.1.1 only, ~10x slower).
+pass). Without the mosquitto binary (or with ``MESHDL_MOSQUITTO=none``), the ``plain``
+and ``auth`` configs fall back to amqtt running in-process (MQTT 3.1.1 only, slower;
+``auth`` checks user names and passwords but has no ACL there), quietly.
 
-mosquitto started as root drops to the ``mosquitto`` user, which cannot read a
-0700 temp dir: the work dir is made world-readable and, as root, the config
-carries ``user root`` so every file stays readable.
+mosquitto started as root drops to the ``mosquitto`` user unless the config says
+``user root`` (the built-in configs do, as root). Then, or when not root, the work
+dir is 0700 and its files 0600 (password hashes, keys); a custom template run as
+root without ``user root`` gets a world-readable dir so the dropped user can read it.
+mosquitto runs in its own session (the terminal's Ctrl-C reaches only meshdl, which
+stops it in order); a ``reaper`` (``meshdl.node.reaper.Reaper``) also kills it and
+removes the work dir if this process dies without stopping it.
 """
 from __future__ import annotations
 
@@ -51,7 +56,21 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+MOSQUITTO_ENV = "MESHDL_MOSQUITTO"
+_HIDDEN = ("none", "off", "0", "no", "false")
+
+
 def mosquitto_binary() -> str | None:
+    """The mosquitto binary: ``$MESHDL_MOSQUITTO`` when set (a path; ``none`` hides
+    mosquitto, as on a machine without it), else PATH, /usr/sbin, /usr/local/sbin."""
+    override = os.environ.get(MOSQUITTO_ENV)
+    if override is not None and override.strip():
+        if override.strip().lower() in _HIDDEN:
+            return None
+        if os.access(override, os.X_OK):
+            return override
+        raise TransportError(f"{MOSQUITTO_ENV}={override} is not an executable; point it "
+                             "at the mosquitto binary, or set it to 'none' to use amqtt")
     found = shutil.which("mosquitto")
     if found:
         return found
@@ -78,7 +97,7 @@ class EmbeddedBroker:
                  users: Mapping[str, str] | None = None, backend: str = "auto",
                  max_packet_size: int = DEFAULT_MAX_PACKET,
                  max_queued: int = DEFAULT_MAX_QUEUED, startup_timeout: float = 10.0,
-                 workdir: str | os.PathLike | None = None) -> None:
+                 workdir: str | os.PathLike | None = None, reaper=None) -> None:
         if backend not in ("auto", "mosquitto", "amqtt"):
             raise TransportError(f"unknown broker backend {backend!r}; use auto, mosquitto "
                                  "or amqtt")
@@ -100,6 +119,7 @@ class EmbeddedBroker:
             self._dir = Path(workdir)
             self._dir.mkdir(parents=True, exist_ok=True)
         self.kind: str | None = None       # "mosquitto" or "amqtt" once started
+        self._reaper = reaper
 
     # ----------------------------------------------------------- properties
     @property
@@ -148,10 +168,14 @@ class EmbeddedBroker:
         if use_mosquitto:
             self._start_mosquitto(binary)
         else:
-            if self._config_name() not in (None, "plain"):
-                raise TransportError(f"the amqtt fallback only serves the plain config, not "
-                                     f"{self._config!r}; install mosquitto")
-            self._amqtt = AmqttThread(self.host, self.port)
+            if self._config_name() not in (None, "plain", "auth"):
+                raise TransportError(f"the amqtt fallback only serves the plain and auth "
+                                     f"configs, not {self._config!r}; install mosquitto")
+            users = self._users if self._config_name() == "auth" else None
+            if self._config_name() == "auth" and not users:
+                raise TransportError("an auth broker needs at least one user; pass "
+                                     "users={'name': 'password'}")
+            self._amqtt = AmqttThread(self.host, self.port, users=users)
             self._amqtt.start(self._timeout)
             self.kind = "amqtt"
         log.info("%s broker listening on %s", self.kind, self.url)
@@ -171,6 +195,8 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if proc is not None and self._reaper is not None:
+            self._reaper.forget(proc.pid)
         amqtt, self._amqtt = self._amqtt, None
         if amqtt is not None:
             amqtt.stop()
@@ -199,11 +225,13 @@ class EmbeddedBroker:
             raise TransportError(f"cannot read broker config template {path}: {exc}; pass "
                                  f"one of {BUILTIN_CONFIGS} or an existing file") from exc
 
-    def _prepare_dir(self) -> Path:
+    def _prepare_dir(self, private: bool) -> Path:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="meshdl-broker-"))
+            if self._reaper is not None:
+                self._reaper.add_dir(self._dir)
         d = self._dir
-        os.chmod(d, 0o755)
+        os.chmod(d, 0o700 if private else 0o755)
         files = dict(self._files)
         if self._config == "auth":
             files.setdefault("meshdl.acl", data_dir("broker") / "meshdl.acl")
@@ -216,7 +244,7 @@ class EmbeddedBroker:
             elif Path(src).resolve() != dst.resolve():
                 shutil.copyfile(src, dst)
         for f in d.iterdir():
-            os.chmod(f, 0o644)
+            os.chmod(f, 0o600 if private else 0o644)
         return d
 
     def _render(self, d: Path) -> str:
@@ -234,13 +262,23 @@ class EmbeddedBroker:
         return _PLACEHOLDER.sub(sub, self._template())
 
     def _start_mosquitto(self, binary: str) -> None:
-        d = self._prepare_dir()
+        # rendering reads the template only; @DIR@ is known before the dir's mode is set
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="meshdl-broker-"))
+            if self._reaper is not None:
+                self._reaper.add_dir(self._dir)
+        text = self._render(self._dir)
+        private = os.geteuid() != 0 or re.search(r"(?m)^\s*user\s+root\s*$", text) is not None
+        d = self._prepare_dir(private)
         conf = d / "mosquitto.conf"
-        conf.write_text(self._render(d))
-        os.chmod(conf, 0o644)
+        conf.write_text(text)
+        os.chmod(conf, 0o600 if private else 0o644)
         with open(d / "broker.log", "ab") as logf:
             self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=logf,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        if self._reaper is not None:
+            self._reaper.add_process(self._proc.pid, group=True)
         self.kind = "mosquitto"
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
