@@ -74,22 +74,51 @@ def plan_json(plan: Plan, indent: int | None = 2) -> str:
     return json.dumps(plan.to_dict(), indent=indent, sort_keys=True, default=str)
 
 
-def compare_table(plans: Mapping[str, Plan | None], reference: str | None = None) -> str:
+def objective(plan: Plan, ref: Plan, alpha: float) -> float | None:
+    """The quantity the ``meshdl`` strategy minimises at ``alpha``: latency and energy
+    relative to ``ref`` (the whole model on the source, i.e. the ``local`` plan)."""
+    if not (plan.latency_s and plan.energy_j is not None and ref.latency_s and ref.energy_j):
+        return None
+    return (alpha * plan.latency_s / ref.latency_s
+            + (1.0 - alpha) * plan.energy_j / ref.energy_j)
+
+
+def compare_table(plans: Mapping[str, Plan | None], reference: str | None = None,
+                  alpha: float | None = None) -> str:
     """Strategies side by side: latency, energy, devices, stages, speed-up vs reference
-    (default ``local`` when present). A missing plan (None) shows as skipped."""
+    (default ``local`` when present) and, given ``alpha``, the objective
+    ``alpha*latency/latency_ref + (1-alpha)*energy/energy_ref`` (lower is better; the
+    best is starred). A missing plan (None) shows as skipped."""
     ref = reference if reference is not None else ("local" if plans.get("local") else None)
-    ref_lat = plans[ref].latency_s if ref and plans.get(ref) else None
+    ref_plan = plans.get(ref) if ref else None
+    ref_lat = ref_plan.latency_s if ref_plan else None
+    objs = {name: objective(p, ref_plan, alpha) for name, p in plans.items()
+            if p is not None and ref_plan is not None and alpha is not None}
+    best = min((v, k) for k, v in objs.items() if v is not None)[1] if any(
+        v is not None for v in objs.values()) else None
+    with_obj = alpha is not None and ref_plan is not None
     rows = []
     for name, p in plans.items():
         if p is None:
-            rows.append([name, "skipped", "-", "-", "-", "-"])
+            rows.append([name, "skipped", "-", "-", "-", "-"] + (["-"] if with_obj else []))
             continue
         devs = sorted({t.device for t in p.tasks()})
         speed = (f"{ref_lat / p.latency_s:.2f}x" if ref_lat and p.latency_s else "-")
-        rows.append([name, _fmt_s(p.latency_s), _fmt_j(p.energy_j), len(devs),
-                     len(p.stages), speed])
-    return _table(["strategy", "latency", "energy", "devices", "stages",
-                   f"speed-up vs {ref or '-'}"], rows)
+        row = [name, _fmt_s(p.latency_s), _fmt_j(p.energy_j), len(devs), len(p.stages),
+               speed]
+        if with_obj:
+            o = objs.get(name)
+            row.append("-" if o is None else f"{o:.3f}" + (" *" if name == best else ""))
+        rows.append(row)
+    headers = ["strategy", "latency", "energy", "devices", "stages",
+               f"speed-up vs {ref or '-'}"]
+    if with_obj:
+        headers.append(f"objective at alpha={alpha:g}")
+    out = _table(headers, rows)
+    if with_obj:
+        out += (f"\nobjective = alpha*latency/latency_{ref} + (1-alpha)*energy/energy_{ref} "
+                "(lower is better; * = best): what the meshdl strategy minimises")
+    return out
 
 
 def _layout(mesh) -> dict[str, tuple[float, float]]:
@@ -101,21 +130,62 @@ def _layout(mesh) -> dict[str, tuple[float, float]]:
     return {d: (float(x), float(y)) for d, (x, y) in lay.items()}
 
 
-def plan_png(plan: Plan, mesh, path: str | Path, title: str | None = None) -> Path:
-    """Draw ``plan`` on ``mesh`` into a PNG file; returns the path."""
+def plan_png(plans, mesh, path: str | Path, title: str | None = None) -> Path:
+    """Draw one plan, or several as panels of one figure, on ``mesh`` into the PNG file
+    ``path`` (exactly that file); returns the path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
+    items = [plans] if isinstance(plans, Plan) else list(plans)
+    n = len(items)
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 6.5 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
     pos = _layout(mesh)
+    for ax, plan in zip(axes.flat, items):
+        _draw(ax, plan, mesh, pos, title if n == 1 else None)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _stage_colors(n: int):
+    import matplotlib.pyplot as plt
+    if n <= 10:
+        cmap = plt.get_cmap("tab10")
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = plt.get_cmap("tab20")
+        return [cmap(i) for i in range(n)]
+    cmap = plt.get_cmap("turbo")
+    return [cmap(i / max(1, n - 1)) for i in range(n)]
+
+
+def _draw(ax, plan: Plan, mesh, pos, title: str | None) -> None:
+    """One plan on one axes: each device a disc split into one wedge per stage it runs,
+    routes in red, the source and sink ringed (both in the legend)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Circle, Wedge
+
     stages_of: dict[str, list[int]] = {}
     for t in plan.tasks():
-        stages_of.setdefault(t.device, [])
-        if t.stage not in stages_of[t.device]:
-            stages_of[t.device].append(t.stage)
-    cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+        lst = stages_of.setdefault(t.device, [])
+        if t.stage not in lst:
+            lst.append(t.stage)
+    index_of = {s.index: i for i, s in enumerate(plan.stages)}
+    colors = _stage_colors(len(plan.stages))
+    xs = [p[0] for p in pos.values()]
+    ys = [p[1] for p in pos.values()]
+    span = max(max(xs) - min(xs), max(ys) - min(ys), 1e-9)
+    small = len(mesh.devices) <= 40
+    r_used = span * (0.045 if small else 0.02)
+    r_idle = r_used * 0.55
     for link in mesh.links:
         (x0, y0), (x1, y1) = pos[link.a], pos[link.b]
         ax.plot([x0, x1], [y0, y1], color="#cccccc", lw=1, zorder=1)
@@ -128,34 +198,50 @@ def plan_png(plan: Plan, mesh, path: str | Path, title: str | None = None) -> Pa
         if u in pos and v in pos:
             ax.plot([pos[u][0], pos[v][0]], [pos[u][1], pos[v][1]], color="#d62728",
                     lw=2.5, alpha=0.7, zorder=2)
-    small = len(mesh.devices) <= 40
     for d, (x, y) in pos.items():
-        st = stages_of.get(d)
-        color = cmap(st[0] % 10) if st else "#eeeeee"
-        size = 260 if st else (120 if small else 25)
-        edge = "black" if d in (plan.source, plan.sink) else "#777777"
-        ax.scatter([x], [y], s=size, color=color, edgecolors=edge,
-                   linewidths=2 if edge == "black" else 0.6, zorder=3)
+        st = sorted(stages_of.get(d, []), key=lambda k: index_of.get(k, k))
+        if st:
+            step = 360.0 / len(st)
+            for i, k in enumerate(st):
+                ax.add_patch(Wedge((x, y), r_used, 90 + i * step, 90 + (i + 1) * step,
+                                   facecolor=colors[index_of.get(k, 0) % len(colors)],
+                                   edgecolor="white", lw=0.5, zorder=3))
+        else:
+            ax.add_patch(Circle((x, y), r_idle, facecolor="#eeeeee", edgecolor="#999999",
+                                lw=0.6, zorder=3))
+        r = r_used if st else r_idle
+        if d == plan.source:
+            ax.add_patch(Circle((x, y), r * 1.25, fill=False, edgecolor="black", lw=2,
+                                zorder=4))
+        if d == plan.sink:
+            ax.add_patch(Circle((x, y), r * (1.45 if d == plan.source else 1.25),
+                                fill=False, edgecolor="#1f77b4", lw=2, ls="--", zorder=4))
         if small or st or d in (plan.source, plan.sink):
-            label = d + ("".join(f" s{k}" for k in st[1:]) if st and len(st) > 1 else "")
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(0, 9),
-                        ha="center", fontsize=7, zorder=4)
-    handles = [Line2D([], [], marker="o", ls="", color=cmap(s.index % 10),
+            label = d + (" (" + ",".join(f"s{k}" for k in st) + ")" if len(st) > 1 else "")
+            ax.annotate(label, (x, y + r * 1.5), ha="center", va="bottom", fontsize=7,
+                        zorder=5)
+    handles = [Line2D([], [], marker="o", ls="", markersize=8, color=colors[i],
                       label=f"stage {s.index}: ops [{s.start},{s.end}) x{len(s.tasks)}")
-               for s in plan.stages]
+               for i, s in enumerate(plan.stages)]
     handles.append(Line2D([], [], color="#d62728", lw=2.5, label="routes used"))
+    handles.append(Line2D([], [], marker="o", ls="", markersize=10, markerfacecolor="none",
+                          markeredgecolor="black", markeredgewidth=2,
+                          label=f"source ({plan.source})"))
+    handles.append(Line2D([], [], marker="o", ls="", markersize=12, markerfacecolor="none",
+                          markeredgecolor="#1f77b4", markeredgewidth=2,
+                          label=f"sink ({plan.sink}), dashed"))
+    handles.append(Line2D([], [], marker="o", ls="", markersize=7, color="#eeeeee",
+                          markeredgecolor="#999999", label="idle device"))
     handles.append(Line2D([], [], ls="", label=f"latency {_fmt_s(plan.latency_s)}"))
     handles.append(Line2D([], [], ls="", label=f"energy {_fmt_j(plan.energy_j)}"))
     ax.legend(handles=handles, loc="best", fontsize=7, framealpha=0.85)
     ax.set_title(title or f"{plan.model} on {mesh.name} by '{plan.strategy}' "
                           f"({plan.source} -> {plan.sink})", fontsize=10)
+    pad = r_used * 2.5
+    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    ax.set_ylim(min(ys) - pad, max(ys) + pad * 1.5)
+    ax.set_aspect("equal")
     ax.set_axis_off()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
-__all__ = ["plan_table", "plan_json", "plan_png", "compare_table"]
+__all__ = ["plan_table", "plan_json", "plan_png", "compare_table", "objective"]
