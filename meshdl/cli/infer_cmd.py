@@ -53,35 +53,43 @@ def parse_grid(text: str | None):
 
 
 def check_model(model_name: str) -> None:
-    """Refuse an unknown model before anything starts."""
+    """Refuse an unknown model before anything starts (a zoo name or a model file)."""
     import meshdl
-    if model_name not in meshdl.models.names():
+    from meshdl.models.files import is_model_file
+    if model_name not in meshdl.models.names() and not is_model_file(model_name):
         raise click.BadParameter(f"unknown model {model_name!r}; choose one of "
-                                 f"{', '.join(meshdl.models.names())} (`meshdl models`)",
-                                 param_hint="--model")
+                                 f"{', '.join(meshdl.models.names())} (`meshdl models`), or "
+                                 "give a model file (.onnx, .pt2)", param_hint="--model")
 
 
 def warn_untrained(model_name: str, weights) -> None:
     """Random weights give meaningless labels: say so before the user reads them."""
     import meshdl
+    if model_name not in meshdl.models.names():
+        return          # a model file holds its own weights
     info = meshdl.models.info(model_name)
     if weights is None and not info.pretrained_available:
         click.secho(f"warning: {model_name} has no pretrained weights here (seeded random "
                     "initialisation): its labels are meaningless. The split is still exact; "
                     "for real labels use efficientnet_lite0 or load weights "
-                    "(--weights FILE with --in-process).", fg="yellow", err=True)
+                    "(--weights FILE).", fg="yellow", err=True)
 
 
-def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, as_json, repeat):
-    """Split inference inside this process: the same task and stitch code as the mesh."""
+def load_model(model_name, weights, input_size=None, labels=None, mean=None, std=None):
+    """The model ``--model`` names (zoo name or .onnx/.pt2 file) with the user's flags."""
+    import meshdl
+    return meshdl.models.load(model_name, weights=weights, input_size=input_size,
+                              labels=labels, mean=mean, std=std)
+
+
+def run_in_process(paths, lm, topology, strategy, grid, alpha, as_json, repeat):
+    """Split inference inside this process: the same task and stitch code as the mesh.
+    ``lm`` is a ``meshdl.models.LoadedModel``."""
     import torch
     import meshdl
-    from meshdl import imaging
 
-    info = meshdl.models.info(model_name)
-    pretrained = info.pretrained_available and weights is None
-    model = meshdl.models.build(model_name, pretrained=pretrained, weights=weights)
-    g = meshdl.trace(model, info.input_shape, name=model_name)
+    model = lm.module
+    g = lm.trace()
     if grid:
         plan = meshdl.manual_plan(g, grids=[grid])
         how = f"manual {grid[0]}x{grid[1]} tiles"
@@ -91,13 +99,11 @@ def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, 
         mesh = meshdl.load_topology(topology)
         plan = meshdl.plan(g, mesh, strategy=strategy, alpha=alpha)
         how = f"strategy {strategy} on {topology}"
-    labels = imaging.imagenet_labels() if info.num_classes == 1000 else None
-    prep = imaging.preprocess_for(model_name)
     results = []
     with click.progressbar(length=len(paths) * repeat, label="inferring",
                            hidden=len(paths) * repeat == 1 or as_json) as bar:
         for path in paths:
-            x = imaging.load_image(path, size=info.input_shape[-1], preprocessing=prep)
+            x = lm.image(path)
             with torch.no_grad():
                 t0 = time.perf_counter()
                 ref = model(x)
@@ -110,14 +116,15 @@ def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, 
                     bar.update(1)
             diff = (y - ref).abs().max().item()
             results.append({
-                "image": str(path), "model": model_name, "plan": how,
+                "image": str(path), "model": lm.name, "plan": how,
                 "tasks": sum(len(s.tasks) for s in plan.stages), "stages": len(plan.stages),
                 "top5": [{"index": i, "label": lab, "p": round(p, 5)}
-                         for i, lab, p in imaging.topk(y, 5, labels=labels)],
+                         for i, lab, p in lm.topk(y, 5)],
                 "max_abs_diff_vs_unsplit": diff,
                 "relative_diff": diff / max(ref.abs().max().item(), 1e-12),
                 "same_top1": int(y.argmax()) == int(ref.argmax()),
                 "split_s": min(times), "unsplit_s": t_ref,
+                "output": [float(v) for v in y.detach().reshape(-1).tolist()],
             })
     if as_json:
         click.echo(json.dumps(results if len(results) > 1 else results[0], indent=2))
@@ -136,11 +143,20 @@ def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, 
 @click.command()
 @click.argument("image", type=str)
 @click.option("--model", "model_name", default="efficientnet_lite0", show_default=True,
-              help="Model from the zoo (`meshdl models`). Only efficientnet_lite0 ships "
-              "pretrained weights; the others have seeded random weights.")
+              help="A zoo model (`meshdl models`; only efficientnet_lite0 ships pretrained "
+              "weights, the others have seeded random weights) or a model file: .onnx, or "
+              ".pt2 (torch.export.save).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
-              help="With --in-process: a state-dict file (torchvision layout) to load into "
-              "the model.")
+              help="A state-dict file (torchvision layout) to load into the zoo model.")
+@click.option("--input-size", default=None, metavar="HxW",
+              help="Input height x width when the model file does not fix it.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
+              help="Class names, one per line (or a JSON list); default: the file's "
+              "metadata, else class indices.")
+@click.option("--mean", default=None, metavar="M1,M2,M3",
+              help="Per-channel mean of [0, 1] pixels (default: metadata, else ImageNet).")
+@click.option("--std", default=None, metavar="S1,S2,S3",
+              help="Per-channel std (default: metadata, else ImageNet).")
 @strategy_option()
 @alpha_option
 @click.option("--in-process", is_flag=True,
@@ -160,8 +176,9 @@ def run_in_process(paths, model_name, weights, topology, strategy, grid, alpha, 
               help="Run each image this many times; report the median latency.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
               show_default=True, help="Seconds before a job fails.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def infer(image, model_name, weights, strategy, alpha, in_process, topology, grid, broker,
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output: top-5 and the full output vector (`output`).")
+def infer(image, model_name, weights, input_size, labels_file, mean, std, strategy, alpha, in_process, topology, grid, broker,
           mesh_name, username, password, password_file, tls_ca, repeat, timeout, as_json):
     """Classify IMAGE (a file, a directory of images, or `sample` for a bundled photo):
     top-5 labels and timings.
@@ -172,7 +189,7 @@ def infer(image, model_name, weights, strategy, alpha, in_process, topology, gri
     """
     ctx = click.get_current_context()
     if not in_process:
-        for name, value in (("--grid", grid), ("--weights", weights)):
+        for name, value in (("--grid", grid),):
             if value is not None:
                 raise click.UsageError(f"{name} works only with --in-process")
         if ctx.get_parameter_source("topology") == click.core.ParameterSource.COMMANDLINE:
@@ -183,13 +200,15 @@ def infer(image, model_name, weights, strategy, alpha, in_process, topology, gri
     paths = image_paths(image)
     warn_untrained(model_name, weights)
     if in_process:
-        run_in_process(paths, model_name, weights, topology, strategy, grid_rc,
-                       alpha, as_json, repeat)
+        lm = load_model(model_name, weights, input_size, labels_file, mean, std)
+        run_in_process(paths, lm, topology, strategy, grid_rc, alpha, as_json, repeat)
         return
     from meshdl.cli import infer_mesh
     conn = None if (broker, username, password, password_file, tls_ca) == (None,) * 5 \
         else connection(broker or DEFAULT_BROKER, username, password,
                                               password_file, tls_ca)
-    infer_mesh.run(paths, model_name=model_name, weights=weights, strategy=strategy,
+    infer_mesh.run(paths, model_name=model_name, weights=weights,
+                   model_opts=dict(input_size=input_size, labels=labels_file, mean=mean,
+                                   std=std), strategy=strategy,
                    alpha=alpha, conn=conn, explicit=broker is not None, mesh_name=mesh_name,
                    repeat=repeat, timeout=timeout, as_json=as_json)

@@ -108,6 +108,7 @@ def _summary(path: Path, runs: list) -> dict:
         "latency_s": statistics.median(lat), "latency_min_s": min(lat),
         "total_s": statistics.median(x.total_s for x in runs),
         "predicted_s": p.latency_s, "plan_id": p.plan_id, "source": p.source, "sink": p.sink,
+        "output": [float(v) for v in r.output.detach().reshape(-1).tolist()],
         "stages": [{"index": s.index, "ops": list(s.ops), "devices": s.devices,
                     "predicted_s": s.predicted_s, "measured_s": s.measured_s}
                    for s in r.stages],
@@ -136,14 +137,16 @@ def _print(s: dict) -> None:
                    f"{_ms(st['predicted_s'])}    {_ms(st['measured_s'])}")
 
 
-def run(paths, *, model_name: str, weights, strategy: str, alpha: float,
+def run(paths, *, model_name: str, weights, model_opts: dict | None = None, strategy: str, alpha: float,
         conn: Connection | None, explicit: bool, mesh_name: str, repeat: int, timeout: float,
         as_json: bool) -> None:
     from meshdl import imaging
     from meshdl.client import MeshClient
-    if weights is not None:
-        raise JobError("--weights works only with --in-process: mesh nodes build models by "
-                       "name (efficientnet_lite0 with its shipped weights)")
+    from meshdl.models.files import is_model_file
+    if weights is not None or is_model_file(model_name):
+        raise JobError("--weights and model files work only with --in-process for now: mesh "
+                       "nodes build models by name (efficientnet_lite0 with its shipped "
+                       "weights)")
     prep = imaging.preprocess_for(model_name)
     images = [(p, imaging.load_image(p, preprocessing=prep)) for p in paths]
     with ExitStack() as stack:

@@ -211,6 +211,8 @@ class Traced:
 
 def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
     """Trace ``model``: its ops in execution order, output shape and fx graph."""
+    from meshdl.graph.aten import as_module
+    model = as_module(model)    # torch.export graphs: ATen ops -> plain torch functions
     if model.training:
         log.info("putting %s in eval mode for tracing", type(model).__name__)
         model.eval()

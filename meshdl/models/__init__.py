@@ -3,6 +3,7 @@
     names() -> list[str]
     info(name) -> ModelInfo
     build(name, pretrained=False, weights=None, num_classes=None) -> nn.Module (eval mode)
+    load(path_or_name, weights=None, input_size=None, ...) -> LoadedModel  # .onnx / .pt2 too
 
 Initialisation is deterministic per name (seeded inside ``torch.random.fork_rng``, so the
 caller's global RNG is untouched). ``weights=PATH`` loads a state dict (e.g. a torchvision
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from meshdl.errors import ModelError
+from meshdl.models.files import LoadedModel, is_model_file, load
 from meshdl.models.registry import SPECS, ModelInfo, ModelSpec
 from meshdl.models.weights import (Signature, closest_match, load_into, read_state_dict)
 
-__all__ = ["ModelInfo", "build", "info", "names"]
+__all__ = ["LoadedModel", "ModelInfo", "build", "info", "is_model_file", "load", "names"]
 
 log = logging.getLogger(__name__)
 
