@@ -35,8 +35,12 @@ def plan() -> None:
               "plans) are drawn as panels of this one file.")
 @click.option("--compare", is_flag=True, help="Offline mode: every strategy side by side "
               "(latency, energy and the objective each minimises at --alpha).")
+@click.option("--objective", type=click.Choice(["latency", "energy", "throughput"]),
+              default=None, help="Offline mode: plan for one frame's latency (alpha 1), "
+              "energy (alpha 0) or a stream's frames/s (pipelines, replicated stages); "
+              "default: the --alpha mix.")
 def show(broker, mesh_name, username, password, password_file, tls_ca, topology, model,
-         strategy, source, sink, alpha, cap, fmt, output, compare):
+         strategy, source, sink, alpha, cap, fmt, output, compare, objective):
     """Show a plan as a table, JSON or a PNG of the mesh: computed here for --topology
     (offline), or the live mesh's current plans (--broker)."""
     from meshdl.errors import MeshdlError
@@ -68,7 +72,8 @@ def show(broker, mesh_name, username, password, password_file, tls_ca, topology,
         for name in names:
             try:
                 plans[name] = meshdl.plan(g, mesh, strategy=name, source=source, sink=sink,
-                                          alpha=alpha, bandwidth_cap_mbps=cap)
+                                          alpha=alpha, bandwidth_cap_mbps=cap,
+                                          objective=objective)
             except MeshdlError as exc:
                 if not compare:
                     raise

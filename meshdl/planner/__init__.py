@@ -11,6 +11,7 @@ import importlib
 from meshdl.errors import PlanError
 from meshdl.planner.base import PlanRequest, check_request, fill_routes, plan_id, register, registry
 from meshdl.planner.simulate import Score, simulate
+from meshdl.planner.stream import StreamScore, simulate_stream
 
 # modules that register strategies, default first
 _STRATEGY_MODULES = ("meshdl.planner.optimiser", "meshdl.planner.local",
@@ -43,8 +44,19 @@ def describe() -> dict[str, str]:
 
 def plan(graph, mesh, strategy: str = DEFAULT_STRATEGY, source: str | None = None,
          sink: str | None = None, alpha: float = 0.5,
-         bandwidth_cap_mbps: float | None = None, **options):
-    """Plan ``graph`` on ``mesh`` with the named strategy and score it."""
+         bandwidth_cap_mbps: float | None = None, objective: str | None = None,
+         **options):
+    """Plan ``graph`` on ``mesh`` with the named strategy and score it.
+
+    ``objective``: None (the alpha mix of latency and energy), "latency" (alpha 1),
+    "energy" (alpha 0) or "throughput" (the steady-state frames/s of a stream, see
+    ``planner.throughput``; the strategy's plans are among the candidates)."""
+    from meshdl.planner.throughput import check_objective, plan_throughput
+    objective = check_objective(objective)
+    if objective == "latency":
+        alpha = 1.0
+    elif objective == "energy":
+        alpha = 0.0
     reg = _load()
     if strategy not in reg:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of "
@@ -58,7 +70,10 @@ def plan(graph, mesh, strategy: str = DEFAULT_STRATEGY, source: str | None = Non
                       bandwidth_cap_mbps=bandwidth_cap_mbps, options=dict(options))
     check_request(graph, mesh, req)
     fn, _ = reg[strategy]
-    result = fn(graph, mesh, req)
+    if objective == "throughput":
+        result = plan_throughput(graph, mesh, req, fn, wire=options.get("wire"))
+    else:
+        result = fn(graph, mesh, req)
     result.strategy, result.alpha = strategy, req.alpha
     result.source, result.sink = req.source, req.sink
     fill_routes(result, graph, mesh)
@@ -66,8 +81,10 @@ def plan(graph, mesh, strategy: str = DEFAULT_STRATEGY, source: str | None = Non
     result.latency_s, result.energy_j = score.latency_s, score.energy_j
     result.meta.setdefault("score", score.to_dict())
     result.plan_id = plan_id(result)
+    if objective:
+        result.meta["objective"] = objective
     return result
 
 
-__all__ = ["PlanRequest", "Score", "simulate", "plan", "strategies", "describe", "register",
+__all__ = ["PlanRequest", "Score", "StreamScore", "simulate", "simulate_stream", "plan", "strategies", "describe", "register",
            "fill_routes", "DEFAULT_STRATEGY"]

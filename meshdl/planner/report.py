@@ -67,7 +67,33 @@ def plan_table(plan: Plan, g=None) -> str:
         if energy:
             top = sorted(energy.items(), key=lambda kv: -kv[1])
             extra.append("energy by device: " + ", ".join(f"{d} {e:.2f} J" for d, e in top))
+    extra += _stream_lines(plan, g)
     return "\n".join([head, body, *extra])
+
+
+def _stream_lines(plan: Plan, g=None) -> list[str]:
+    """The throughput objective's prediction and the replicas frames alternate over."""
+    meta = plan.meta if isinstance(plan.meta, Mapping) else {}
+    stream = meta.get("stream")
+    if not isinstance(stream, Mapping):
+        return []
+    out = [f"stream: {stream.get('fps', 0):.2f} frames/s predicted over "
+           f"{stream.get('replicas', 1)} plan(s), frame latency p50 "
+           f"{_fmt_s(stream.get('latency_p50_s'))} p95 {_fmt_s(stream.get('latency_p95_s'))}"
+           f"; bottleneck: {stream.get('bottleneck', '?')}"]
+    weights = meta.get("replica_weights") or []
+    for n, d in enumerate(meta.get("replicas") or [], start=1):
+        try:
+            rep = Plan.from_dict(d)
+        except Exception:           # a malformed replica is shown as such, not raised
+            out.append(f"replica {n}: (malformed)")
+            continue
+        share = (weights[n] / sum(weights)) if len(weights) > n else None
+        stages = "; ".join(f"[{s.start},{s.end}) on {','.join(t.device for t in s.tasks)}"
+                           for s in rep.stages)
+        out.append(f"replica {n} ({rep.plan_id}"
+                   + (f", {share:.0%} of frames" if share is not None else "") + f"): {stages}")
+    return out
 
 
 def plan_json(plan: Plan, indent: int | None = 2) -> str:

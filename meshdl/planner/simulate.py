@@ -81,6 +81,8 @@ class Program:
     n_stages: int
     devices_used: list[int]                  # source, task devices, sink (first use order)
     peak_mem: dict[int, int]
+    start_at: list[float] = field(default_factory=list)   # per start transfer (streams);
+                                                          # empty: all leave at t = 0
 
 
 @dataclass
@@ -338,7 +340,9 @@ class Simulator:
         seq = 0
         task_start = [0.0] * len(waiting) if trace else None
         hop_times: list[list] | None = [[] for _ in tr_dest] if trace else None
-        pending: list[tuple[int, float]] = [(tr, 0.0) for tr in prog.start_transfers]
+        pending: list[tuple[int, float]] = [
+            (tr, prog.start_at[i] if prog.start_at else 0.0)
+            for i, tr in enumerate(prog.start_transfers)]
 
         def arrive(tr: int, t: float) -> None:
             """Transfer ``tr`` is complete at ``t``: its consumer may become ready."""
