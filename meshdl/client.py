@@ -90,12 +90,21 @@ class MeshClient:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:10]}"
         if bus is None:
             from meshdl.transport.paho_bus import PahoBus
-            bus = PahoBus(broker_url or "mqtt://127.0.0.1:1883", client_id=self.client_id,
-                          connect_timeout=connect_timeout, **bus_options)
+            url = broker_url or "mqtt://127.0.0.1:1883"
+            bus = PahoBus(url, client_id=self.client_id, connect_timeout=connect_timeout,
+                          **bus_options)
+            try:      # a second connection for the tensor pieces, acks and results
+                data_bus = PahoBus(url, client_id=f"{self.client_id}-d",
+                                   connect_timeout=connect_timeout, **bus_options)
+            except BaseException:
+                bus.close(timeout=0.5)
+                raise
             self._own_bus = True
         else:
+            data_bus = bus
             self._own_bus = False
-        self.bus = bus
+        self.bus = bus                  # control: states, leader, plans, requests, statuses
+        self.data_bus = data_bus        # data: route inbox (acks), results, input pieces
         self._lock = threading.Lock()
         self._plans: dict[str, Plan] = {}
         self._online: dict[str, bool] = {}
@@ -103,13 +112,18 @@ class MeshClient:
         self._meshes: set[str] = set()          # meshes with a leader record on this broker
         self._attempts: dict[str, _Attempt] = {}
         self._plan_cv = threading.Condition(self._lock)
-        self._links = Links(self.client_id, lambda t, p: self.bus.publish(t, p, qos=1))
+        self._links = Links(self.client_id, lambda t, p: self.data_bus.publish(t, p, qos=1))
         self._sender = ReliableSender(self.client_id,
                                       lambda tr, frames, done: self._links.send(tr.path[1],
                                                                                 frames, done),
                                       rto_min_s=0.5, max_retries=8)
         self._probe = threading.Event()
-        self._subscribe()
+        self._probe_ctl = threading.Event()
+        try:
+            self._subscribe()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------ wiring
     def _subscribe(self) -> None:
@@ -119,17 +133,23 @@ class MeshClient:
         self.bus.subscribe(topics.leader(m), self._on_leader, qos=1)
         self.bus.subscribe(f"{topics.PREFIX}/+/leader", self._on_any_leader, qos=0)
         self.bus.subscribe(topics.job_all(m, "status"), self._on_status, qos=1)
-        self.bus.subscribe(topics.job_all(m, "result"), self._on_result, qos=1)
-        self.bus.subscribe(topics.route_inbox(m, self.client_id), self._on_inbox, qos=1)
-        # subscriptions are made in order: once our probe comes back, all are active
-        probe = topics.route_topic(m, [self.client_id], "probe", "probe")
+        ctl = f"{self.client_id}-ctl"
+        self.bus.subscribe(topics.route_inbox(m, ctl), lambda t, p, r: self._probe_ctl.set(),
+                           qos=1)
+        self.data_bus.subscribe(topics.job_all(m, "result"), self._on_result, qos=1)
+        self.data_bus.subscribe(topics.route_inbox(m, self.client_id), self._on_inbox, qos=1)
+        # subscriptions are made in order: once our probes come back, all are active
+        probes = [(self.bus, topics.route_topic(m, [ctl], "probe", "probe"), self._probe_ctl),
+                  (self.data_bus, topics.route_topic(m, [self.client_id], "probe", "probe"),
+                   self._probe)]
         deadline = time.monotonic() + 10.0
-        while not self._probe.is_set() and time.monotonic() < deadline:
-            self.bus.publish(probe, b"", qos=1)
-            self._probe.wait(0.2)
-        if not self._probe.is_set():
-            raise JobError("the broker did not echo the client's probe within 10 s; it is "
-                           "overloaded or refuses our subscriptions (check its ACL)")
+        for bus, probe, echoed in probes:
+            while not echoed.is_set() and time.monotonic() < deadline:
+                bus.publish(probe, b"", qos=1)
+                echoed.wait(0.2)
+            if not echoed.is_set():
+                raise JobError("the broker did not echo the client's probe within 10 s; it "
+                               "is overloaded or refuses our subscriptions (check its ACL)")
 
     def _on_plan(self, topic: str, payload: Any, retained: bool) -> None:
         if not payload:
@@ -422,8 +442,10 @@ class MeshClient:
 
     def close(self) -> None:
         """Stop; never raises."""
+        own = self._own_bus
         for stop in (self._sender.stop, self._links.stop,
-                     (lambda: self.bus.close(timeout=1.0)) if self._own_bus else None):
+                     (lambda: self.data_bus.close(timeout=1.0)) if own else None,
+                     (lambda: self.bus.close(timeout=1.0)) if own else None):
             if stop is None:
                 continue
             try:

@@ -70,7 +70,8 @@ class NodeAgent:
         self._device, self.base = device, base
         self._bus_factory = bus_factory or self._paho
         self._want_dataplane = dataplane
-        self.bus: Any = None
+        self.bus: Any = None            # control connection: carries the will
+        self.data_bus: Any = None       # data connection: tensor pieces, acks, results
         self.session = 0
         self.membership = Membership()
         self.graphs = GraphCache()
@@ -187,6 +188,9 @@ class NodeAgent:
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"control-{self.node_id}")
         self._thread.start()
+        if self._want_dataplane:
+            # a second connection, so a megabyte piece never delays a heartbeat, vote or plan
+            self.data_bus = self._bus_factory(f"{cid[:100]}-d", None)
         threading.Thread(target=self._start_dataplane, daemon=True, name="dataplane-start").start()
         return self
 
@@ -550,4 +554,6 @@ class NodeAgent:
             final = Will(topics.node_state(self.mesh_name, self.node_id),
                          encode_control(self._state(False)), 1, True)
         self.bus.close(final=final)
+        if self.data_bus is not None:
+            self.data_bus.close(timeout=1.0)
         log.info("node %s left mesh %s", self.node_id, self.mesh_name)

@@ -56,6 +56,9 @@ class DataPlane:
                  rto_min_s: float = 1.0, max_retries: int = 6, job_ttl_s: float = 120.0,
                  chunk_bytes: int = 1 << 20, set_threads: bool = True) -> None:
         self.ctx = ctx
+        # tensor pieces, acks and results travel on the data connection (when the agent
+        # has one), so their bytes never delay control traffic; statuses stay on control
+        self.data_bus = getattr(ctx, "data_bus", None) or ctx.bus
         self.node_id: str = ctx.node_id
         self.mesh_name: str = ctx.mesh_name
         self.emulate = bool(ctx.emulate)
@@ -91,7 +94,7 @@ class DataPlane:
     def start(self) -> None:
         if self.emulate and self._set_threads:
             torch.set_num_threads(1)      # emulated nodes share a few real cores
-        self.ctx.bus.subscribe(topics.route_inbox(self.mesh_name, self.node_id),
+        self.data_bus.subscribe(topics.route_inbox(self.mesh_name, self.node_id),
                                self._on_message, qos=PIECE_QOS)
         self._house.start()
         known = getattr(self.ctx, "plans", None)      # plans adopted before we started
@@ -102,7 +105,7 @@ class DataPlane:
     def stop(self) -> None:
         self._stop.set()
         try:
-            self.ctx.bus.unsubscribe(topics.route_inbox(self.mesh_name, self.node_id))
+            self.data_bus.unsubscribe(topics.route_inbox(self.mesh_name, self.node_id))
         except MeshdlError as exc:
             log.debug("unsubscribe at stop: %s", exc)
         self.sender.stop()
@@ -134,7 +137,7 @@ class DataPlane:
 
     # ================================================================ sending
     def _publish(self, topic: str, payload: bytes) -> None:
-        self.ctx.bus.publish(topic, payload, qos=PIECE_QOS)
+        self.data_bus.publish(topic, payload, qos=PIECE_QOS)
 
     def _transmit(self, tr: Transfer, frames: list, on_sent) -> None:
         if not frames:
@@ -433,7 +436,7 @@ class DataPlane:
         except (MeshdlError, KeyError) as exc:
             res = JobResult(st.job, False, error=f"sink {self.node_id} could not stitch the "
                                                  f"answer: {exc}")
-        self.ctx.bus.publish(topics.job(self.mesh_name, st.job, "result"), encode_control(res),
+        self.data_bus.publish(topics.job(self.mesh_name, st.job, "result"), encode_control(res),
                              qos=1)
         st.outputs.clear()
         self._maybe_done(st)

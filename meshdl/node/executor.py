@@ -57,16 +57,18 @@ def warm(g, plan: Plan, tasks: list[Task]) -> None:
 
 
 class Worker:
-    """One thread running submitted callables in FIFO order."""
+    """One thread running submitted callables in FIFO order. ``submit`` never blocks
+    (a task may submit its successor to its own worker): the queue's bound comes
+    from the work that feeds it (JobTable.max_jobs jobs x the plan's tasks)."""
 
-    def __init__(self, name: str, max_queued: int = 1024) -> None:
-        self._q: queue.Queue = queue.Queue(max_queued)
+    def __init__(self, name: str) -> None:
+        self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.busy = False
         self._thread.start()
 
     def submit(self, fn: Callable[[], None]) -> None:
-        self._q.put(fn, timeout=30)
+        self._q.put_nowait(fn)
 
     def depth(self) -> int:
         return self._q.qsize()

@@ -2,7 +2,9 @@
 
 Handlers run on dispatcher threads, never on the network thread: a slow
 handler delays its own dispatcher lane, not the connection. Messages of one
-topic always go to the same lane, so per-topic order is kept.
+topic always go to the same lane, so per-topic order is kept. Nothing is
+dropped here: a full lane makes the network thread wait (back-pressure onto the
+TCP connection and the broker's queue), with a warning while it lasts.
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ class Dispatcher:
     """Bounded lanes of (topic, payload, retained) drained by worker threads."""
 
     def __init__(self, subs: Subscriptions, name: str, lanes: int = 1,
-                 max_queued: int = 10000, block_s: float = 1.0) -> None:
+                 max_queued: int = 10000, block_s: float = 5.0) -> None:
         if lanes < 1:
             raise TransportError("dispatch lanes must be >= 1")
         self._subs = subs
@@ -95,21 +97,28 @@ class Dispatcher:
         self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True,
                                           name=f"{name}-dispatch-{i}")
                          for i, q in enumerate(self._queues)]
-        self.dropped = 0
+        self.dropped = 0            # kept for callers; nothing is dropped any more
+        self.stalls = 0             # times a full lane made the network thread wait
         for t in self._threads:
             t.start()
 
     def put(self, topic: str, payload: Payload, retained: bool) -> None:
-        """Called from the network thread: waits at most ``block_s`` for room (back
-        pressure on the socket), then drops the message with a warning."""
+        """Called from the network thread: waits for room (back pressure on the
+        socket), warning every ``block_s`` while the lane stays full. Never drops."""
         lane = self._queues[zlib.crc32(topic.encode()) % len(self._queues)
                             if len(self._queues) > 1 else 0]
-        try:
-            lane.put((topic, payload, retained), timeout=self._block_s)
-        except queue.Full:
-            self.dropped += 1
-            log.warning("inbound queue full: dropped a message on %s (%d dropped so far); "
-                        "handlers are too slow", topic, self.dropped)
+        item = (topic, payload, retained)
+        waited = 0.0
+        while True:
+            try:
+                lane.put(item, timeout=self._block_s)
+                return
+            except queue.Full:
+                waited += self._block_s
+                self.stalls += 1
+                log.warning("inbound lane full for %.0f s (message on %s waits; the "
+                            "connection is back-pressured): handlers are too slow", waited,
+                            topic)
 
     def _run(self, q: queue.Queue) -> None:
         while True:
