@@ -16,11 +16,14 @@ from meshdl.mesh import (Device, Link, Mesh, MeshState, NodeOffline, NodeOnline,
                          fold, link_changed, list_profiles, list_topologies, load_profile,
                          load_topology, mix_counts, random_mesh)
 
-REQUIRED_PROFILES = {"rpi3bplus", "rpi4", "rpi_zero", "orangepi_zero", "beaglebone_ai",
+REQUIRED_PROFILES = {"rpi3bplus_seed", "rpi4_seed", "rpi3bplus", "rpi4", "rpi5",
+                     "jetson_nano", "jetson_nano_gpu", "jetson_orin_nano", "rpi_zero2w",
+                     "rpi_zero", "orangepi_zero", "beaglebone_ai",
                      "jetson_nano_maxn", "jetson_nano_5w", "odroid", "laptop", "cloud_server",
                      "generic"}
 REQUIRED_TOPOLOGIES = {"disnet-net0", "disnet-net1", "disnet-net2", "disnet-net3",
-                       "distcnn-50", "edge-cloud", "home-4"}
+                       "distcnn-50", "edge-cloud", "home-4", "home-wifi",
+                       "home-wifi-n", "home-jetson"}
 
 # Transcribed from the DISNET seed's disnet_network0.json (facts, not read at test time).
 DISNET0_NODES = {"0": 4, "1": 2, "2": 4, "3": 8, "4": 4, "5": 2, "6": 8, "7": 7, "8": 6,
@@ -52,7 +55,8 @@ def test_profile_loads(name):
 
 
 def test_profile_seed_figures():
-    assert load_profile("rpi3bplus").flops == 560e6
+    assert load_profile("rpi3bplus_seed").flops == 560e6
+    assert load_profile("rpi4_seed").flops == 1.12e9
     assert load_profile("orangepi_zero").memory_bytes == 131072 * 1024
     nano = load_profile("jetson_nano_maxn").power
     assert (nano.compute_w, nano.tx_w, nano.rx_w) == (7.253, 2.320, 2.260)
@@ -104,7 +108,7 @@ def test_distcnn_50():
     m = load_topology("distcnn-50")
     counts = Counter(d.profile for d in m.devices.values())
     assert len(m.devices) == 50 and m.is_connected()
-    assert counts["rpi3bplus"] == 5
+    assert counts["rpi3bplus_seed"] == 5
     assert {counts["beaglebone_ai"], counts["orangepi_zero"]} == {22, 23}
     assert {l.bandwidth_bps for l in m.links} == {72.2e6}
     for d in m.devices.values():
@@ -130,7 +134,7 @@ def test_edge_cloud_and_home_4():
     assert ec.devices["cloud"].flops > ec.devices["edge"].flops
     home = load_topology("home-4")
     assert Counter(d.profile for d in home.devices.values()) == \
-        {"rpi4": 2, "rpi3bplus": 1, "jetson_nano_5w": 1}
+        {"rpi4_seed": 2, "rpi3bplus_seed": 1, "jetson_nano_5w": 1}
     for l in home.links:
         assert 20e6 <= l.bandwidth_bps <= 100e6 and 0.002 <= l.latency_s <= 0.005
 

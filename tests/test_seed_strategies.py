@@ -147,7 +147,7 @@ def test_distcnn_fc6_never_on_orangepi(d50, alexnet):
 
 def test_distcnn_seed_alexnet_on_one_pi(d50):
     pl = distcnn_place([seed_alexnet()], ["u00"], ["u00"], d50.with_latency(0))
-    assert d50.devices["u00"].profile == "rpi3bplus"
+    assert d50.devices["u00"].profile == "rpi3bplus_seed"
     assert pl.latency_s[0] == pytest.approx(1.295, abs=1e-3)   # 725.2 MFLOP / 560 MFLOP/s
 
 

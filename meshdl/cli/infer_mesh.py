@@ -2,7 +2,7 @@
 and predicted vs measured time per stage.
 
 With no ``--broker`` an embedded default starts (a broker with random credentials plus
-an emulated home-4 mesh, one process per device), unless credentials are given and a
+an emulated home-wifi mesh, one process per device), unless credentials are given and a
 broker listens at the default address: see ``choose_broker``.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import click
 from meshdl.cli.options import DEFAULT_BROKER, Connection, fail_fast_if_refused
 from meshdl.errors import JobError
 
-DEFAULT_TOPOLOGY = "home-4"
+DEFAULT_TOPOLOGY = "home-wifi"
 LIVE_MESH_WAIT_S = 1.5
 
 

@@ -44,9 +44,16 @@ def node() -> None:
               default="auto", show_default=True,
               help="Lossless compression of tensor pieces: auto compresses on links slower "
                    "than the codec, never on fast ones.")
+@click.option("--time-scale", default=1.0, show_default=True, type=float,
+              help="With --emulate: every device and link K times slower (compute pacing "
+                   "x K, bandwidth / K, latency x K), so this machine can emulate devices "
+                   "faster than itself; reported times are K times longer.")
+@click.option("--shaped-links", is_flag=True, hidden=True,
+              help="The kernel shapes this node's link (mesh up --netns): emulate latency "
+                   "only and measure the links.")
 def start(broker, mesh_name, username, password, password_file, tls_ca, node_id, profile,
           emulate, topology, protocol, models, strategy, alpha, state_dir, telemetry_period,
-          no_dataplane, compression):
+          no_dataplane, compression, time_scale, shaped_links):
     """Join a mesh: birth state, telemetry, election, plans (and the data plane).
     Runs until Ctrl-C, SIGTERM or SIGHUP, then leaves the mesh cleanly."""
     import socket
@@ -63,7 +70,9 @@ def start(broker, mesh_name, username, password, password_file, tls_ca, node_id,
                      password=password, tls_ca=tls_ca, protocol=protocol,
                      models=tuple(m.strip() for m in models.split(",") if m.strip()),
                      strategy=strategy, alpha=alpha, state_dir=state_dir,
-                     compression=compression, timing=replace(Timing(), telemetry_period=telemetry_period))
+                     compression=compression, time_scale=time_scale,
+                     shaped_links=shaped_links,
+                     timing=replace(Timing(), telemetry_period=telemetry_period))
     agent = NodeAgent(cfg, dataplane=not no_dataplane)
     stop = threading.Event()
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # distributedCNNs' default: 45% BeagleBone AI, 45% OrangePi Zero, 10% Pi 3B+,
 # positions in [-15, 15]^2 for 50 units, link iff distance < 7.5, 72.2 Mbit/s.
-DISTCNN_MIX = (("beaglebone_ai", 0.45), ("orangepi_zero", 0.45), ("rpi3bplus", 0.10))
+DISTCNN_MIX = (("beaglebone_ai", 0.45), ("orangepi_zero", 0.45), ("rpi3bplus_seed", 0.10))
 DISTCNN_RADIUS = 7.5
 DISTCNN_HALF_WIDTH = 15.0
 DISTCNN_UNITS = 50

@@ -14,6 +14,18 @@ YAML format (units for humans: Mbit/s, ms)::
     links:
       - {a: pi4-a, b: nano, bandwidth_mbps: 60, latency_ms: 3}
       - [pi4-a, x, 20]                               # [a, b, mbps(, ms)]
+
+A star (every piece through the MQTT broker, see ``meshdl.mesh.star``) names its
+broker and gives each device an access link instead of ``links`` (default: the
+profile's ``net`` figures)::
+
+    name: home-wifi
+    broker: {host: router}          # the broker's own host, or {device: pi5}
+    medium: [pi5, pi4]              # optional: devices sharing one Wi-Fi cell's airtime
+    devices:
+      pi5: rpi5                                      # access from the profile's net
+      pi4: {profile: rpi4, access: {bandwidth_mbps: 60, latency_ms: 3}}
+      pc: {profile: laptop, access: {up_mbps: 40, down_mbps: 300, latency_ms: 2}}
 """
 from __future__ import annotations
 
@@ -28,15 +40,17 @@ from meshdl.data import data_dir
 from meshdl.errors import TopologyError
 from meshdl.mesh.model import Device, Link, Mesh, Power, plain, check_device_id
 from meshdl.mesh.profiles import Profile, list_profiles, load_profile, parse_power
+from meshdl.mesh.star import Access, Star
 from meshdl.mesh.yamlio import check_keys, number, read_data, require_mapping, size_bytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LATENCY_MS = 1.0
 _TOP_KEYS = {"name", "description", "provenance", "defaults", "link_defaults", "devices",
-             "links", "power_groups", "meta"}
+             "links", "power_groups", "meta", "broker", "medium"}
 _DEVICE_KEYS = {"profile", "flops", "memory_bytes", "power", "meta", "pos", "group",
-                "groups", "description"}
+                "groups", "description", "access"}
+_ACCESS_KEYS = {"bandwidth_mbps", "up_mbps", "down_mbps", "latency_ms"}
 _LINK_KEYS = {"a", "b", "bandwidth_mbps", "latency_ms"}
 
 # DISNET seed power by node group (watts): compute and transmit. Intended groups:
@@ -90,12 +104,15 @@ def parse_topology(data: Any, where: str = "<topology>", base_dir: Path | None =
                             "id -> profile name or figures")
     profiles: dict[str, Profile] = {}
     devices: dict[str, Device] = {}
+    access: dict[str, Access | None] = {}
     for raw_id, spec in devices_raw.items():
         dev_id = _device_id(raw_id, where)
         if dev_id in devices:
             raise TopologyError(f"{where}: device {dev_id!r} is defined twice; keep one")
         devices[dev_id] = _parse_device(dev_id, spec, f"{where}: device {dev_id!r}",
                                         profiles, base_dir)
+        access[dev_id] = _parse_access(spec, f"{where}: device {dev_id!r}", profiles)
+    star = _parse_star(d, devices, access, where)
     link_defaults = require_mapping(d.get("link_defaults") or {}, f"{where}: link_defaults")
     check_keys(link_defaults, {"bandwidth_mbps", "latency_ms"}, f"{where}: link_defaults")
     links_raw = d.get("links") or []
@@ -104,6 +121,10 @@ def parse_topology(data: Any, where: str = "<topology>", base_dir: Path | None =
                             "{a, b, bandwidth_mbps, latency_ms} entries")
     links = [_parse_link(item, f"{where}: links[{i}]", link_defaults)
              for i, item in enumerate(links_raw)]
+    if star is not None and links:
+        raise TopologyError(f"{where}: a mesh with a broker is a star (devices reach each "
+                            "other through it); remove 'links' and give devices access "
+                            "links, or remove 'broker' for a device-to-device mesh")
     defaults = dict(require_mapping(d.get("defaults") or {}, f"{where}: defaults"))
     for key in ("source", "sink"):
         if key in defaults:
@@ -117,9 +138,72 @@ def parse_topology(data: Any, where: str = "<topology>", base_dir: Path | None =
             meta[key] = d[key]
     try:
         return Mesh(name=str(d.get("name") or default_name), devices=devices,
-                    links=tuple(links), defaults=defaults, meta=meta)
+                    links=tuple(links), defaults=defaults, meta=meta, star=star)
     except TopologyError as exc:
         raise TopologyError(f"{where}: {exc}") from None
+
+
+def _parse_access(spec: Any, where: str, profiles: dict[str, Profile]) -> Access | None:
+    """A device's access link: its ``access`` entry over its profile's ``net``."""
+    base: dict[str, Any] = {}
+    if isinstance(spec, str):
+        spec = {"profile": spec}
+    if isinstance(spec, Mapping) and "profile" in spec:
+        prof = profiles.get(str(spec["profile"]))
+        if prof is not None:
+            base = dict(prof.net)
+    raw = spec.get("access") if isinstance(spec, Mapping) else None
+    if raw is not None:
+        raw = require_mapping(raw, f"{where}.access")
+        check_keys(raw, _ACCESS_KEYS, f"{where}.access")
+        base.update(raw)
+    if not base:
+        return None
+    both = base.get("bandwidth_mbps")
+    up, down = base.get("up_mbps", both), base.get("down_mbps", both)
+    if up is None or down is None:
+        raise TopologyError(f"{where}.access needs bandwidth_mbps (or up_mbps and down_mbps)")
+    up = number(up, f"{where}.access.up_mbps")
+    down = number(down, f"{where}.access.down_mbps")
+    ms = number(base.get("latency_ms", DEFAULT_LATENCY_MS), f"{where}.access.latency_ms")
+    if up <= 0 or down <= 0 or ms < 0:
+        raise TopologyError(f"{where}.access: bandwidths must be > 0 Mbit/s and latency >= 0 "
+                            f"ms (got up {up}, down {down}, {ms} ms)")
+    return Access(up * 1e6, down * 1e6, ms / 1e3)
+
+
+def _parse_star(d: Mapping[str, Any], devices: Mapping[str, Device],
+                access: Mapping[str, Access | None], where: str) -> Star | None:
+    if "broker" not in d:
+        if "medium" in d:
+            raise TopologyError(f"{where}: 'medium' needs a 'broker' (a shared medium is "
+                                "the cell of a star mesh)")
+        return None
+    b = d["broker"]
+    if isinstance(b, str):
+        b = {"device": b} if b in devices else {"host": b}
+    b = require_mapping(b, f"{where}: broker")
+    check_keys(b, {"device", "host"}, f"{where}: broker")
+    if ("device" in b) == ("host" in b):
+        raise TopologyError(f"{where}: broker is {{device: ID}} (on a device) or "
+                            "{host: NAME} (its own host), exactly one of them")
+    dev = _device_id(b["device"], f"{where}: broker.device") if "device" in b else None
+    if dev is not None and dev not in devices:
+        raise TopologyError(f"{where}: broker.device {dev!r} is not a device of this "
+                            f"topology; devices: {', '.join(sorted(devices))}")
+    medium_raw = d.get("medium") or []
+    if medium_raw == "all":
+        medium_raw = [x for x in devices if x != dev]
+    if not isinstance(medium_raw, list):
+        raise TopologyError(f"{where}: medium is a list of device ids sharing one cell "
+                            "(or 'all')")
+    medium = {_device_id(x, f"{where}: medium") for x in medium_raw}
+    unknown = sorted(medium - set(devices))
+    if unknown:
+        raise TopologyError(f"{where}: medium names unknown device(s) {', '.join(unknown)}")
+    return Star(access={k: v for k, v in access.items() if v is not None and k != dev},
+                broker_device=dev, broker_host=str(b.get("host") or dev),
+                medium=frozenset(medium))
 
 
 def _device_id(raw: Any, where: str) -> str:
@@ -253,9 +337,22 @@ def dump_topology(mesh: Mesh) -> str:
             entry["meta"] = plain(meta)
         devices[dev.id] = entry
     doc: dict[str, Any] = {"name": mesh.name}
+    if mesh.meta.get("time_scale"):
+        doc["meta"] = {"time_scale": mesh.meta["time_scale"]}
     if mesh.defaults:
         doc["defaults"] = dict(mesh.defaults)
     doc["devices"] = devices
+    if mesh.star is not None:
+        st = mesh.star
+        doc["broker"] = ({"device": st.broker_device} if st.broker_device is not None
+                         else {"host": st.broker_host})
+        if st.medium:
+            doc["medium"] = sorted(st.medium)
+        for dev_id, acc in st.access.items():
+            devices[dev_id]["access"] = {"up_mbps": round(acc.up_bps / 1e6, 6),
+                                         "down_mbps": round(acc.down_bps / 1e6, 6),
+                                         "latency_ms": round(acc.latency_s * 1e3, 6)}
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
     doc["links"] = [{"a": l.a, "b": l.b, "bandwidth_mbps": round(l.bandwidth_bps / 1e6, 6),
                      "latency_ms": round(l.latency_s * 1e3, 6)} for l in mesh.links]
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)

@@ -21,6 +21,7 @@ from typing import Any
 import networkx as nx
 
 from meshdl.errors import TopologyError
+from meshdl.mesh.star import Access, Star
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,20 @@ class Mesh:
     links: tuple[Link, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    star: Star | None = None     # set: every piece goes through the broker (see mesh/star.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", MappingProxyType(dict(self.devices)))
+        if self.star is not None:
+            self.star.validate(self.devices, f"mesh {self.name!r}")
+            object.__setattr__(self, "star", self.star.restricted(set(self.devices)))
+            ids = sorted(self.devices)
+            virtual = []
+            for i, a in enumerate(ids):
+                for b in ids[i + 1:]:
+                    bps, lat = self.star.virtual(a, b)
+                    virtual.append(Link(a, b, bandwidth_bps=bps, latency_s=lat))
+            object.__setattr__(self, "links", tuple(virtual))
         object.__setattr__(self, "links", tuple(self.links))
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
@@ -299,7 +311,7 @@ class Mesh:
                     defaults={k: v for k, v in self.defaults.items()
                               if devices is None or k not in ("source", "sink")
                               or v in devices},
-                    meta=self.meta)
+                    meta=self.meta, star=self.star)
 
     def with_bandwidth_cap(self, mbps: float | None) -> Mesh:
         """DISNET's B_max: every link's bandwidth becomes min(bandwidth, mbps Mbit/s)."""
@@ -307,11 +319,18 @@ class Mesh:
             return self
         _positive(mbps, "bandwidth cap (Mbit/s)", "Pass e.g. bandwidth_cap_mbps=10.")
         cap = float(mbps) * 1e6
+        if self.star is not None:
+            return replace(self, star=self.star.scaled(cap_bps=cap))
         return self._derive(links=[replace(l, bandwidth_bps=min(l.bandwidth_bps, cap))
                                    for l in self.links])
 
     def with_latency(self, latency_s: float) -> Mesh:
-        """Every link's latency set to ``latency_s`` (0 reproduces the seeds' formulas)."""
+        """Every link's latency set to ``latency_s`` (0 reproduces the seeds' formulas);
+        on a star mesh, every access link's."""
+        if self.star is not None:
+            return replace(self, star=replace(self.star, access={
+                d: Access(a.up_bps, a.down_bps, float(latency_s))
+                for d, a in self.star.access.items()}))
         return self._derive(links=[replace(l, latency_s=float(latency_s)) for l in self.links])
 
     def with_link(self, a: str, b: str, bandwidth_bps: float | None = None,
@@ -353,21 +372,73 @@ class Mesh:
         gone = set(drop)
         return self.subgraph([d for d in self.devices if d not in gone])
 
+    def with_access(self, device: str, bandwidth_bps: float | None = None,
+                    latency_s: float | None = None, *, up_bps: float | None = None,
+                    down_bps: float | None = None) -> Mesh:
+        """A star mesh with ``device``'s access link changed (unspecified figures kept)."""
+        if self.star is None:
+            raise TopologyError(f"mesh {self.name!r} has no broker (not a star mesh); "
+                                "change a device-to-device link with with_link()")
+        self.device(device)
+        old = self.star.access.get(device)
+        if old is None:
+            raise TopologyError(f"device {device!r} hosts the broker of mesh {self.name!r}; "
+                                "it has no access link to change")
+        new = Access(float(up_bps or bandwidth_bps or old.up_bps),
+                     float(down_bps or bandwidth_bps or old.down_bps),
+                     float(old.latency_s if latency_s is None else latency_s))
+        return replace(self, star=self.star.with_access(device, new))
+
+    def dilated(self, k: float) -> Mesh:
+        """Time dilation by ``k``: every device k times slower, every link's bandwidth
+        / k and latency x k (``meta["time_scale"]`` multiplied by k). Plans made on
+        the dilated mesh are the same; every time in them is k times longer."""
+        _positive(k, "time scale", "Pass e.g. --time-scale 4.")
+        if k == 1:
+            return self
+        devices = {d: replace(dev, flops=dev.flops / k) for d, dev in self.devices.items()}
+        meta = {**self.meta, "time_scale": float(self.meta.get("time_scale", 1.0)) * k}
+        links = [replace(l, bandwidth_bps=l.bandwidth_bps / k, latency_s=l.latency_s * k)
+                 for l in self.links]
+        star = self.star.scaled(1.0 / k, k) if self.star is not None else None
+        return Mesh(name=self.name, devices=devices, links=tuple(links),
+                    defaults=self.defaults, meta=meta, star=star)
+
+    @property
+    def time_scale(self) -> float:
+        return float(self.meta.get("time_scale", 1.0))
+
+    def broker_path(self, a: str, b: str) -> list[str]:
+        """The physical path of a piece a -> b: [a, "@broker", b] on a star mesh (the
+        broker's own device leaves out its loopback hop), else ``route(a, b)``."""
+        if self.star is None:
+            return self.route(a, b)
+        self.device(a)
+        self.device(b)
+        if a == b:
+            return [a]
+        return [a] + [h[1] for h in self.star.hops(a, b)]
+
     # ---- plain data -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/msgpack-safe data (SI units); inverse of ``from_dict``."""
-        return {"name": self.name,
-                "devices": {d.id: d.to_dict() for d in self.devices.values()},
-                "links": [l.to_dict() for l in self.links],
-                "defaults": plain(self.defaults), "meta": plain(self.meta)}
+        out = {"name": self.name,
+               "devices": {d.id: d.to_dict() for d in self.devices.values()},
+               "links": [l.to_dict() for l in self.links],
+               "defaults": plain(self.defaults), "meta": plain(self.meta)}
+        if self.star is not None:
+            out["star"] = self.star.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Mesh:
         try:
             devices = {str(k): Device.from_dict(k, v) for k, v in d["devices"].items()}
             links = tuple(Link.from_dict(l) for l in d.get("links", ()))
+            star = Star.from_dict(d["star"]) if d.get("star") else None
             return cls(name=str(d.get("name", "mesh")), devices=devices, links=links,
-                       defaults=dict(d.get("defaults") or {}), meta=dict(d.get("meta") or {}))
+                       defaults=dict(d.get("defaults") or {}), meta=dict(d.get("meta") or {}),
+                       star=star)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise TopologyError(f"mesh data is malformed ({type(exc).__name__}: {exc}); "
                                 "pass what Mesh.to_dict() produces") from exc

@@ -137,11 +137,49 @@ class MeshState:
                 log.debug("link %s-%s has no throughput figure yet; left out", a, b)
                 continue
             links[key] = Link(a, b, bandwidth_bps=float(bw), latency_s=float(lat))
+        star = base.star if base is not None else None
+        if star is not None:       # a star: links are virtual, from the access links
+            star = _measured_access(star, self.links, devices)
+            star = replace(star, access={d: a for d, a in star.access.items() if d in devices})
+            links = {}
         return Mesh(name=name or (base.name if base else "live"), devices=devices,
+                    star=star if star is not None and star.broker_device in (None, *devices)
+                    else (replace(star, broker_device=None) if star is not None else None),
                     links=tuple(links[k] for k in sorted(links, key=sorted)),
                     defaults={k: v for k, v in (base.defaults if base else {}).items()
                               if k not in ("source", "sink") or v in devices},
                     meta=base.meta if base else {})
+
+
+def _measured_access(star, observed: Mapping[frozenset[str], LinkObs],
+                     devices: Mapping[str, Device]):
+    """A star's access links with measured figures applied: a node's probe through the
+    broker back to itself (link key {node, "@broker"}) crosses its uplink then its
+    downlink, so its throughput figure is the series rate; it scales the declared
+    up/down pair to match (equal halves when nothing is declared)."""
+    from meshdl.mesh.star import BROKER, Access
+    access = dict(star.access)
+    for dev in devices:
+        if dev not in access and dev != star.broker_device:
+            log.info("%s is not in the star topology; assuming a 50 Mbit/s, 2 ms access link "
+                     "until it is measured", dev)
+            access[dev] = Access(5e7, 5e7, 0.002)
+    for key, obs in observed.items():
+        if BROKER not in key:
+            continue
+        (dev,) = tuple(key - {BROKER}) or ("",)
+        if dev not in devices or dev == star.broker_device:
+            continue
+        old = access.get(dev)
+        up, down, lat = (old.up_bps, old.down_bps, old.latency_s) if old else (1e8, 1e8, 0.001)
+        if obs.throughput_bps:
+            series = 1.0 / (1.0 / up + 1.0 / down)
+            f = float(obs.throughput_bps) / series
+            up, down = up * f, down * f
+        if obs.rtt_s is not None:
+            lat = float(obs.rtt_s) / 2.0
+        access[dev] = Access(up, down, lat)
+    return replace(star, access=access)
 
 
 def _device(member: Member, base: Mesh | None, profiles: Mapping[str, Profile] | None

@@ -63,6 +63,10 @@ class NodeConfig:
     probe_peers: int = 3                # peers probed per telemetry period (real nodes)
     max_requests: int = 32              # standing plan requests a leader keeps
     compression: str = "auto"           # tensor pieces: auto (per link), off, zstd, lz4
+    time_scale: float = 1.0             # emulation: devices and links K times slower
+    shaped_links: bool = False          # the kernel shapes links (mesh up --netns):
+                                        # emulate link latency only, measure telemetry
+    link_confirm_periods: int = 2       # a link change must persist this many periods
     timing: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
@@ -78,6 +82,9 @@ class NodeConfig:
                             f"{self.compression!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise NodeError(f"alpha {self.alpha} must be within [0, 1]")
+        if not (isinstance(self.time_scale, (int, float)) and 0 < self.time_scale <= 1e4):
+            raise NodeError(f"time scale {self.time_scale!r} must be a number in (0, 10000]; "
+                            "e.g. --time-scale 4 makes every device and link 4x slower")
 
 
 def next_session(state_dir: str | os.PathLike | None, node_id: str, mesh: str,

@@ -66,8 +66,11 @@ class DataPlane:
         self.chunk_bytes = chunk_bytes
         self.codecs = CodecPolicy(getattr(getattr(ctx, "config", None), "compression", "auto"))
         self._set_threads = set_threads
+        cfg = getattr(ctx, "config", None)
         self.links = Links(self.node_id, self._publish,
-                           self._link_figures if self.emulate else None)
+                           self._link_figures if self.emulate else None,
+                           access=self._access_figures,
+                           shaped=bool(getattr(cfg, "shaped_links", False)))
         self.sender = ReliableSender(self.node_id, self._transmit, rto_min_s=rto_min_s,
                                      max_retries=max_retries)
         self.rlog = ReceiveLog()
@@ -149,6 +152,15 @@ class DataPlane:
         link = self._live_mesh().find_link(a, b)
         return None if link is None else (link.bandwidth_bps, link.latency_s)
 
+    def _access_figures(self, dev: str):
+        """(up_bps, down_bps, latency_s) of ``dev``'s access link on a star mesh (None:
+        the broker's own device); False when the mesh is no star."""
+        star = self._live_mesh().star
+        if star is None:
+            return False
+        acc = star.link_of(dev)
+        return None if acc is None else (acc.up_bps, acc.down_bps, acc.latency_s)
+
     def _live_mesh(self):
         now = time.monotonic()
         if self._mesh is None or now - self._mesh_at > 5.0:
@@ -222,8 +234,8 @@ class DataPlane:
         if isinstance(frame, AckFrame):
             for piece in frame.pieces:
                 self.sender.on_ack(frame.job, piece, frame.ok, frame.chunks)
-        elif isinstance(frame, PieceFrame):
-            self._on_piece(frame)
+        elif isinstance(frame, PieceFrame):      # a star mesh: through this node's downlink
+            self.links.downlink(len(payload), frame.chunk == 0, lambda: self._on_piece(frame))
 
     def _fenced(self, frame) -> None:
         self.stats["fenced"] += 1

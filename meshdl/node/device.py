@@ -25,9 +25,12 @@ def resolve(cfg: NodeConfig) -> tuple[Device, Mesh | None]:
     else the ``generic`` profile. Emulated nodes keep those figures; real nodes
     replace FLOP/s and memory with this host's (a short benchmark)."""
     base = load_topology(cfg.topology) if cfg.topology else None
+    k = cfg.time_scale if cfg.emulate else 1.0
+    if base is not None and k != 1.0:
+        base = base.dilated(k)      # every device and link k times slower
     if cfg.profile:
         p = load_profile(cfg.profile)
-        dev = Device(cfg.node_id, p.name, p.flops, p.memory_bytes, p.power)
+        dev = Device(cfg.node_id, p.name, p.flops / k, p.memory_bytes, p.power)
     elif base is not None and cfg.node_id in base.devices:
         dev = base.devices[cfg.node_id]
     elif cfg.emulate:

@@ -10,6 +10,14 @@
   published (:class:`Links`). Tiny control frames (acks) skip the bandwidth
   queue and are delayed by the hop latency only (:class:`Delayer`).
 
+- Star meshes (every piece through the MQTT broker, ``mesh.star``): a sender's frames
+  all queue on its one uplink (``latency + bytes * 8 / up``), and a receiver holds
+  every incoming piece frame in its one downlink queue (``bytes * 8 / down``, plus the
+  latency on a piece's first chunk) before handling it (:meth:`Links.downlink`): the
+  two access hops of the cost model, store and forward.
+- Shaped links (``meshdl mesh up --netns``): the kernel shapes the bandwidth; the node
+  adds only the latency (a pure delay, as netem would), since netem is absent.
+
 Without emulation the same classes publish at once, so the data plane has one path.
 """
 from __future__ import annotations
@@ -27,6 +35,11 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
 LinkLookup = Callable[[str, str], "tuple[float, float] | None"]   # -> (bandwidth_bps, latency_s)
+# a star mesh: device -> (up_bps, down_bps, latency_s), None for the broker's own device;
+# the lookup itself returns False when the mesh is not a star
+AccessLookup = Callable[[str], "tuple[float, float, float] | None | bool"]
+UPLINK = "@up"
+DOWNLINK = "@down"
 
 
 def pace(started: float, flops: float, device_flops: float, what: str,
@@ -53,6 +66,7 @@ class _Item:
     payload: bytes
     delay_s: float
     on_sent: Callable[[], None] | None
+    deliver: Callable[[], None] | None = None     # downlink: hand the frame on
 
 
 class Delayer:
@@ -104,10 +118,13 @@ class Links:
     """
 
     def __init__(self, node_id: str, publish: Publish, link: LinkLookup | None = None,
-                 max_queued: int = 100000) -> None:
+                 max_queued: int = 100000, access: AccessLookup | None = None,
+                 shaped: bool = False) -> None:
         self.node_id = node_id
         self._publish = publish
         self._link = link
+        self._access = access if link is not None else None
+        self._shaped = shaped and link is not None
         self._max_queued = max_queued
         self._queues: dict[str, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
@@ -137,12 +154,56 @@ class Links:
             if on_sent is not None:
                 on_sent()
             return
-        bps, latency = self.hop_figures(hop)
-        q = self._queue(hop)
+        star = self._star(self.node_id)
+        if self._shaped:
+            # the kernel shapes the bandwidth: add the latency only, as a pure delay
+            latency = self._star_latency(hop) if star is not False else self.hop_figures(hop)[1]
+            assert self._delayer is not None
+
+            def go() -> None:
+                for topic, payload in frames:
+                    self._publish(topic, payload)
+                if on_sent is not None:
+                    on_sent()
+            self._delayer.after(latency, go)
+            return
+        if star is not False:
+            bps, latency = (float("inf"), 0.0) if star is None else (star[0], star[2])
+            q = self._queue(UPLINK)
+        else:
+            bps, latency = self.hop_figures(hop)
+            q = self._queue(hop)
         last = len(frames) - 1
         for i, (topic, payload) in enumerate(frames):
             delay = (latency if i == 0 else 0.0) + len(payload) * 8.0 / bps
             q.put(_Item(topic, payload, delay, on_sent if i == last else None))
+
+    def _star(self, dev: str):
+        """Access figures of ``dev`` on a star mesh; False when the mesh is no star."""
+        if self._access is None:
+            return False
+        return self._access(dev)
+
+    def _star_latency(self, hop: str) -> float:
+        """One-way latency of a piece to ``hop`` through the broker (both access links)."""
+        total = 0.0
+        for dev in (self.node_id, hop):
+            acc = self._star(dev)
+            if acc:
+                total += acc[2]
+        return total
+
+    def downlink(self, nbytes: int, first: bool, deliver: Callable[[], None]) -> None:
+        """An incoming piece frame on a star mesh: hold it for this node's downlink
+        (``bytes * 8 / down``, + latency on a piece's first chunk), then ``deliver``.
+        Delivers at once when not emulated, when the kernel shapes the link, or when
+        the mesh is no star."""
+        star = self._star(self.node_id) if not self._shaped else False
+        if not star:
+            deliver()
+            return
+        delay = (star[2] if first else 0.0) + nbytes * 8.0 / star[1]
+        self._queue(DOWNLINK).put(_Item("", b"", delay, None, deliver))
 
     def send_small(self, hop: str, topic: str, payload: bytes) -> None:
         """A control frame (ack): delayed by the hop latency only, never queued
@@ -150,7 +211,8 @@ class Links:
         if self._delayer is None:
             self._publish(topic, payload)
             return
-        _, latency = self.hop_figures(hop)
+        latency = (self._star_latency(hop) if self._star(self.node_id) is not False
+                   else self.hop_figures(hop)[1])
         self._delayer.after(latency, lambda: self._publish(topic, payload))
 
     def backlog(self) -> int:
@@ -188,6 +250,12 @@ class Links:
                 self._stopped.wait(item.delay_s)
                 if self._stopped.is_set():
                     return
+            if item.deliver is not None:
+                try:
+                    item.deliver()
+                except Exception:
+                    log.exception("%s: handling a frame from the downlink failed", self.node_id)
+                continue
             try:
                 self._publish(item.topic, item.payload)
             except Exception as exc:   # a dead bus: the sender's retransmission timer decides

@@ -238,6 +238,8 @@ class LeaderDuties:
         plan.meta["leader"] = self.me
         plan.meta["request"] = asdict(req)
         plan.meta["members"] = sorted(mesh.devices)
+        if mesh.time_scale != 1.0:      # emulated K times slower: times / K are the real ones
+            plan.meta["time_scale"] = mesh.time_scale
         return plan
 
     def _publish(self, plan) -> str:

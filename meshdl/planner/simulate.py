@@ -11,6 +11,11 @@ Model (DESIGN section 7), as implemented here:
   occupies its link, the sender's radio and the receiver's radio for
   ``latency + bytes * 8 / bandwidth`` seconds. Pieces between tasks on the same
   device are free and instant (so is a zero-byte piece).
+- On a **star** mesh (``mesh.star``: every piece goes through the MQTT broker) a
+  piece a -> b crosses a's uplink then b's downlink, store and forward through the
+  broker (a hop on the broker's own device is free). Each device's uplink and downlink
+  are separate resources; the devices of a shared medium (one Wi-Fi cell) all use one.
+  A hop to or from the broker keeps only the device's radio busy (energy).
 - Links are **half-duplex** shared resources (as Wi-Fi is: both directions share the
   one medium): a link carries one hop at a time, in FIFO order of the time the hop
   was requested (ties by request order). Devices relay for others while computing.
@@ -124,6 +129,26 @@ class Simulator:
             self.links[(a, b)] = entry
             self.links[(b, a)] = entry
         self.n_links = len(mesh.links)
+        self.star = mesh.star
+        self.n_res = self.n_links
+        self.names = self.ids + ["@broker"]       # index len(ids): the broker (no energy)
+        if self.star is not None:
+            n = len(self.ids)
+            shared = self.n_links + 2 * n
+            self._up: list[tuple[int, float, float] | None] = []
+            self._down: list[tuple[int, float, float] | None] = []
+            for i, d in enumerate(self.ids):
+                acc = self.star.link_of(d)
+                if acc is None:
+                    self._up.append(None)
+                    self._down.append(None)
+                    continue
+                inm = d in self.star.medium
+                self._up.append((shared if inm else self.n_links + 2 * i, acc.latency_s,
+                                 8.0 / acc.up_bps))
+                self._down.append((shared if inm else self.n_links + 2 * i + 1,
+                                   acc.latency_s, 8.0 / acc.down_bps))
+            self.n_res = shared + 1
         self._routes: dict[tuple[int, int], tuple[tuple[int, int, int], ...]] = {}
         self._px: dict[int, tuple[int, int, int]] = {}   # position -> (bytes/pixel, H, W)
         self._edges: dict[Any, list[tuple[int, int, int]]] = {}
@@ -207,9 +232,19 @@ class Simulator:
         wbytes: dict[int, int] = {}
         act: dict[int, int] = {}
 
+        star = self.star is not None
+
         def transfer(a: int, b: int, nbytes: int, dest: int, pos: int = -1) -> int:
             if a == b or nbytes <= 0:
                 hops: tuple = ()
+            elif star:
+                path = routes.get(f"{self.ids[a]}>{self.ids[b]}") if routes else None
+                hkey = (a, b, nbytes, pos, None if path is None else tuple(path))
+                hops = hop_cache.get(hkey)
+                if hops is None:
+                    hops = self._star_hops([a, b] if path is None
+                                           else [self.dev(x) for x in path], nbytes, pos)
+                    hop_cache[hkey] = hops
             else:
                 path = routes.get(f"{self.ids[a]}>{self.ids[b]}") if routes else None
                 if path is None:
@@ -284,6 +319,27 @@ class Simulator:
                       + (codec_s if k == 0 else 0.0))
                      for k, (l, u, v) in enumerate(hops))
 
+    def _star_hops(self, path: Sequence[int], nbytes: int, pos: int = -1) -> tuple:
+        """Access hops of a piece along ``path`` (device indices) on a star mesh:
+        uplink of each sender, downlink of each receiver, through the broker (with a
+        wire model: compressed bytes, the codec's time on the first hop)."""
+        raw = []
+        broker = len(self.ids)
+        for u, v in zip(path, path[1:]):
+            if u == v:
+                continue
+            up, down = self._up[u], self._down[v]
+            if up is not None:
+                raw.append((up[0], u, broker, up[1], up[2]))
+            if down is not None:
+                raw.append((down[0], broker, v, down[1], down[2]))
+        codec_s = 0.0
+        if self.wire is not None and raw:
+            slowest = min(8.0 / h[4] for h in raw)
+            nbytes, codec_s = self.wire.cost(pos, nbytes, slowest)
+        return tuple((r, u, v, lat + nbytes * per + (codec_s if k == 0 else 0.0))
+                     for k, (r, u, v, lat, per) in enumerate(raw))
+
     def _pieces(self, pos: int, prev: Sequence[tuple], cur: Sequence[tuple]
                 ) -> list[tuple[int, int, int]]:
         """(producer, consumer, bytes) for every piece between two stages' task lists
@@ -318,11 +374,11 @@ class Simulator:
     # ----- the event loop -------------------------------------------------------
     def run(self, prog: Program, trace: bool = False) -> RunResult:
         n_dev = len(self.ids)
-        link_free = [0.0] * self.n_links
+        link_free = [0.0] * self.n_res
         dev_free = [0.0] * n_dev
         compute_s = [0.0] * n_dev
-        tx_s = [0.0] * n_dev
-        rx_s = [0.0] * n_dev
+        tx_s = [0.0] * (n_dev + 1)         # slot n_dev: the broker of a star mesh
+        rx_s = [0.0] * (n_dev + 1)
         waiting = list(prog.n_inputs)
         ready_at = [0.0] * len(waiting)
         finish = [0.0] * len(waiting)
@@ -448,7 +504,7 @@ class Simulator:
         transfers = []
         for tr, dest in enumerate(prog.tr_dest):
             p = producer.get(tr)
-            hops = [(self.ids[u], self.ids[v], s, e) for (_, u, v, _), (s, e)
+            hops = [(self.names[u], self.names[v], s, e) for (_, u, v, _), (s, e)
                     in zip(prog.tr_hops[tr], r.hop_times[tr])]
             transfers.append({"src": "" if p is None else task_ids[p],
                               "dst": "" if dest < 0 else task_ids[dest],
