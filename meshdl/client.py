@@ -68,6 +68,8 @@ class InferResult:
     # the nodes' wall clocks (comparable on one machine or with synced clocks); None if
     # a node did not report. ``latency_s`` also counts client -> source and sink -> client.
     mesh_latency_s: float | None = None
+    index: int | None = None       # MeshClient.stream: the frame's position in the input
+    error: str | None = None       # MeshClient.stream: why this frame failed (output None)
 
     @property
     def predicted_s(self) -> float | None:
@@ -291,7 +293,8 @@ class MeshClient:
 
     def infer(self, x: Any, model: str = "efficientnet_lite0", strategy: str = "meshdl",
               alpha: float = 0.5, timeout: float = 60.0, source: str | None = None,
-              sink: str | None = None, max_attempts: int = 4) -> InferResult:
+              sink: str | None = None, max_attempts: int = 4,
+              objective: str | None = None) -> InferResult:
         """Classify ``x`` (a (1, 3, H, W) tensor or an image path) on the mesh."""
         import torch
         from meshdl import imaging
@@ -308,7 +311,8 @@ class MeshClient:
             attempt += 1
             job = f"{base}-{attempt}"
             try:
-                res = self._run(job, x, model, strategy, alpha, source, sink, deadline)
+                res = self._run(job, x, model, strategy, alpha, source, sink, deadline,
+                                objective=objective)
                 res.attempts = attempt
                 labels = imaging.imagenet_labels() if info.num_classes == 1000 else None
                 res.top5 = imaging.topk(res.output, 5, labels=labels)
@@ -324,12 +328,14 @@ class MeshClient:
 
     # ------------------------------------------------------------ one attempt
     def _run(self, job: str, x: Any, model: str, strategy: str, alpha: float,
-             source: str | None, sink: str | None, deadline: float) -> InferResult:
+             source: str | None, sink: str | None, deadline: float,
+             objective: str | None = None) -> InferResult:
         a = _Attempt(job)
         with self._lock:
             self._attempts[job] = a
         try:
-            return self._run_attempt(a, x, model, strategy, alpha, source, sink, deadline)
+            return self._run_attempt(a, x, model, strategy, alpha, source, sink, deadline,
+                                     objective)
         finally:
             with self._lock:
                 self._attempts.pop(job, None)
@@ -345,8 +351,11 @@ class MeshClient:
             raise _Retry(f"no {what} before the deadline") from None
 
     def _run_attempt(self, a: _Attempt, x: Any, model: str, strategy: str, alpha: float,
-                     source: str | None, sink: str | None, deadline: float) -> InferResult:
+                     source: str | None, sink: str | None, deadline: float,
+                     objective: str | None = None) -> InferResult:
         opts: dict[str, Any] = {"alpha": float(alpha), "input_shape": list(x.shape)}
+        if objective:
+            opts["objective"] = objective
         if source:
             opts["source"] = source
         if sink:
@@ -354,6 +363,12 @@ class MeshClient:
         t_req = time.time()
         pid = self._request(a, model, strategy, opts, deadline)
         plan = self._get_plan(pid, deadline)
+        return self._run_plan(a, x, plan, deadline, t_req)
+
+    def _run_plan(self, a: _Attempt, x: Any, plan: Plan, deadline: float,
+                  t_req: float) -> InferResult:
+        """Send ``x`` as job ``a.job`` on a known ``plan`` and wait for its answer."""
+        pid, model = plan.plan_id, plan.model
         gone = [d for d in plan.devices() if self._online.get(d) is False]
         if gone:
             raise _Retry(f"plan {pid} uses offline device(s) {', '.join(gone)}")
@@ -431,6 +446,58 @@ class MeshClient:
             if kind == "leader":
                 next_send = time.monotonic()       # a new leader: ask it now
 
+    # ------------------------------------------------------------ streams
+    def stream(self, frames: Any, model: str = "efficientnet_lite0", *,
+               window: int | None = None, **options: Any):
+        """Classify a stream of frames (tensors or image paths) with several frames in
+        flight: yields one InferResult per frame, in input order, with ``.index``, and
+        ``.error`` set (``output`` None) for a frame that failed. The plan is fetched
+        once and reused while the mesh is stable. See ``meshdl.streaming.stream``."""
+        from meshdl.streaming import stream
+        return stream(self, frames, model=model, window=window, **options)
+
+    def request_plan(self, model: str, strategy: str = "meshdl", alpha: float = 1.0,
+                     input_shape: tuple[int, ...] | None = None, timeout: float = 30.0,
+                     source: str | None = None, sink: str | None = None,
+                     objective: str | None = None) -> Plan:
+        """Ask the leader for the current plan of a request (no input is sent)."""
+        opts: dict[str, Any] = {"alpha": float(alpha)}
+        if input_shape is not None:
+            opts["input_shape"] = [int(v) for v in input_shape]
+        for key, val in (("source", source), ("sink", sink), ("objective", objective)):
+            if val:
+                opts[key] = val
+        deadline = time.monotonic() + timeout
+        a = _Attempt(f"plan-{uuid.uuid4().hex[:12]}")
+        with self._lock:
+            self._attempts[a.job] = a
+        try:
+            return self._get_plan(self._request(a, model, strategy, opts, deadline), deadline)
+        finally:
+            with self._lock:
+                self._attempts.pop(a.job, None)
+
+    def plans_known(self, plan_ids: list[str], timeout: float) -> list[Plan]:
+        """The retained plans of these ids that arrive within ``timeout`` (in order)."""
+        end = time.monotonic() + timeout
+        with self._plan_cv:
+            while not all(p in self._plans for p in plan_ids) and time.monotonic() < end:
+                self._plan_cv.wait(max(0.0, min(0.2, end - time.monotonic())))
+            return [self._plans[p] for p in plan_ids if p in self._plans]
+
+    def run_on_plan(self, job: str, x: Any, plan: Plan, deadline: float) -> InferResult:
+        """One attempt of job ``job`` on a known plan (no request to the leader).
+        Raises RetryableJobError when a fresh plan may fix the failure."""
+        a = _Attempt(job)
+        with self._lock:
+            self._attempts[job] = a
+        try:
+            return self._run_plan(a, x, plan, deadline, time.time())
+        finally:
+            with self._lock:
+                self._attempts.pop(job, None)
+            self._sender.cancel_job(job)
+
     def _get_plan(self, pid: str, deadline: float) -> Plan:
         with self._plan_cv:
             while pid not in self._plans:
@@ -462,6 +529,9 @@ class MeshClient:
 
 class _Retry(MeshdlError):
     """An attempt failed in a way a fresh plan may fix."""
+
+
+RetryableJobError = _Retry
 
 
 def _tensor(result: dict) -> Any:

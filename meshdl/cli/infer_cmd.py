@@ -38,6 +38,25 @@ def image_paths(target: str) -> list[Path]:
     return [p]
 
 
+def stream_paths(target: str) -> list[Path]:
+    """The frames of ``--stream``: a directory's images or a glob's, in name order.
+    (Video files need a decoder meshdl does not ship; extract frames to images first.)"""
+    import glob
+    from meshdl.errors import ImageError
+    if any(ch in target for ch in "*?[") and not Path(target).exists():
+        files = sorted(Path(f) for f in glob.glob(target)
+                       if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ImageError(f"no images match {target!r}")
+        return files
+    p = Path(target)
+    if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageError(f"{p} is not an image; --stream takes a directory of frames or a "
+                         "glob ('frames/*.jpg'). Video files need a decoder meshdl does not "
+                         "ship: extract frames first (e.g. ffmpeg -i in.mp4 frames/%05d.jpg)")
+    return image_paths(target)
+
+
 def parse_grid(text: str | None):
     if not text:
         return None
@@ -178,8 +197,21 @@ def run_in_process(paths, lm, topology, strategy, grid, alpha, as_json, repeat):
               show_default=True, help="Seconds before a job fails.")
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable output: top-5 and the full output vector (`output`).")
+@click.option("--stream", "as_stream", is_flag=True,
+              help="Treat the images (a directory or a glob such as 'frames/*.jpg', in name "
+              "order) as a stream: several frames in flight on one plan (objective "
+              "throughput), answers in order, frames/s shown live.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --stream: feed frames at this rate (a camera); default: as fast "
+              "as the mesh takes them.")
+@click.option("--window", type=click.IntRange(1, 64), default=None,
+              help="With --stream: frames in flight at most (default: from the plan).")
+@click.option("--objective", type=click.Choice(["latency", "energy", "throughput"]),
+              default=None, help="What the mesh plans for (default: throughput with "
+              "--stream, else the --alpha mix).")
 def infer(image, model_name, weights, input_size, labels_file, mean, std, strategy, alpha, in_process, topology, grid, broker,
-          mesh_name, username, password, password_file, tls_ca, repeat, timeout, as_json):
+          mesh_name, username, password, password_file, tls_ca, repeat, timeout, as_json,
+          as_stream, fps, window, objective):
     """Classify IMAGE (a file, a directory of images, or `sample` for a bundled photo):
     top-5 labels and timings.
 
@@ -195,9 +227,15 @@ def infer(image, model_name, weights, input_size, labels_file, mean, std, strate
         if ctx.get_parameter_source("topology") == click.core.ParameterSource.COMMANDLINE:
             raise click.UsageError("--topology works only with --in-process (a mesh plans "
                                    "on its live members)")
+    if not as_stream:
+        for name, value in (("--fps", fps), ("--window", window)):
+            if value is not None:
+                raise click.UsageError(f"{name} works only with --stream")
+    elif in_process:
+        raise click.UsageError("--stream runs on a mesh; leave out --in-process")
     check_model(model_name)
     grid_rc = parse_grid(grid)
-    paths = image_paths(image)
+    paths = stream_paths(image) if as_stream else image_paths(image)
     warn_untrained(model_name, weights)
     if in_process:
         lm = load_model(model_name, weights, input_size, labels_file, mean, std)
@@ -211,4 +249,6 @@ def infer(image, model_name, weights, input_size, labels_file, mean, std, strate
                    model_opts=dict(input_size=input_size, labels=labels_file, mean=mean,
                                    std=std), strategy=strategy,
                    alpha=alpha, conn=conn, explicit=broker is not None, mesh_name=mesh_name,
-                   repeat=repeat, timeout=timeout, as_json=as_json)
+                   repeat=repeat, timeout=timeout, as_json=as_json,
+                   stream=dict(fps=fps, window=window) if as_stream else None,
+                   objective=objective or ("throughput" if as_stream else None))

@@ -139,7 +139,7 @@ def _print(s: dict) -> None:
 
 def run(paths, *, model_name: str, weights, model_opts: dict | None = None, strategy: str, alpha: float,
         conn: Connection | None, explicit: bool, mesh_name: str, repeat: int, timeout: float,
-        as_json: bool) -> None:
+        as_json: bool, stream: dict | None = None, objective: str | None = None) -> None:
     from meshdl import imaging
     from meshdl.client import MeshClient
     from meshdl.models.files import is_model_file
@@ -148,7 +148,10 @@ def run(paths, *, model_name: str, weights, model_opts: dict | None = None, stra
                        "nodes build models by name (efficientnet_lite0 with its shipped "
                        "weights)")
     prep = imaging.preprocess_for(model_name)
-    images = [(p, imaging.load_image(p, preprocessing=prep)) for p in paths]
+    if stream is not None:           # frames are read as they are sent (memory stays flat)
+        images = [(paths[0], imaging.load_image(paths[0], preprocessing=prep))]
+    else:
+        images = [(p, imaging.load_image(p, preprocessing=prep)) for p in paths]
     with ExitStack() as stack:
         chosen = choose_broker(conn, explicit)
         protocol, embedded = "auto", chosen is None
@@ -162,6 +165,11 @@ def run(paths, *, model_name: str, weights, model_opts: dict | None = None, stra
             click.echo("warming up the mesh with one untimed job ...", err=True)
             client.infer(images[0][1], model=model_name, strategy=strategy, alpha=alpha,
                          timeout=max(120.0, timeout))
+        if stream is not None:
+            from meshdl.cli.stream_out import run_stream
+            run_stream(client, paths, model_name=model_name, strategy=strategy, alpha=alpha,
+                       objective=objective, timeout=timeout, as_json=as_json, **stream)
+            return
         results = []
         total = len(images) * repeat
         with click.progressbar(length=total, label="inferring", file=click.get_text_stream(
@@ -170,7 +178,8 @@ def run(paths, *, model_name: str, weights, model_opts: dict | None = None, stra
                 runs = []
                 for _ in range(repeat):
                     runs.append(client.infer(x, model=model_name, strategy=strategy,
-                                             alpha=alpha, timeout=timeout))
+                                             alpha=alpha, timeout=timeout,
+                                             objective=objective))
                     bar.update(1)
                 results.append(_summary(path, runs))
     if as_json:

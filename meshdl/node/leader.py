@@ -34,6 +34,7 @@ class StandingRequest:
     source: str | None = None      # None: the topology default, else the leader
     sink: str | None = None
     input_shape: tuple[int, ...] | None = None   # None: the model's own
+    objective: str | None = None   # None: alpha mix; latency, energy, throughput (streams)
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any]) -> "StandingRequest | None":
@@ -44,8 +45,9 @@ class StandingRequest:
             shape = req.get("input_shape")
             return cls(str(req["model"]), str(req.get("strategy") or "meshdl"),
                        float(req.get("alpha", 0.5)), req.get("source"), req.get("sink"),
-                       None if shape is None else tuple(int(v) for v in shape))
-        except (KeyError, TypeError, ValueError):
+                       None if shape is None else tuple(int(v) for v in shape),
+                       _objective("plan", req.get("objective")))
+        except (KeyError, TypeError, ValueError, PlanError):
             return None
 
     @classmethod
@@ -59,7 +61,16 @@ class StandingRequest:
         if type(alpha) not in (int, float) or not 0.0 <= alpha <= 1.0:
             raise PlanError(f"job {job.job}: alpha {alpha!r} must be a number in [0, 1]")
         return cls(job.model or default.model, job.strategy or default.strategy, float(alpha),
-                   opt_id("source"), opt_id("sink"), _shape(job.job, o.get("input_shape")))
+                   opt_id("source"), opt_id("sink"), _shape(job.job, o.get("input_shape")),
+                   _objective(job.job, o.get("objective")))
+
+
+def _objective(job: str, v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    if v not in ("latency", "energy", "throughput"):
+        raise PlanError(f"job {job}: objective {v!r} must be latency, energy or throughput")
+    return v
 
 
 def _shape(job: str, v: Any) -> tuple[int, ...] | None:
@@ -232,7 +243,8 @@ class LeaderDuties:
             mesh = mesh.subgraph(comp)
         plan = meshdl.plan(self._graphs.get(req.model, req.input_shape), mesh,
                            strategy=req.strategy,
-                           source=source, sink=sink, alpha=req.alpha)
+                           source=source, sink=sink, alpha=req.alpha,
+                           objective=req.objective)
         plan.term = self.term
         plan.notes.extend(notes)
         plan.meta["leader"] = self.me
@@ -243,6 +255,10 @@ class LeaderDuties:
         return plan
 
     def _publish(self, plan) -> str:
+        from meshdl.planner.throughput import replicas
+        for rep in replicas(plan)[0][1:]:       # a stream's other plans (throughput)
+            rep.term = self.term
+            self._publish(rep)
         msg = PlanMessage(plan.plan_id, self.term, plan.to_dict(), time.time())
         self._published.add(plan.plan_id)
         self._issued[plan.plan_id] = plan
@@ -253,6 +269,10 @@ class LeaderDuties:
 
     def _clear_superseded(self) -> None:
         live = set(self._current.values())
+        for pid in list(live):                  # a live plan's replicas stay live
+            issued = self._issued.get(pid)
+            live |= {d.get("plan_id") for d in ((issued.meta or {}).get("replicas") or [])
+                     if isinstance(d, dict)} if issued is not None else set()
         with self._cv:
             stale = (self._published - live) | {p for p, t in self._foreign.items()
                                                 if t < self.term and p not in live}
