@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from meshdl.graph import regions as R
+from meshdl.graph.classify_dims import channel_local, global_reduce, op_name
 
 
 @dataclass
@@ -44,7 +45,9 @@ def _param_bytes(module: nn.Module) -> int:
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                 nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
                 nn.Softplus, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-                nn.BatchNorm2d, nn.Threshold, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink)
+                nn.BatchNorm2d, nn.Threshold, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+                nn.RReLU, nn.Hardshrink, nn.Softshrink, nn.BatchNorm3d, nn.BatchNorm1d,
+                nn.Dropout1d, nn.Dropout3d, nn.FeatureAlphaDropout, nn.GLU)
 
 _ACT_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
                   F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus,
@@ -57,9 +60,24 @@ _BINARY = {operator.add: "add", operator.mul: "mul", operator.sub: "sub",
            torch.add: "add", torch.mul: "mul", torch.sub: "sub", torch.div: "div",
            torch.maximum: "maximum", torch.minimum: "minimum"}
 
-_POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_",
-                      "clip", "add", "add_", "mul", "mul_", "sub", "div", "contiguous",
-                      "abs", "neg", "exp", "float", "hardtanh", "hardtanh_"}
+# elementwise ops by torch name (functions of torch / F / operator, and Tensor methods)
+POINTWISE_NAMES = {
+    "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "sigmoid",
+    "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softsign", "logsigmoid",
+    "tanhshrink", "hardshrink", "softshrink", "threshold", "rrelu", "prelu", "dropout",
+    "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "clamp", "clip", "clamp_min", "clamp_max", "abs", "neg", "exp", "expm1", "log", "log1p",
+    "log2", "sqrt", "rsqrt", "square", "pow", "reciprocal", "sign", "floor", "ceil", "round",
+    "trunc", "frac", "erf", "erfc", "sin", "cos", "add", "sub", "rsub", "mul", "div",
+    "true_divide", "floor_divide", "maximum", "minimum", "fmax", "fmin", "where",
+    "masked_fill", "lerp", "addcmul", "addcdiv", "contiguous", "clone", "detach", "float",
+    "double", "half", "bfloat16", "to", "type_as", "nan_to_num", "logit", "heaviside",
+    "batch_norm", "truediv", "mod", "neg", "pos", "abs", "eq", "ne", "lt", "le", "gt", "ge",
+    "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or", "xlogy",
+    "hypot", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "sgn", "exp2",
+}
+_POINTWISE_METHODS = {n for n in POINTWISE_NAMES} | {
+    "relu_", "sigmoid_", "tanh_", "clamp_", "add_", "mul_", "hardtanh_"}
 
 _GLOBAL_FUNCTIONS = {torch.flatten: "flatten", F.linear: "linear", F.softmax: "softmax",
                      torch.softmax: "softmax", F.log_softmax: "log_softmax",
@@ -79,15 +97,38 @@ def _not_spatial(kind: str, reason: str, flops: float, wbytes: int = 0) -> OpInf
 
 
 def _pointwise(kind: str, fn: Callable, in_shapes, out_shape, flops_per=1.0, wbytes=0):
-    """A pointwise op is spatial when its output is 4-D and every input either matches
-    the output's spatial size or broadcasts from 1x1."""
-    ok = _is_4d(out_shape) and all(
-        s is None or len(s) < 2 or tuple(s[-2:]) in ((1, 1), tuple(out_shape[-2:]))
-        for s in in_shapes)
+    """A pointwise op is spatial when its output is a feature map (H, W its last two
+    dims) and every input either matches the output along H and W or broadcasts (size
+    1) along them."""
+    ok = out_shape is not None and len(out_shape) >= 3 and all(
+        s is not None and _broadcasts(s, out_shape) for s in in_shapes)
     flops = flops_per * _numel(out_shape) if out_shape else 0.0
     if not ok:
         return _not_spatial(kind, "global", flops, wbytes)
-    return OpInfo(kind, R.PointwiseRule(fn, [s or () for s in in_shapes]), flops, wbytes)
+    return OpInfo(kind, R.PointwiseRule(fn, [s or () for s in in_shapes], out_shape),
+                  flops, wbytes)
+
+
+def _broadcasts(s, out_shape) -> bool:
+    if len(s) == 0:
+        return True
+    if len(s) == 1:
+        return int(s[0]) == 1
+    return all(int(a) in (1, int(b)) for a, b in zip(s[-2:], out_shape[-2:]))
+
+
+def _local(kind: str, how: str | None, call, in_shapes, out_shape) -> OpInfo | None:
+    """A channel-only op's OpInfo (None when ``how`` says it is not one)."""
+    if how == "reshape" and len(in_shapes) == 1:
+        return OpInfo(kind, R.ReshapeRule(out_shape), 0.0, 0)
+    if how == "local":
+        info = _pointwise(kind, call, in_shapes, out_shape, 1.0)
+        return info if info.rule.spatial else None
+    return None
+
+
+def _reduce(kind: str, spec, in_shape) -> OpInfo:
+    return OpInfo(kind, R.ReduceRule(spec), float(_numel(in_shape)), 0)
 
 
 def _conv_pads(padding, k, d) -> tuple[int, int]:
@@ -111,6 +152,8 @@ def _conv(in_shape, out_shape, weight, bias, stride, padding, dilation, groups, 
 
 def classify_module(m: nn.Module, in_shapes, out_shape, call: Callable) -> OpInfo:
     wbytes = _param_bytes(m)
+    if type(m).__name__ == "WholeModel" and hasattr(m, "reason"):
+        return _not_spatial("whole_model", str(m.reason), 0.0, wbytes)
     x_shape = in_shapes[0] if in_shapes else None
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros":
@@ -131,6 +174,9 @@ def classify_module(m: nn.Module, in_shapes, out_shape, call: Callable) -> OpInf
         rule = R.AvgPoolRule(x_shape, k, s, _pair(m.padding), m.ceil_mode,
                              m.count_include_pad, m.divisor_override)
         return OpInfo("avgpool2d", rule, float(_numel(out_shape) * k[0] * k[1]), 0)
+    spec = global_reduce(None, (), {}, x_shape or (), out_shape or (), module=m)
+    if spec is not None and len(in_shapes) == 1:
+        return _reduce(type(m).__name__.lower(), spec, x_shape)
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return _adaptive(m, x_shape, out_shape)
     if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
@@ -145,6 +191,22 @@ def classify_module(m: nn.Module, in_shapes, out_shape, call: Callable) -> OpInf
         kind = "batchnorm" if isinstance(m, nn.BatchNorm2d) else type(m).__name__.lower()
         per = 2.0 if isinstance(m, nn.BatchNorm2d) else 1.0
         return _pointwise(kind, call, in_shapes, out_shape, per, wbytes)
+    if isinstance(m, (nn.ChannelShuffle, nn.LocalResponseNorm, nn.Softmax2d)) or (
+            isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)) and m.dim is not None):
+        name = {nn.ChannelShuffle: "channel_shuffle", nn.LocalResponseNorm:
+                "local_response_norm"}.get(type(m), "softmax")
+        dim = -3 if isinstance(m, nn.Softmax2d) else getattr(m, "dim", 1)
+        info = _local(type(m).__name__.lower(),
+                      channel_local(name, (None, dim) if name == "softmax" else (None,), {},
+                                    x_shape or (), out_shape or ()),
+                      call, in_shapes, out_shape)
+        if info is not None:
+            return info
+    if isinstance(m, nn.Flatten) and x_shape is not None:
+        info = _local("flatten", channel_local("flatten", (), {}, x_shape, out_shape or ()),
+                      call, in_shapes, out_shape)
+        if info is not None:
+            return info
     if isinstance(m, nn.Linear):
         return _not_spatial("linear", "global", 2.0 * m.in_features * m.out_features
                             * (_numel(out_shape) // max(1, m.out_features)), wbytes)
@@ -206,20 +268,29 @@ def classify_function(fn, args: tuple, kwargs: dict, in_shapes, out_shape,
             return _not_spatial("pad", f"F.pad with mode={mode!r} over {len(pad)//2} dims", 0)
         left, right, top, bottom = (int(v) for v in pad)
         return OpInfo("pad", R.PadRule(x_shape, left, right, top, bottom, float(value)), 0, 0)
-    if fn in (torch.cat, torch.concat):
+    if fn in (torch.cat, torch.concat, torch.stack):
         dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-        if _is_4d(out_shape) and dim in (1, -3):
-            return OpInfo("cat", R.PointwiseRule(call, in_shapes), 0.0, 0)
+        nd = len(out_shape) if out_shape else 0
+        if nd >= 3 and isinstance(dim, int) and dim % nd < nd - 2:
+            return _pointwise("cat" if fn is not torch.stack else "stack", call, in_shapes,
+                              out_shape, 0.0)
         return _not_spatial("cat", f"concatenation along dim {dim}", 0)
+    pname = op_name(fn)
     if fn in _BINARY:
         return _pointwise(_BINARY[fn], call, in_shapes, out_shape)
-    if fn in _ACT_FUNCTIONS:
+    if fn in _ACT_FUNCTIONS or (pname in POINTWISE_NAMES and not _reduces(pname, args)):
         return _pointwise(name, call, in_shapes, out_shape)
     if fn is F.interpolate:
         mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
         if mode == "nearest":
             return _upsample(x_shape, out_shape)
         return _not_spatial("interpolate", f"interpolate mode={mode!r}", _numel(out_shape))
+    first = args[0] if args and is_tensor(args[0]) else None
+    if first is not None:
+        info = _dims_op(name, pname, args, kwargs, tuple(first.shape), in_shapes, out_shape,
+                        call)
+        if info is not None:
+            return info
     if fn in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
         m = (nn.AdaptiveAvgPool2d if fn is F.adaptive_avg_pool2d else nn.AdaptiveMaxPool2d)(
             tuple(out_shape[-2:]) if _is_4d(out_shape) else 1)
@@ -228,8 +299,47 @@ def classify_function(fn, args: tuple, kwargs: dict, in_shapes, out_shape,
         flops = _numel(out_shape)
         if fn in (F.linear, torch.matmul) and len(in_shapes) >= 2 and in_shapes[1]:
             flops = 2.0 * _numel(out_shape) * int(in_shapes[0][-1])
-        return _not_spatial(_GLOBAL_FUNCTIONS[fn], "global", flops)
+        return _not_spatial(_GLOBAL_FUNCTIONS[fn], _global_reason(pname, x_shape, out_shape),
+                            flops)
     return _not_spatial(name, f"unsupported function {name}", _numel(out_shape))
+
+
+def _reduces(name: str, args) -> bool:
+    """max/min/... with one tensor argument reduce; with two they are elementwise."""
+    return name in ("max", "min") and not (len(args) > 1 and isinstance(args[1], torch.Tensor))
+
+
+def _dims_op(kind, pname, args, kwargs, in_shape, in_shapes, out_shape, call) -> OpInfo | None:
+    """Channel-only ops and global reductions, decided by the dims they touch."""
+    if out_shape is None:
+        return None
+    spec = global_reduce(pname, args, kwargs, in_shape, out_shape)
+    if spec is not None and len(in_shapes) == 1:
+        return _reduce(kind, spec, in_shape)
+    how = channel_local(pname, args, kwargs, in_shape, out_shape)
+    return _local(kind, how, call, in_shapes, out_shape)
+
+
+def _global_reason(name: str | None, x_shape, out_shape) -> str:
+    """Flattening a map into a vector (a classifier head) is a known global op; any
+    other reshuffle of the spatial dims is named as such."""
+    if name in ("view", "reshape", "flatten", "permute", "transpose", "squeeze",
+                "unsqueeze", "movedim", "swapaxes", "unflatten") and x_shape is not None \
+            and len(x_shape) >= 3 and out_shape is not None and len(out_shape) > 2:
+        return f".{name}() that moves or merges the spatial dims H, W"
+    return "global"
+
+
+def classify_item(producer: str | None, args, kwargs, in_shape, in_shapes, out_shape,
+                  call: Callable) -> OpInfo:
+    """One element of a tuple-returning op (chunk, split, max over a dim, sort, ...)."""
+    kind = f"{producer}[i]"
+    how = channel_local(producer, args, kwargs, in_shape, out_shape) \
+        if producer and in_shape else None
+    info = _local(kind, how, call, in_shapes, out_shape) if how == "local" else None
+    if info is not None:
+        return info
+    return _not_spatial(kind, f"unsupported tuple op {producer}", _numel(out_shape))
 
 
 def _functional_pool(fn, args, kwargs, x_shape, out_shape) -> OpInfo:
@@ -253,9 +363,21 @@ def _functional_pool(fn, args, kwargs, x_shape, out_shape) -> OpInfo:
     return OpInfo("avgpool2d", rule, flops, 0)
 
 
-def classify_method(method: str, in_shapes, out_shape, call: Callable) -> OpInfo:
-    if method in _POINTWISE_METHODS:
+def classify_method(method: str, args, kwargs, in_shapes, out_shape,
+                    call: Callable) -> OpInfo:
+    if method in _POINTWISE_METHODS and not _reduces(method, args):
         return _pointwise(method.rstrip("_"), call, in_shapes, out_shape)
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if first is not None:
+        if method == "__getitem__":
+            method = "getitem"
+        info = _dims_op(method, method, args, kwargs, tuple(first.shape), in_shapes,
+                        out_shape, call)
+        if info is not None:
+            return info
+        if method in _GLOBAL_METHODS or method in ("max", "min", "amax", "amin"):
+            return _not_spatial(_GLOBAL_METHODS.get(method, method),
+                                _global_reason(method, tuple(first.shape), out_shape), 0)
     if method in _GLOBAL_METHODS:
         return _not_spatial(_GLOBAL_METHODS[method], "global", 0)
     return _not_spatial(method, f"unsupported method .{method}()", _numel(out_shape))

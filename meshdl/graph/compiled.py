@@ -45,10 +45,15 @@ def compile_range(traced, a: int, b: int) -> Callable[[torch.Tensor], torch.Tens
             return env[n]
         if n in traced.constants:
             return _literal(traced.constants[n])
+        if n in getattr(traced, "virtual", {}):
+            env[n] = graph.node_copy(n, lookup)
+            return env[n]
         raise _NotCompilable(f"{n.name} comes from before position {a}")
 
     try:
         for op in ops[a:b]:
+            if op.node in env and op.kind == "const":
+                continue
             env[op.node] = graph.node_copy(op.node, lookup)
         graph.output(env[ops[b - 1].node])
         return fx.GraphModule(traced.gm, graph)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ import torch.nn as nn
 
 from meshdl.errors import SplitWarning, TraceError
 from meshdl.graph import regions as R
-from meshdl.graph.classify import OpInfo, classify_function, classify_method, classify_module
+from meshdl.graph.classify import (POINTWISE_NAMES, OpInfo, classify_function, classify_item,
+                                   classify_method, classify_module)
+from meshdl.graph.classify_dims import op_name
+from meshdl.graph.fxnormalize import normalize, whole_graph
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,30 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
             "Make forward() free of data-dependent Python control flow (if/for on tensor "
             "values, len() of tensors), or wrap that part in a leaf module "
             "(torch.fx.wrap) so meshdl runs it whole.") from exc
+    return gm
+
+
+def example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """A fixed pseudo-random input (global RNG untouched) in the model's float dtype."""
+    dtype = next((p.dtype for p in list(model.parameters()) + list(model.buffers())
+                  if p.is_floating_point()), torch.float32)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0x5EED)).to(dtype)
+
+
+def pure_graph(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    """The model's fx graph with every in-place op made out of place (``fxnormalize``)
+    and dead code removed; a model whose in-place aliasing cannot be rewritten exactly
+    becomes one whole op, with a SplitWarning."""
+    gm = symbolic_trace(model)
+    try:
+        reason = normalize(gm, x)
+    except Exception as exc:   # an op the analysis run cannot execute: keep it exact
+        reason = f"its in-place ops could not be analysed ({exc})"
+        gm = symbolic_trace(model)
+    if reason is not None:
+        warnings.warn(f"{type(model).__name__}: {reason}; meshdl runs the whole model on "
+                      "one device", SplitWarning, stacklevel=4)
+        return whole_graph(gm, reason)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -78,15 +106,39 @@ def _contains_tensor(v: Any) -> bool:
     return False
 
 
-class _Builder:
-    """Runs the graph once on a real input, recording every node's value."""
+def _apply(node: fx.Node, modules: dict, args: tuple, kwargs: dict) -> Any:
+    if node.op == "call_module":
+        return modules[node.target](*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    return getattr(args[0], node.target)(*args[1:], **kwargs)
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]):
+
+def _wants_const_inputs(node: fx.Node) -> bool:
+    """Elementwise consumers, whose tensor constants with spatial extent are cropped."""
+    if node.op == "call_module":
+        return False
+    if node.op == "call_method":
+        return node.target in POINTWISE_NAMES
+    name = op_name(node.target)
+    return name in POINTWISE_NAMES or name in ("cat", "concat", "stack", "iadd", "imul")
+
+
+class _Builder:
+    """Runs the graph once on a real input, recording every node's value.
+
+    Nodes whose value depends on the model input become ops when they produce one
+    tensor; tuples and lists of such tensors (chunk, split, max over a dim...) are
+    *virtual*: every op reading them recomputes them from their own inputs (getitem on
+    a chunk is the op "chunk, then take item i")."""
+
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor):
         self.gm = gm
         self.modules = dict(gm.named_modules())
-        self.input_shape = input_shape
+        self.x = x
         self.values: dict[fx.Node, Any] = {}
         self.op_index: dict[fx.Node, int] = {}
+        self.virtual: dict[fx.Node, list[fx.Node]] = {}
         self.ops: list[Op] = []
 
     def build(self) -> tuple[list[Op], tuple[int, ...]]:
@@ -94,12 +146,11 @@ class _Builder:
         if len(placeholders) != 1:
             raise TraceError(f"meshdl splits models with exactly one tensor input; this one "
                              f"takes {len(placeholders)} ({[p.name for p in placeholders]})")
-        x = torch.zeros(self.input_shape)
         out_shape: tuple[int, ...] = ()
         with torch.no_grad():
             for node in self.gm.graph.nodes:
                 if node.op == "placeholder":
-                    self.values[node] = x
+                    self.values[node] = self.x
                     self.op_index[node] = INPUT
                 elif node.op == "get_attr":
                     self.values[node] = self._attr(node.target)
@@ -121,35 +172,44 @@ class _Builder:
             obj = getattr(obj, part)
         return obj
 
-    def _tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
-        """Activation inputs: nodes that produce tensors computed from the model input."""
+    def _deps(self, node: fx.Node) -> list[fx.Node]:
+        """Activation inputs: op nodes read directly or through virtual nodes."""
         seen: list[fx.Node] = []
         for n in node.all_input_nodes:
-            if n in self.op_index and n not in seen:
-                seen.append(n)
+            for d in ([n] if n in self.op_index else self.virtual.get(n, [])):
+                if d not in seen:
+                    seen.append(d)
         return seen
+
+    def _consts_to_crop(self, node: fx.Node, out_shape) -> list[fx.Node]:
+        """Tensor constants of an elementwise op that have spatial extent."""
+        if len(out_shape) < 3 or not _wants_const_inputs(node):
+            return []
+        out = []
+        for n in node.all_input_nodes:
+            v = self.values.get(n)
+            if (n not in self.op_index and n not in self.virtual and _is_tensor(v)
+                    and v.dim() >= 2 and tuple(v.shape[-2:]) != (1, 1) and n not in out):
+                out.append(n)
+        return out
 
     def _call(self, node: fx.Node) -> None:
         args = fx.node.map_arg(node.args, lambda n: self.values[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.values[n])
-        if node.op == "call_module":
-            fn = self.modules[node.target]
-            value = fn(*args, **kwargs)
-        elif node.op == "call_function":
-            value = node.target(*args, **kwargs)
-        else:  # call_method
-            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        value = _apply(node, self.modules, args, kwargs)
         self.values[node] = value
-        inputs = self._tensor_inputs(node)
-        if not inputs or not _contains_tensor(value):
+        deps = self._deps(node)
+        if not deps or not _contains_tensor(value):
             return      # a constant (x.size(0), a parameter expression): folded into users
         if not _is_tensor(value):
-            raise TraceError(f"op {node.name} ({node.target}) returns "
-                             f"{type(value).__name__}; meshdl needs ops that return one "
-                             "tensor (wrap that part in a leaf module)")
-        call = self._make_call(node, inputs)
-        in_shapes = [tuple(self.values[n].shape) for n in inputs]
+            self.virtual[node] = deps
+            return
         out_shape = tuple(value.shape)
+        consts = self._consts_to_crop(node, out_shape)
+        const_ops = [self._const_op(c) for c in consts]
+        slots = deps + consts
+        call = self._make_call(node, slots)
+        in_shapes = [tuple(self.values[n].shape) for n in slots]
         info = self._classify(node, args, kwargs, in_shapes, out_shape, call)
         index = len(self.ops)
         self.op_index[node] = index
@@ -157,46 +217,68 @@ class _Builder:
             index=index, name=node.name, kind=info.kind, spatial=info.rule.spatial,
             out_shape=out_shape, flops=float(info.flops), weight_bytes=int(info.weight_bytes),
             out_bytes=int(value.numel() * value.element_size()),
-            inputs=[self.op_index[n] for n in inputs], rule=info.rule, call=call,
+            inputs=[self.op_index[n] for n in deps] + const_ops, rule=info.rule, call=call,
             reason=getattr(info.rule, "reason", ""),
             target=str(getattr(node.target, "__name__", node.target)), node=node))
+
+    def _const_op(self, n: fx.Node) -> int:
+        """A leaf op holding constant ``n``, cropped to a tile like any input."""
+        v = self.values[n]
+        index = len(self.ops)
+        self.ops.append(Op(
+            index=index, name=f"{n.name}_const{index}", kind="const", spatial=True,
+            out_shape=tuple(v.shape), flops=0.0, weight_bytes=int(v.numel() * v.element_size()),
+            out_bytes=int(v.numel() * v.element_size()), inputs=[], rule=R.ConstRule(v),
+            call=lambda v=v: v, reason="", target=str(n.target), node=n))
+        return index
 
     def _classify(self, node, args, kwargs, in_shapes, out_shape, call) -> OpInfo:
         if node.op == "call_module":
             return classify_module(self.modules[node.target], in_shapes, out_shape, call)
         if node.op == "call_function":
+            src = node.args[0] if node.args else None
+            if node.target is operator.getitem and isinstance(src, fx.Node) and \
+                    src in self.virtual:
+                return self._classify_item(src, in_shapes, out_shape, call)
             return classify_function(node.target, args, kwargs, in_shapes, out_shape, call,
                                      _is_tensor)
-        return classify_method(node.target, in_shapes, out_shape, call)
+        return classify_method(node.target, args, kwargs, in_shapes, out_shape, call)
 
-    def _make_call(self, node: fx.Node, inputs: list[fx.Node]) -> Callable[..., torch.Tensor]:
-        """A function of the activation inputs alone; constants are baked in."""
-        slots = {n: i for i, n in enumerate(inputs)}
-        consts = {n: self.values[n] for n in node.all_input_nodes if n not in slots}
-
-        def fill(tensors):
-            def sub(n: fx.Node):
-                return tensors[slots[n]] if n in slots else consts[n]
-            return (fx.node.map_arg(node.args, sub), fx.node.map_arg(node.kwargs, sub))
-
-        if node.op == "call_module":
-            module = self.modules[node.target]
-
-            def call(*tensors):
-                a, k = fill(tensors)
-                return module(*a, **k)
-        elif node.op == "call_function":
-            fn = node.target
-
-            def call(*tensors):
-                a, k = fill(tensors)
-                return fn(*a, **k)
+    def _classify_item(self, src: fx.Node, in_shapes, out_shape, call) -> OpInfo:
+        pargs = fx.node.map_arg(src.args, lambda n: self.values[n])
+        pkw = fx.node.map_arg(src.kwargs, lambda n: self.values[n])
+        first = pargs[0] if pargs and _is_tensor(pargs[0]) else None
+        if src.op == "call_module" or first is None or len(in_shapes) != 1 or \
+                any(isinstance(a, fx.Node) and a in self.virtual for a in src.all_input_nodes):
+            name = None
         else:
-            method = node.target
+            name = src.target if src.op == "call_method" else op_name(src.target)
+        return classify_item(name, pargs, pkw, tuple(first.shape) if first is not None else
+                             None, in_shapes, out_shape, call)
 
-            def call(*tensors):
-                a, k = fill(tensors)
-                return getattr(a[0], method)(*a[1:], **k)
+    def _make_call(self, node: fx.Node, slots_in: list[fx.Node]
+                   ) -> Callable[..., torch.Tensor]:
+        """A function of the activation inputs (and cropped constants) alone; other
+        constants are baked in; virtual inputs are recomputed from their own inputs."""
+        slots = {n: i for i, n in enumerate(slots_in)}
+        values, virtual, modules = self.values, self.virtual, self.modules
+
+        def evaluate(n: fx.Node, tensors, memo):
+            if n in slots:
+                return tensors[slots[n]]
+            if n in virtual:
+                if n not in memo:
+                    a = fx.node.map_arg(n.args, lambda m: evaluate(m, tensors, memo))
+                    k = fx.node.map_arg(n.kwargs, lambda m: evaluate(m, tensors, memo))
+                    memo[n] = _apply(n, modules, a, k)
+                return memo[n]
+            return values[n]
+
+        def call(*tensors):
+            memo: dict = {}
+            a = fx.node.map_arg(node.args, lambda m: evaluate(m, tensors, memo))
+            k = fx.node.map_arg(node.kwargs, lambda m: evaluate(m, tensors, memo))
+            return _apply(node, modules, a, k)
         return call
 
 
@@ -207,6 +289,7 @@ class Traced:
     gm: fx.GraphModule
     input_node: fx.Node
     constants: dict[fx.Node, Any]      # folded non-tensor values (x.size(0), shapes)
+    virtual: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # tuples of tensors
 
 
 def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
@@ -216,8 +299,9 @@ def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
     if model.training:
         log.info("putting %s in eval mode for tracing", type(model).__name__)
         model.eval()
-    gm = symbolic_trace(model)
-    builder = _Builder(gm, tuple(input_shape))
+    x = example_input(model, tuple(input_shape))
+    gm = pure_graph(model, x)
+    builder = _Builder(gm, x)
     try:
         ops, out_shape = builder.build()
     except TraceError:
@@ -226,13 +310,8 @@ def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
         raise TraceError(f"running {type(model).__name__} on input shape {tuple(input_shape)} "
                          f"failed{_user_frame(exc)}: {exc}. Check the input shape the model "
                          "expects.") from exc
-    unsupported = [op for op in ops if not op.spatial and op.reason != "global"]
-    for op in unsupported:
-        warnings.warn(f"op {op.name} ({op.reason}) cannot be split spatially: the part of "
-                      f"the model around it runs whole on one device", SplitWarning,
-                      stacklevel=3)
     constants = {n: v for n, v in builder.values.items()
-                 if n not in builder.op_index and n.op not in ("get_attr", "placeholder")
-                 and not _contains_tensor(v)}
+                 if n not in builder.op_index and n not in builder.virtual
+                 and n.op not in ("get_attr", "placeholder") and not _contains_tensor(v)}
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    return Traced(ops, out_shape, gm, input_node, constants)
+    return Traced(ops, out_shape, gm, input_node, constants, builder.virtual)

@@ -3,13 +3,14 @@ task kernel (``run_range``) that every device runs."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from meshdl.errors import PlanError
+from meshdl.errors import PlanError, SplitWarning
 from meshdl.graph.plan import Region
 from meshdl.graph.compiled import compile_range
 from meshdl.graph.fxtrace import INPUT, Op, build_ops
@@ -23,6 +24,15 @@ class RegionPlan:
     need: dict[int, Region]     # op index -> output region to compute
     input_region: Region
     flops: float
+    # ranges with reduce points (global reductions split into per-tile partials):
+    whole: frozenset = frozenset()          # vector ops and reduce results, held whole
+    owned: dict = field(default_factory=dict)   # reduce op -> region of its input it owns
+    level: dict = field(default_factory=dict)   # op -> phase its value is available in
+    phase_flops: tuple = ()                 # FLOPs of each phase
+
+    @property
+    def n_phases(self) -> int:
+        return len(self.phase_flops) if self.phase_flops else 1
 
 
 class ModelGraph:
@@ -49,7 +59,9 @@ class ModelGraph:
             self._flops_prefix.append(self._flops_prefix[-1] + op.flops)
             self._wbytes_prefix.append(self._wbytes_prefix[-1] + op.weight_bytes)
         self._plans: dict[tuple[int, int, Region], RegionPlan] = {}
+        self.roles = _roles(self.ops)
         self.spatial_runs = self._compute_spatial_runs()
+        self._warn_run_enders()
 
     def __repr__(self) -> str:
         return (f"ModelGraph({self.name!r}, input={self.input_shape}, ops={len(self.ops)}, "
@@ -103,14 +115,85 @@ class ModelGraph:
         return self._wbytes_prefix[b] - self._wbytes_prefix[a]
 
     def is_spatial(self, a: int, b: int) -> bool:
-        """True when ops [a, b) can be tiled: every op has a region rule and both end
-        tensors are feature maps."""
-        return (len(self.tensor_shape(a)) == 4 and len(self.tensor_shape(b)) == 4
-                and all(op.spatial for op in self.ops[a:b]))
+        """True when ops [a, b) can be tiled: both end tensors are feature maps, the last
+        op is a map op, and every op is a map op, a global reduction of a map (a reduce
+        point) or a small op on reduced values (computed whole by every tile)."""
+        return (b > a and len(self.tensor_shape(a)) == 4 and len(self.tensor_shape(b)) == 4
+                and self.roles[b - 1] == MAP
+                and all(self.roles[i] != GLOBAL for i in range(a, b)))
+
+    def reduce_ops(self, a: int, b: int) -> list[int]:
+        """The reduce points of ops [a, b) (global reductions split across tiles)."""
+        return [i for i in range(a, b) if self.roles[i] == REDUCE]
+
+    def reduce_points(self, a: int, b: int) -> list[tuple[int, list[int], int]]:
+        """(phase, reduce ops, bytes of one tile's partials) of each exchange between the
+        phases of a tiled stage [a, b), in phase order. Empty for plain stages."""
+        ops = self.reduce_ops(a, b)
+        if not ops or not self.is_spatial(a, b):
+            return []
+        levels = self._levels(a, b)
+        out: dict[int, tuple[list[int], int]] = {}
+        for i in ops:
+            p = levels[i] - 1
+            got = out.setdefault(p, ([], 0))
+            out[p] = (got[0] + [i], got[1] + self._partial_bytes(i))
+        return [(p, out[p][0], out[p][1]) for p in sorted(out)]
+
+    def phase_fractions(self, a: int, b: int) -> list[float]:
+        """Share of the FLOPs of ops [a, b) in each phase (one phase for plain ranges)."""
+        if not self.reduce_ops(a, b) or not self.is_spatial(a, b):
+            return [1.0]
+        levels = self._levels(a, b)
+        n = max(levels[i] for i in range(a, b)) + 1
+        f = [0.0] * n
+        for i in range(a, b):
+            p = levels[i] - 1 if self.roles[i] == REDUCE else levels[i]
+            f[p] += self.ops[i].flops
+        total = sum(f) or 1.0
+        return [v / total for v in f]
+
+    def _partial_bytes(self, i: int) -> int:
+        op = self.ops[i]
+        spec = op.rule.reduce
+        shape = self._shape(op.inputs[0])
+        n = math.prod(shape) // max(1, math.prod(shape[d] for d in spec.dims))
+        return int(n * (op.out_bytes // max(1, math.prod(op.out_shape))))
+
+    def _levels(self, a: int, b: int) -> dict[int, int]:
+        """Phase of each op of [a, b): the number of reduce points it depends on."""
+        level = {self.producer(a): 0}
+        for i in range(a, b):
+            op = self.ops[i]
+            lv = max((level.get(s, 0) for s in op.inputs), default=0)
+            level[i] = lv + 1 if self.roles[i] == REDUCE else lv
+        return level
+
+    def _warn_run_enders(self) -> None:
+        """One SplitWarning per op that ends a spatial run on a feature map and is not a
+        known global op (classifier heads, global pooling)."""
+        for op in self.ops:
+            if self.roles[op.index] != GLOBAL or op.reason == "global":
+                continue
+            if not any(self.roles.get(s, MAP) == MAP for s in op.inputs) and op.inputs:
+                continue
+            warnings.warn(f"op {op.name} ({op.reason}) cannot be split spatially: the part "
+                          "of the model around it runs whole on one device", SplitWarning,
+                          stacklevel=4)
+
+    def run_enders(self) -> list[Op]:
+        """Ops that end a spatial run (global ops and ops meshdl cannot tile)."""
+        return [op for op in self.ops if self.roles[op.index] == GLOBAL
+                and (not op.inputs or any(self.roles.get(s, MAP) == MAP for s in op.inputs))]
+
+    def tiled_flops(self) -> float:
+        """FLOPs inside the spatial runs (what tiles can share)."""
+        return float(sum(self.flops_between(a, b) for a, b in self.spatial_runs))
 
     def _compute_spatial_runs(self) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
-        for a, b in zip(self.positions, self.positions[1:]):
+        pos = self._map_positions(0, len(self.ops))
+        for a, b in zip(pos, pos[1:]):
             if not self.is_spatial(a, b):
                 continue
             if runs and runs[-1][1] == a:
@@ -122,7 +205,7 @@ class ModelGraph:
     @property
     def global_ops(self) -> list[Op]:
         """Ops that end a spatial run (global reach or not understood spatially)."""
-        return [op for op in self.ops if not op.spatial]
+        return [op for op in self.ops if self.roles[op.index] == GLOBAL]
 
     def _check_position(self, p: int) -> None:
         if p not in self._pos_set:
@@ -145,32 +228,77 @@ class ModelGraph:
         if out_region.is_empty() or not full.contains(out_region):
             raise PlanError(f"tile {out_region.to_list()} is empty or outside the "
                             f"{full.rows}x{full.cols} feature map at position {b}")
+        plan = self._back_propagate(a, b, out_region)
+        self._plans[key] = plan
+        return plan
+
+    def _back_propagate(self, a: int, b: int, out_region: Region) -> RegionPlan:
         src = self.producer(a)
+        roles = self.roles
+        reduces = self.reduce_ops(a, b)
+        levels = self._levels(a, b) if reduces else {}
+        n_phases = (max(levels.values()) + 1) if reduces else 1
+        pf = [0.0] * n_phases
+        out_shape = self.tensor_shape(b)
         need: dict[int, Region] = {b - 1: out_region}
+        whole: set[int] = set()
+        owned: dict[int, Region] = {}
         input_region: Region | None = None
         flops = 0.0
+
+        def want(s: int, rr: Region, op) -> None:
+            nonlocal input_region
+            if s == src:
+                input_region = _merge(input_region, rr)
+            elif s >= a:
+                need[s] = _merge(need.get(s), rr)
+            else:
+                raise PlanError(f"op {op.name} reads a tensor from before position {a}: "
+                                f"{a} is not a valid cut")
+
         for i in range(b - 1, a - 1, -1):
+            op = self.ops[i]
+            role = roles[i]
+            if role == REDUCE:                  # every tile reduces the part it owns
+                s = op.inputs[0]
+                shape = self._shape(s)
+                own = _owned(out_region, out_shape, shape)
+                owned[i] = own
+                f = op.flops * own.area / max(1, shape[-2] * shape[-1])
+                flops += f
+                pf[levels[i] - 1] += f
+                whole.add(i)
+                if not own.is_empty():
+                    want(s, own, op)
+                continue
+            if role == VECTOR:
+                if i not in whole:
+                    continue
+                flops += op.flops
+                pf[levels[i]] += op.flops
+                whole.update(op.inputs)
+                continue
             r = need.get(i)
             if r is None:
                 continue
-            op = self.ops[i]
             full_i = Region.full(op.out_shape)
-            flops += op.flops * r.area / max(1, full_i.area)
+            f = op.flops * r.area / max(1, full_i.area)
+            flops += f
+            if reduces:
+                pf[levels[i]] += f
             if r.is_empty():        # a tile that lies wholly in a padding border
                 continue
             for s, rr in zip(op.inputs, op.rule.in_regions(r)):
-                if s == src:
-                    input_region = _merge(input_region, rr)
-                elif s >= a:
-                    need[s] = _merge(need.get(s), rr)
+                if s != src and s >= 0 and roles[s] in (VECTOR, REDUCE):
+                    whole.add(s)
                 else:
-                    raise PlanError(f"op {op.name} reads a tensor from before position {a}: "
-                                    f"{a} is not a valid cut")
+                    want(s, rr, op)
         if input_region is None:
             input_region = Region(0, 0, 0, 0)   # the tile is all padding
-        plan = RegionPlan(need, input_region, flops)
-        self._plans[key] = plan
-        return plan
+        if not reduces:
+            return RegionPlan(need, input_region, flops)
+        return RegionPlan(need, input_region, flops, frozenset(whole), owned, levels,
+                          tuple(pf))
 
     def input_region(self, a: int, b: int, out_region: Region) -> Region:
         return self.region_plan(a, b, out_region).input_region
@@ -183,7 +311,7 @@ class ModelGraph:
     def split_ranges(self, a: int, b: int) -> list[tuple[int, int, bool]]:
         """[a, b) as maximal (start, end, tileable) ranges between positions."""
         out: list[tuple[int, int, bool]] = []
-        pos = [p for p in self.positions if a <= p <= b]
+        pos = self._map_positions(a, b)
         for p, q in zip(pos, pos[1:]):
             sp = self.is_spatial(p, q)
             if out and out[-1][2] == sp:
@@ -191,6 +319,12 @@ class ModelGraph:
             else:
                 out.append((p, q, sp))
         return out
+
+    def _map_positions(self, a: int, b: int) -> list[int]:
+        """Positions in [a, b) usable as tile boundaries (a 4-D map is live there; a
+        5-D channel-shuffle view is not), plus both ends."""
+        inner = [p for p in self.positions if a < p < b and len(self.tensor_shape(p)) == 4]
+        return [a, *inner, b]
 
     def why_not_spatial(self, a: int, b: int) -> str:
         """The reason ops [a, b) cannot be tiled, for error messages and notes."""
@@ -218,6 +352,9 @@ class ModelGraph:
                                 f"got region {in_region.to_list()}")
             return self._run_whole(a, b, x)
         plan = self.region_plan(a, b, out_region)
+        if plan.n_phases > 1:
+            raise PlanError(f"ops [{a}, {b}) of {self.name} hold reduce points: a tile runs "
+                            "in phases with the other tiles' partials (graph.phased.TileRun)")
         held_in = in_region or Region.full(self.tensor_shape(a))
         if not held_in.contains(plan.input_region):
             raise PlanError(f"tile {out_region.to_list()} needs input region "
@@ -268,6 +405,37 @@ class ModelGraph:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The whole model through the same kernel (equals ``module(x)``)."""
         return self.run_range(0, len(self.ops), x)
+
+
+MAP, REDUCE, VECTOR, GLOBAL = "map", "reduce", "vector", "global"
+
+
+def _roles(ops: list[Op]) -> dict[int, str]:
+    """Each op's role: MAP (tileable op on feature maps), REDUCE (a global reduction of
+    a map), VECTOR (an op on reduced values only, e.g. an SE block's MLP) or GLOBAL
+    (ends a spatial run)."""
+    roles: dict[int, str] = {INPUT: MAP}
+    for op in ops:
+        srcs = op.inputs
+        if srcs and all(roles[s] in (REDUCE, VECTOR) for s in srcs):
+            roles[op.index] = VECTOR
+        elif op.rule.reduce is not None and len(srcs) == 1:
+            roles[op.index] = REDUCE
+        elif op.spatial and len(op.out_shape) >= 3:
+            roles[op.index] = MAP
+        else:
+            roles[op.index] = GLOBAL
+    return roles
+
+
+def _owned(out_region: Region, out_shape, in_shape) -> Region:
+    """The part of a reduced map (``in_shape``) a tile owns: its output tile scaled to
+    that map. The tiles of a stage partition its output, so their owned parts
+    partition the reduced map (monotone floor scaling keeps disjointness and cover)."""
+    H, W = int(out_shape[-2]), int(out_shape[-1])
+    h, w = int(in_shape[-2]), int(in_shape[-1])
+    return Region(out_region.h0 * h // H, out_region.h1 * h // H,
+                  out_region.w0 * w // W, out_region.w1 * w // W)
 
 
 def _merge(have: Region | None, add: Region) -> Region:

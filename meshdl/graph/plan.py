@@ -112,26 +112,63 @@ class Task:
             raise PlanError(f"malformed task {d!r}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class ReducePoint:
+    """A piece kind of tiled stages: after phase ``phase`` every task of the stage sends
+    its partials of the global reductions ``ops`` (``nbytes`` in all) to every other
+    task of the stage (an all-to-all of tiny vectors); each task combines them in task
+    order and goes on with phase ``phase + 1``."""
+
+    phase: int
+    ops: tuple[int, ...]
+    nbytes: int
+
+    def to_dict(self) -> dict:
+        return {"phase": self.phase, "ops": list(self.ops), "nbytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReducePoint":
+        try:
+            return cls(int(d["phase"]), tuple(int(v) for v in d["ops"]), int(d["nbytes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed reduce point {d!r}: {exc}") from exc
+
+
 @dataclass
 class Stage:
-    """Ops [start, end) of the graph; spatial stages are tiled, whole ones are not."""
+    """Ops [start, end) of the graph; spatial stages are tiled, whole ones are not.
+    A tiled stage with ``reduces`` runs each task in ``len(reduces) + 1`` phases."""
 
     index: int
     start: int
     end: int
     spatial: bool
     tasks: list[Task] = field(default_factory=list)
+    reduces: list[ReducePoint] = field(default_factory=list)
+
+    @property
+    def phases(self) -> int:
+        """Phases of each task (1 unless the stage is tiled with reduce points)."""
+        return len(self.reduces) + 1 if self.tiled else 1
+
+    @property
+    def tiled(self) -> bool:
+        return not (len(self.tasks) == 1 and self.tasks[0].out_region is None)
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "start": self.start, "end": self.end,
-                "spatial": self.spatial, "tasks": [t.to_dict() for t in self.tasks]}
+        d = {"index": self.index, "start": self.start, "end": self.end,
+             "spatial": self.spatial, "tasks": [t.to_dict() for t in self.tasks]}
+        if self.reduces:
+            d["reduces"] = [r.to_dict() for r in self.reduces]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Stage":
         try:
             return cls(index=int(d["index"]), start=int(d["start"]), end=int(d["end"]),
                        spatial=bool(d["spatial"]),
-                       tasks=[Task.from_dict(t) for t in d["tasks"]])
+                       tasks=[Task.from_dict(t) for t in d["tasks"]],
+                       reduces=[ReducePoint.from_dict(r) for r in d.get("reduces", [])])
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed stage: {exc}") from exc
 
@@ -198,6 +235,12 @@ class Plan:
             if piece is not None:
                 out.append((p, piece))
         return out
+
+    def peers(self, task: Task) -> list[Task]:
+        """The tasks of ``task``'s stage it exchanges partials with (all of them, itself
+        included, in task order), or [] when its stage has no reduce points."""
+        stage = self.stages[task.stage]
+        return list(stage.tasks) if stage.reduces and stage.tiled else []
 
     def consumers(self, task: Task) -> list[tuple[Task, Region | None]]:
         """Tasks of the next stage fed by ``task``, with the piece each receives."""

@@ -87,6 +87,7 @@ class Rule:
     """Base rule: spatial ops override; ``spatial = False`` marks ops that end a run."""
 
     spatial = True
+    reduce = None       # a ReduceSpec on global reductions (ReduceRule)
 
     def in_regions(self, out_r: Region) -> list[Region]:
         raise NotImplementedError
@@ -206,26 +207,87 @@ class PadRule(Rule):
         return pad_border(crop(t, held, Region(h0, h1, w0, w1)), pl, pr, pt, pb, self.value)
 
 
-class PointwiseRule(Rule):
-    """Elementwise ops (activations, batch norm in eval, dropout in eval, add, mul, ...).
+def _axis_flags(s: Sequence[int], out_shape: Sequence[int] | None) -> tuple[bool, bool]:
+    """(crop rows, crop columns) of an input of shape ``s`` broadcast to the output:
+    an axis of size 1 (or absent) broadcasts and is read whole."""
+    oh = int(out_shape[-2]) if out_shape is not None and len(out_shape) >= 2 else None
+    ow = int(out_shape[-1]) if out_shape is not None and len(out_shape) >= 1 else None
+    ch = len(s) >= 2 and int(s[-2]) != 1 and (oh is None or int(s[-2]) == oh)
+    cw = len(s) >= 2 and int(s[-1]) != 1 and (ow is None or int(s[-1]) == ow)
+    return ch, cw
 
-    ``fn(*tensors)`` applies the op; inputs whose spatial extent is 1x1 broadcast and
-    are passed whole; all others are cropped to the output region.
+
+class PointwiseRule(Rule):
+    """Elementwise and channel-only ops (activations, batch norm in eval, add, mul, cat
+    and split along channels, channel shuffles, ...): ``fn(*crops) == crop(fn(*x))``.
+
+    ``fn(*tensors)`` applies the op; an input axis of size 1 broadcasts and is passed
+    whole; all other axes are cropped to the output region.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], in_shapes: Sequence[Sequence[int]]):
+    def __init__(self, fn: Callable[..., torch.Tensor], in_shapes: Sequence[Sequence[int]],
+                 out_shape: Sequence[int] | None = None):
         self.fn = fn
-        self.broadcast = [len(s) < 2 or (int(s[-2]) == 1 and int(s[-1]) == 1)
-                          for s in in_shapes]
         self.shapes = [tuple(s) for s in in_shapes]
+        self.flags = [_axis_flags(s, out_shape) for s in self.shapes]
+        self.broadcast = [not (ch or cw) for ch, cw in self.flags]
 
     def in_regions(self, out_r):
-        return [Region.full(s) if b else out_r for s, b in zip(self.shapes, self.broadcast)]
+        out = []
+        for s, (ch, cw) in zip(self.shapes, self.flags):
+            if len(s) < 2:
+                out.append(Region(0, 1, 0, 1))
+                continue
+            out.append(Region(out_r.h0 if ch else 0, out_r.h1 if ch else int(s[-2]),
+                              out_r.w0 if cw else 0, out_r.w1 if cw else int(s[-1])))
+        return out
 
     def compute(self, inputs, out_r):
-        args = [t if b else crop(t, held, out_r)
-                for (t, held), b in zip(inputs, self.broadcast)]
+        args = []
+        for (t, held), (ch, cw), want in zip(inputs, self.flags, self.in_regions(out_r)):
+            args.append(t if not (ch or cw) or held is None else crop(t, held, want))
         return self.fn(*args)
+
+
+class ReshapeRule(Rule):
+    """A reshape that keeps H, W as the last two dims (channel shuffle's view, flatten
+    of channel groups, unsqueeze, ...): the crop is reshaped to the tile's size."""
+
+    def __init__(self, out_shape: Sequence[int]):
+        self.lead = tuple(int(v) for v in out_shape[:-2])
+
+    def in_regions(self, out_r):
+        return [out_r]
+
+    def compute(self, inputs, out_r):
+        t, held = inputs[0]
+        return crop(t, held, out_r).reshape(*self.lead, out_r.rows, out_r.cols)
+
+
+class ConstRule(Rule):
+    """A constant (parameter, buffer, or an expression of them) with spatial extent:
+    cropped to the tile like any input."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def in_regions(self, out_r):
+        return []
+
+    def compute(self, inputs, out_r):
+        return self.value[..., out_r.h0:out_r.h1, out_r.w0:out_r.w1]
+
+
+class ReduceRule(Rule):
+    """A global reduction over the feature map (global pooling, mean over H and W, ...).
+    Not tileable as such: inside a stage it becomes a reduce point (each tile reduces
+    the part of the map it owns, partials are combined, see ``graph.phased``)."""
+
+    spatial = False
+    reason = "global"
+
+    def __init__(self, spec):
+        self.reduce = spec
 
 
 class UpsampleNearestRule(Rule):
@@ -252,6 +314,7 @@ class NotSpatial(Rule):
     """An op that ends a spatial run: global reach, or an op meshdl cannot tile."""
 
     spatial = False
+    reduce = None
 
     def __init__(self, reason: str):
         self.reason = reason

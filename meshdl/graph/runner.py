@@ -95,7 +95,13 @@ def execute(plan: Plan, g: ModelGraph, x: torch.Tensor) -> torch.Tensor:
         raise PlanError(f"input shape {tuple(x.shape)} is not the traced {g.input_shape}")
     outputs: dict[str, torch.Tensor] = {}
     for stage in plan.stages:
-        for task in stage.tasks:
+        if stage.phases > 1:       # tiles exchange partials of global reductions
+            from meshdl.graph.phased import run_stage_phased
+            ys = run_stage_phased(g, stage.start, stage.end, [
+                (task_input(g, plan, t, outputs, x), t.in_region, t.out_region)
+                for t in stage.tasks])
+            outputs.update({t.id: y for t, y in zip(stage.tasks, ys)})
+        for task in stage.tasks if stage.phases == 1 else ():
             outputs[task.id] = run_task(g, plan, task, task_input(g, plan, task, outputs, x))
         if stage.index > 0:     # the previous stage's outputs are no longer needed
             for t in plan.stages[stage.index - 1].tasks:

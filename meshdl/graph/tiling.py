@@ -6,7 +6,7 @@ from typing import Sequence
 
 from meshdl.errors import PlanError
 from meshdl.graph.model_graph import ModelGraph
-from meshdl.graph.plan import Plan, Region, Stage, Task
+from meshdl.graph.plan import Plan, ReducePoint, Region, Stage, Task
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ def make_stage(g: ModelGraph, index: int, a: int, b: int,
     for n, (r, device) in enumerate(tiles):
         rp = g.region_plan(a, b, r)
         tasks.append(Task(f"s{index}t{n}", index, str(device), r, rp.input_region, rp.flops))
-    return Stage(index, a, b, True, tasks)
+    reduces = [ReducePoint(p, tuple(ops), nb) for p, ops, nb in g.reduce_points(a, b)]
+    return Stage(index, a, b, True, tasks, reduces)
 
 
 def _fit_grid(grid, shape, p, q, notes) -> tuple[int, int]:
@@ -210,6 +211,12 @@ def check_plan(plan: Plan, g: ModelGraph) -> None:
         if any(r is None for r in regions):
             raise PlanError(f"stage {k} mixes whole and tiled tasks")
         validate_tiles(g.tensor_shape(s.end), regions)
+        want = [(p, list(ops)) for p, ops, _ in g.reduce_points(s.start, s.end)]
+        if [(r.phase, list(r.ops)) for r in s.reduces] != want:
+            raise PlanError(f"stage {k} (ops [{s.start}, {s.end})) must list the reduce "
+                            f"points {want} of its range, it lists "
+                            f"{[(r.phase, list(r.ops)) for r in s.reduces]}; rebuild it "
+                            "with meshdl.graph.make_stage")
         for t in s.tasks:
             need = g.input_region(s.start, s.end, t.out_region)
             if t.in_region is None or not t.in_region.contains(need):
