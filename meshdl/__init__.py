@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from meshdl.errors import (MeshdlError, TraceError, PlanError, ModelError, ImageError,
-                           TopologyError, WireError, TransportError, JobError)
+                           TopologyError, WireError, TransportError, JobError, SplitWarning)
 from meshdl.graph.plan import Plan, Stage, Task, Region
 
 # public name -> (module, attribute)
@@ -29,7 +29,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "MeshdlError", "TraceError", "PlanError", "ModelError", "ImageError",
-           "TopologyError", "WireError", "TransportError", "JobError", "Plan", "Stage", "Task",
+           "TopologyError", "WireError", "TransportError", "JobError", "SplitWarning", "Plan", "Stage", "Task",
            "Region", *_LAZY]
 
 

@@ -264,7 +264,12 @@ def classify_function(fn, args: tuple, kwargs: dict, in_shapes, out_shape,
         pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
         mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
         value = kwargs.get("value", args[3] if len(args) > 3 else None) or 0.0
-        if mode != "constant" or len(pad) != 4 or not _is_4d(out_shape):
+        if len(pad) >= 6 and all(int(v) == 0 for v in pad[:4]):
+            info = _local("pad", channel_local("pad", args, kwargs, tuple(args[0].shape),
+                                               out_shape), call, in_shapes, out_shape)
+            if info is not None:
+                return info
+        if mode != "constant" or len(pad) != 4 or not out_shape or len(out_shape) < 3:
             return _not_spatial("pad", f"F.pad with mode={mode!r} over {len(pad)//2} dims", 0)
         left, right, top, bottom = (int(v) for v in pad)
         return OpInfo("pad", R.PadRule(x_shape, left, right, top, bottom, float(value)), 0, 0)
