@@ -195,3 +195,24 @@ def test_se_stage_holds_reduce_points_in_the_plan():
     del bad["stages"][0]["reduces"]
     with pytest.raises(meshdl.PlanError, match="reduce points"):
         meshdl.execute(Plan.from_dict(bad), g, torch.zeros(1, 3, 16, 16))
+
+
+def test_simulator_costs_the_partials_exchange_as_transfers():
+    g = meshdl.trace(SEBlock().eval(), (1, 3, 32, 32))
+    mesh = meshdl.load_topology("home-4")
+    devs = list(mesh.devices)
+    plan = meshdl.manual_plan(g, cuts=[], grids=[(2, 2)], source=devs[0], sink=devs[0])
+    for t, d in zip(plan.stages[0].tasks, devs):
+        t.device = d
+    score = meshdl.simulate(plan, g, mesh, schedule=True)
+    names = score.schedule["tasks"]
+    # three phases per tile; phase p+1 starts after every tile's phase p partials arrive
+    assert {f"s0t{i}#p{p}" for i in range(4) for p in (1, 2)} <= set(names)
+    exch = [tr for tr in score.schedule["transfers"] if "#p" in tr["dst"]]
+    assert len(exch) == 2 * 4 * 4 and {tr["bytes"] for tr in exch} == {32, 64}
+    for i in range(4):
+        start = names[f"s0t{i}#p1"][1]
+        for tr in exch:
+            if tr["dst"] == f"s0t{i}#p1" and tr["hops"]:
+                assert start >= tr["hops"][-1][3] - 1e-12
+        assert start >= max(names[f"s0t{j}"][2] for j in range(4)) - 1e-12

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 from meshdl.errors import PlanError, TopologyError
 from meshdl.graph.plan import Plan
+from meshdl.planner.reduce_cost import add_reduce_phases
 
 @dataclass(frozen=True)
 class Score:
@@ -88,6 +89,8 @@ class Program:
     peak_mem: dict[int, int]
     start_at: list[float] = field(default_factory=list)   # per start transfer (streams);
                                                           # empty: all leave at t = 0
+    phase_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # later phases of
+                                      # tasks of stages with reduce points: (task, phase)
 
 
 @dataclass
@@ -303,8 +306,10 @@ class Simulator:
                                       -1, last_end))
         used.setdefault(sink, None)
         peak = {d: wbytes.get(d, 0) + act.get(d, 0) for d in used}
-        return Program(task_dev, task_dur, task_stage, n_inputs, start, out_tr, tr_dest,
+        prog = Program(task_dev, task_dur, task_stage, n_inputs, start, out_tr, tr_dest,
                        tr_hops, tr_bytes, len(stages), list(used), peak)
+        add_reduce_phases(self, prog, stages, transfer)   # SE-style reduce points
+        return prog
 
     def _hop_durations(self, hops: tuple, nbytes: int, pos: int) -> tuple:
         """((link, u, v, seconds), ...): latency + bytes / bandwidth per hop; with a
@@ -499,15 +504,20 @@ class Simulator:
     def _schedule(self, prog: Program, r: RunResult, task_ids: Sequence[str]) -> dict:
         """Per-task and per-transfer times of a traced run, named by plan task ids."""
         producer = {tr: p for p, trs in enumerate(prog.out_transfers) for tr in trs}
-        tasks = {task_ids[i]: (self.ids[prog.task_dev[i]], r.task_start[i], r.task_finish[i])
-                 for i in range(len(task_ids))}
+        def name(i: int) -> str:
+            if i < len(task_ids) or i not in prog.phase_of:
+                return task_ids[i]
+            t, phase = prog.phase_of[i]
+            return f"{task_ids[t]}#p{phase}"
+        tasks = {name(i): (self.ids[prog.task_dev[i]], r.task_start[i], r.task_finish[i])
+                 for i in range(len(prog.task_dev)) if i < len(task_ids) or i in prog.phase_of}
         transfers = []
         for tr, dest in enumerate(prog.tr_dest):
             p = producer.get(tr)
             hops = [(self.names[u], self.names[v], s, e) for (_, u, v, _), (s, e)
                     in zip(prog.tr_hops[tr], r.hop_times[tr])]
-            transfers.append({"src": "" if p is None else task_ids[p],
-                              "dst": "" if dest < 0 else task_ids[dest],
+            transfers.append({"src": "" if p is None else name(p),
+                              "dst": "" if dest < 0 else name(dest),
                               "bytes": prog.tr_bytes[tr], "hops": hops})
         return {"tasks": tasks, "transfers": transfers}
 
