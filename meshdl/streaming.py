@@ -46,8 +46,10 @@ class _PlanBook:
     after a failure (not once per failed frame)."""
 
     def __init__(self, client: Any, model: str, strategy: str, alpha: float,
-                 objective: str | None, timeout: float) -> None:
+                 objective: str | None, timeout: float, source: str | None = None,
+                 sink: str | None = None) -> None:
         self.client, self.model, self.strategy = client, model, strategy
+        self.source, self.sink = source, sink
         self.alpha, self.objective = alpha, objective
         self.shape: tuple[int, ...] | None = None
         self.timeout = timeout
@@ -62,6 +64,7 @@ class _PlanBook:
         from meshdl.planner.throughput import replicas
         primary = self.client.request_plan(self.model, self.strategy, self.alpha,
                                            self.shape, timeout=self.timeout,
+                                           source=self.source, sink=self.sink,
                                            objective=self.objective)
         plans, weights = replicas(primary)
         ids = [p.plan_id for p in plans[1:]]
@@ -127,6 +130,7 @@ def stream(client: Any, frames: Iterable[Any], model: str = "efficientnet_lite0"
            window: int | None = None, strategy: str = "meshdl", alpha: float = 1.0,
            objective: str | None = "throughput", rate_fps: float | None = None,
            frame_timeout: float = 60.0, max_attempts: int = 4, topk: int = 5,
+           source: str | None = None, sink: str | None = None,
            progress: Callable[[int, float], None] | None = None) -> Iterator[Any]:
     """See the module doc. ``window`` None: the planner's stream window for the plan's
     replicas (``planner.throughput.stream_window``)."""
@@ -146,7 +150,8 @@ def stream(client: Any, frames: Iterable[Any], model: str = "efficientnet_lite0"
     base = uuid.uuid4().hex[:10]
     t_start = time.monotonic()
 
-    book = _PlanBook(client, model, strategy, alpha, objective, timeout=frame_timeout)
+    book = _PlanBook(client, model, strategy, alpha, objective, timeout=frame_timeout,
+                     source=source, sink=sink)
 
     def run(index: int, frame: Any) -> Any:
         deadline = time.monotonic() + frame_timeout

@@ -100,16 +100,29 @@ def round_robin(weights: Sequence[float], n: int) -> list[int]:
 
 # ------------------------------------------------------------------ analytic
 def _loads(sim: Simulator, prog: Program) -> dict[str, float]:
+    """Seconds of work per frame on each resource: compute per device, busy time per
+    link (or, on a star mesh, per access link / shared medium)."""
     load: dict[str, float] = {}
     for d, dur in zip(prog.task_dev, prog.task_dur):
         key = f"compute on {sim.ids[d]}"
         load[key] = load.get(key, 0.0) + dur
-    names = {}
+    names = getattr(sim, "names", sim.ids)
+    n_links = sim.n_links
+    shared = n_links + 2 * len(sim.ids)
+    label: dict[int, str] = {}
     for link in sim.mesh.links:
-        names[(sim.index[link.a], sim.index[link.b])] = f"link {link.a}-{link.b}"
+        label[len(label)] = f"link {link.a}-{link.b}"
     for hops in prog.tr_hops:
-        for _, u, v, dur in hops:
-            key = names.get((u, v)) or names.get((v, u)) or f"link {sim.ids[u]}-{sim.ids[v]}"
+        for r, u, v, dur in hops:
+            key = label.get(r)
+            if key is None:
+                if r == shared:
+                    key = "shared medium"
+                elif u >= len(sim.ids):
+                    key = f"downlink of {names[v]}"
+                else:
+                    key = f"uplink of {names[u]}"
+                label[r] = key
             load[key] = load.get(key, 0.0) + dur
     return load
 
