@@ -125,6 +125,9 @@ def _register() -> None:
             continue
         for name in names:
             main.add_command(getattr(mod, name))
+    from meshdl.cli import security_cmd
+    if "mesh" in main.commands:
+        security_cmd.register(main, main.commands["mesh"])
 
 
 _register()
