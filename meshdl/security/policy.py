@@ -1,0 +1,194 @@
+"""Who may say what: the admission rules a SecureBus applies to verified frames.
+
+``admit(adm, topic, sender, body, now) -> Verdict`` decides for one verified
+control message (its signature already checked): the sender's role and id must
+fit the topic and the message's own ids, claimed figures are capped by the
+sender's enrolled profile, plans must come from the leader of their term, and a
+client takes a result only from the sink of the verified plan of its job.
+``Admission`` remembers (bounded) the leaders, plans and job plans it has seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshdl.errors import MeshdlError
+from meshdl.security.bounds import sanitise
+from meshdl.security.identity import Entry
+from meshdl.wire.topics import ParsedTopic
+
+_KEEP = 512
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str = ""
+    body: bytes | None = None          # a rewritten body (capped figures), if any
+
+
+def _put(d: OrderedDict, k: Any, v: Any) -> None:
+    d[k] = v
+    d.move_to_end(k)
+    while len(d) > _KEEP:
+        d.popitem(last=False)
+
+
+@dataclass
+class Admission:
+    me: str
+    role: str
+    leaders: OrderedDict = field(default_factory=OrderedDict)      # term -> node
+    plans: OrderedDict = field(default_factory=OrderedDict)        # plan id -> (sink, devices)
+    job_plan: OrderedDict = field(default_factory=OrderedDict)     # job -> plan id
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def no(reason: str) -> Verdict:
+    return Verdict(False, reason)
+
+
+YES = Verdict(True)
+
+
+def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float) -> Verdict:
+    from meshdl.wire.control import decode_control
+    who = f"{e.role} {sanitise(e.id)}"
+    if p.kind == "job" and p.job_kind == "request":
+        if e.role not in ("client", "device"):
+            return no(f"{who} may not request jobs")
+        try:
+            req = decode_control(body)
+        except MeshdlError as exc:
+            return no(f"undecodable request from {who}: {exc}")
+        if getattr(req, "client", None) != e.id:
+            return no(f"{who} sent a request in the name of {sanitise(req.client)}")
+        return YES
+    if e.role != "device":
+        return no(f"{who} may not publish {p.kind} messages (devices only)")
+    if p.kind in ("state", "telemetry"):
+        if p.node != e.id:
+            return no(f"{who} published on {sanitise(p.node)}'s {p.kind} topic")
+        return _capped(p.kind, e, body)
+    if p.kind == "probe":
+        return _probe(p, e, body)
+    try:
+        msg = decode_control(body)
+    except MeshdlError as exc:
+        return no(f"undecodable {p.kind} from {who}: {exc}")
+    if p.kind == "election":
+        if msg.node != e.id:
+            return no(f"{who} campaigned in the name of {sanitise(msg.node)}")
+        cap = e.caps.get("flops")
+        if cap and msg.priority > cap:
+            return Verdict(True, "", _reencode(dataclasses.replace(msg, priority=float(cap))))
+        return YES
+    if p.kind == "leader":
+        if msg.node != e.id:
+            return no(f"{who} claimed leadership for {sanitise(msg.node)}")
+        with adm.lock:
+            _put(adm.leaders, msg.term, e.id)
+        return YES
+    if p.kind == "plan":
+        plan = msg.plan if isinstance(msg.plan, dict) else {}
+        meta = plan.get("meta") if isinstance(plan.get("meta"), dict) else {}
+        issuer = meta.get("leader")
+        if issuer not in (None, "", e.id):
+            return no(f"{who} published a plan issued by {sanitise(issuer)}")
+        with adm.lock:
+            leader = adm.leaders.get(msg.term)
+        if leader is not None and leader != e.id:
+            return no(f"{who} published plan {sanitise(p.plan_id)} of term {msg.term}, which "
+                      f"{sanitise(leader)} leads")
+        devices = set()
+        for st in plan.get("stages") or ():
+            for t in (st.get("tasks") or ()) if isinstance(st, dict) else ():
+                if isinstance(t, dict):
+                    devices.add(str(t.get("device")))
+        with adm.lock:
+            _put(adm.plans, p.plan_id, (str(plan.get("sink", "")), frozenset(devices), e.id))
+        return YES
+    if p.kind == "job":
+        return _job(adm, p, e, msg)
+    return no(f"{who}: no rule admits {p.kind} messages")
+
+
+def _job(adm: Admission, p: ParsedTopic, e: Entry, msg: Any) -> Verdict:
+    who = f"device {sanitise(e.id)}"
+    with adm.lock:
+        pid = adm.job_plan.get(p.job)
+        known = adm.plans.get(pid) if pid else None
+    if p.job_kind == "status":
+        if msg.state == "planned" and adm.role == "client":
+            with adm.lock:
+                issuer = adm.plans.get(msg.detail, (None, None, None))[2]
+                _put(adm.job_plan, p.job, msg.detail)
+            if issuer is not None and issuer != e.id:
+                return no(f"{who} announced plan {sanitise(msg.detail)}, issued by "
+                          f"{sanitise(issuer)}")
+            return YES
+        if known is not None and e.id not in known[1] and e.id != known[2] and e.id != known[0]:
+            return no(f"{who} sent a {sanitise(msg.state)} status for job {sanitise(p.job)} "
+                      "it does not serve")
+        return YES
+    if adm.role != "client":
+        return YES
+    if known is None:
+        return no(f"result of {sanitise(p.job)} from {who} before a verified plan")
+    if e.id != known[0]:
+        return no(f"result of {sanitise(p.job)} from {who}, not the sink {sanitise(known[0])} "
+                  f"of plan {sanitise(pid)}")
+    return YES
+
+
+def _reencode(msg: Any) -> bytes:
+    from meshdl.wire.control import encode_control
+    return encode_control(msg)
+
+
+def _capped(kind: str, e: Entry, body: bytes) -> Verdict:
+    """Births and telemetry of ``e`` with FLOP/s and link speeds capped by its profile."""
+    from meshdl.wire.control import decode_control
+    try:
+        msg = decode_control(body)
+    except MeshdlError as exc:
+        return no(f"undecodable {kind} from {sanitise(e.id)}: {exc}")
+    if msg.node != e.id:
+        return no(f"{kind} names {sanitise(msg.node)} but is signed by {sanitise(e.id)}")
+    flops, bps = e.caps.get("flops"), e.caps.get("bps")
+    if kind == "state" and flops:
+        caps = dict(msg.caps)
+        over = msg.flops > flops or (isinstance(caps.get("flops"), (int, float))
+                                     and caps["flops"] > flops)
+        if over:
+            if "flops" in caps:
+                caps["flops"] = min(float(caps["flops"]), flops)
+            return Verdict(True, "", _reencode(dataclasses.replace(
+                msg, flops=min(msg.flops, flops), caps=caps)))
+    if kind == "telemetry" and bps:
+        links, changed = {}, False
+        for nb, fig in msg.links.items():
+            fig = dict(fig)
+            for k in ("bps", "throughput_bps"):
+                if isinstance(fig.get(k), (int, float)) and fig[k] > bps:
+                    fig[k], changed = bps, True
+            links[nb] = fig
+        if changed:
+            return Verdict(True, "", _reencode(dataclasses.replace(msg, links=links)))
+    return YES
+
+
+def _probe(p: ParsedTopic, e: Entry, body: bytes) -> Verdict:
+    from meshdl.node.probe import decode_probe
+    try:
+        pr = decode_probe(body)
+    except MeshdlError as exc:
+        return no(f"undecodable probe from {sanitise(e.id)}: {exc}")
+    if pr.sender != e.id:
+        return no(f"probe in the name of {sanitise(pr.sender)} signed by {sanitise(e.id)}")
+    if pr.kind in ("claim", "here") and p.node != e.id:
+        return no(f"{sanitise(e.id)} sent a {pr.kind} for node id {sanitise(p.node)}")
+    return YES

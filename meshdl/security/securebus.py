@@ -1,0 +1,231 @@
+"""SecureBus: a ``Bus`` that signs and verifies control messages and seals pieces.
+
+It wraps the bus a node or client already uses (one narrow hook where the bus is
+made), so the runtime code stays as it is. On publish: control topics are signed
+(``frames.sign``), route topics are sealed to the route's destination
+(``frames.seal``), job results also sealed to the requesting client. On receive,
+before any handler runs: the frame must verify, and ``policy.admit`` must accept
+the sender for that topic; otherwise it is dropped and logged (with a count per
+reason in ``rejected``). Empty payloads (cleared retained records) pass: the
+broker's ACL decides who may clear what.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+from meshdl.errors import MeshdlError
+from meshdl.security import frames as F
+from meshdl.security.bounds import sanitise
+from meshdl.security.bundle import Bundle
+from meshdl.security.identity import Entry, SecurityError
+from meshdl.security.policy import Admission, admit
+from meshdl.transport.bus import Will
+from meshdl.wire import topics
+
+log = logging.getLogger(__name__)
+
+JOB_OWNER_SEP = "~"          # secure clients name jobs "{client}~{random}"
+
+
+class SecureBus:
+    def __init__(self, inner: Any, bundle: Bundle) -> None:
+        self.inner = inner
+        self.bundle = bundle
+        self.me = bundle.id
+        self.mesh = bundle.mesh
+        self.cache = F.EntryCache(bundle.mesh_pub, bundle.mesh)
+        self.ring = F.KeyRing(bundle.mesh, bundle.id, bundle.seal_key)
+        self._raw, self._sig = bundle.entry.raw, bundle.entry.sig
+        self._lock = threading.Lock()
+        self.peers: OrderedDict[str, Entry] = OrderedDict()     # id -> latest verified entry
+        self.adm = Admission(me=bundle.id, role=bundle.role)
+        self.rejected: Counter = Counter()
+        self.sealed_out = self.sealed_in = 0
+        self._learn(bundle.entry_info)
+        if bundle.role == "device":
+            self.inner.subscribe(_client_keys(self.mesh), self._on_client_key, qos=1)
+        else:
+            self.inner.publish(_client_key(self.mesh, self.me),
+                               self.signed(_client_key(self.mesh, self.me), b"key"),
+                               qos=1, retain=True)
+
+    # ------------------------------------------------------------ Bus protocol
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.inner.wait_connected(timeout)
+
+    def __getattr__(self, name: str) -> Any:          # dropped, max_payload, url, ...
+        return getattr(self.inner, name)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.inner.publish(topic, self.wrap(topic, payload), qos=qos, retain=retain)
+
+    def subscribe(self, pattern: str, handler: Any, qos: int = 0) -> None:
+        def checked(topic: str, payload: Any, retained: bool) -> None:
+            out = self.unwrap(topic, payload)
+            if out is not None:
+                handler(topic, out, retained)
+        self.inner.subscribe(pattern, checked, qos=qos)
+
+    def unsubscribe(self, pattern: str) -> None:
+        self.inner.unsubscribe(pattern)
+
+    def close(self, final: Will | None = None, timeout: float = 5.0) -> None:
+        self.inner.close(final=self.sign_will(final), timeout=timeout)
+
+    def __enter__(self) -> "SecureBus":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ outgoing
+    def signed(self, topic: str, body: bytes) -> bytes:
+        return F.sign(self.bundle.sign_key, self._raw, self._sig, topic, bytes(body))
+
+    def sign_will(self, will: Will | None) -> Will | None:
+        if will is None or not will.payload:
+            return will
+        return dataclasses.replace(will, payload=self.signed(will.topic, will.payload))
+
+    def wrap(self, topic: str, payload: Any) -> bytes:
+        if not len(payload):
+            return payload                                # a clear of a retained record
+        p = topics.parse(topic)
+        if p.kind == "route":
+            if p.job == "probe":
+                return payload
+            return self._seal_route(p, payload)
+        body = bytes(payload)
+        if p.kind == "job" and p.job_kind == "result":
+            body = self._seal_result(p.job, body)
+        return self.signed(topic, body)
+
+    def _peer(self, ident: str) -> Entry | None:
+        with self._lock:
+            return self.peers.get(ident)
+
+    def _seal_route(self, p: topics.ParsedTopic, payload: Any) -> bytes:
+        from meshdl.wire.codec import decode_frame
+        dst = p.hops[-1]
+        peer = self._peer(dst)
+        if peer is None:
+            raise SecurityError(f"cannot seal a piece for {dst!r}: no verified key of it yet "
+                                "(it has not announced itself on this mesh)")
+        data = bytes(payload)
+        fr = decode_frame(data, verify_crc=False)
+        pk = F.Peek(fr.TYPE, int(getattr(fr, "term", 0)), int(getattr(fr, "seq", 0)),
+                    int(getattr(fr, "chunk", 0)), int(getattr(fr, "nchunks", 1)))
+        self.sealed_out += 1
+        return F.seal(self.ring, self._raw, self._sig, peer, p.job, p.piece, data, pk)
+
+    def _seal_result(self, job: str, body: bytes) -> bytes:
+        owner = job.split(JOB_OWNER_SEP, 1)[0] if JOB_OWNER_SEP in job else None
+        peer = self._peer(owner) if owner else None
+        if peer is None or peer.role != "client":
+            return body
+        return F.seal_bytes(self.ring, self._raw, self._sig, peer, job, "result", body)
+
+    # ------------------------------------------------------------ incoming
+    def _reject(self, topic: str, why: str) -> None:
+        self.rejected[why.split(":")[0][:60]] += 1
+        log.warning("rejected a message on %s: %s", sanitise(topic, 120), why)
+
+    def _learn(self, e: Entry) -> None:
+        with self._lock:
+            self.peers[e.id] = e
+            self.peers.move_to_end(e.id)
+            while len(self.peers) > 2048:
+                self.peers.popitem(last=False)
+
+    def _on_client_key(self, topic: str, payload: Any, retained: bool) -> None:
+        if not len(payload):
+            return
+        try:
+            entry, _ = F.verify(self.cache, topic, payload)
+            p = topic.split("/")
+            if entry.role != "client" or p[-2] != entry.id:
+                raise SecurityError(f"key record of {p[-2]!r} signed by {entry.id!r}")
+        except (SecurityError, IndexError) as exc:
+            self._reject(topic, str(exc))
+            return
+        self._learn(entry)
+
+    def unwrap(self, topic: str, payload: Any) -> Any:
+        """The inner payload for the handler, or None (dropped and logged)."""
+        if not len(payload):
+            return payload
+        try:
+            p = topics.parse(topic)
+            if p.kind == "route":
+                if p.job == "probe":
+                    return payload
+                if not F.is_sealed(payload):
+                    raise SecurityError("unsealed piece on a secure mesh")
+                if len(p.hops) > 1:
+                    return payload              # we relay it: it stays sealed
+                entry, pt = F.open_sealed(self.ring, self.cache, p.job, p.piece, payload)
+                self.sealed_in += 1
+                if entry.id != p.hops[0]:
+                    self._learn(entry)
+                return pt
+            entry, body = F.verify(self.cache, topic, payload)
+            verdict = admit(self.adm, p, entry, body, time.monotonic())
+            if not verdict.ok:
+                raise SecurityError(verdict.reason)
+            self._learn(entry)
+            body = verdict.body if verdict.body is not None else body
+            if p.kind == "job" and p.job_kind == "result" and F.is_sealed(body):
+                _, body = F.open_sealed(self.ring, self.cache, p.job, "result", body)
+            return body
+        except (SecurityError, MeshdlError) as exc:
+            self._reject(topic, str(exc))
+            return None
+
+
+def _client_key(mesh: str, client: str) -> str:
+    from meshdl.security.acl import client_key_topic
+    return client_key_topic(mesh, client)
+
+
+def _client_keys(mesh: str) -> str:
+    from meshdl.security.acl import client_key_all
+    return client_key_all(mesh)
+
+
+def secure_paho(url: str, bundle_path: str, *, client_id: str | None = None,
+                will: Will | None = None, **options: Any) -> SecureBus:
+    """A PahoBus authenticated by the bundle's certificate, wrapped in a SecureBus."""
+    from meshdl.transport.paho_bus import PahoBus
+    b = load_bundle_cached(bundle_path)
+    signer = _WillSigner(b)
+    options.pop("username", None)
+    options.pop("password", None)
+    options.pop("tls_ca", None)
+    inner = PahoBus(url, client_id=client_id, will=signer.sign(will), **b.tls_files(),
+                    **options)
+    return SecureBus(inner, b)
+
+
+class _WillSigner:
+    def __init__(self, b: Bundle) -> None:
+        self.b = b
+
+    def sign(self, will: Will | None) -> Will | None:
+        if will is None or not will.payload:
+            return will
+        return dataclasses.replace(will, payload=F.sign(self.b.sign_key, self.b.entry.raw,
+                                                        self.b.entry.sig, will.topic,
+                                                        will.payload))
+
+
+def load_bundle_cached(path: str) -> Bundle:
+    return Bundle.load(path)
