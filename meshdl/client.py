@@ -87,12 +87,29 @@ class _Attempt:
 class MeshClient:
     def __init__(self, broker_url: str | None = None, mesh: str = "default", *,
                  bus: Any = None, client_id: str | None = None,
-                 connect_timeout: float = 5.0, **bus_options: Any) -> None:
+                 connect_timeout: float = 5.0, bundle: str | None = None,
+                 **bus_options: Any) -> None:
         self.mesh = topics.validate_id(mesh, "mesh name")
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:10]}"
-        if bus is None:
+        self._job_prefix = ""
+        if bus is None and bundle is not None:      # secure mesh (meshdl.security)
+            from meshdl.security.securebus import secure_paho
+            bus = secure_paho(broker_url or "mqtts://127.0.0.1:8883", bundle, mesh=self.mesh,
+                              connect_timeout=connect_timeout, **bus_options)
+            try:      # the data connection shares the control one's verified knowledge
+                data_bus = secure_paho(broker_url or "mqtts://127.0.0.1:8883", bundle,
+                                       mesh=self.mesh, connect_timeout=connect_timeout,
+                                       share=bus, **bus_options)
+            except BaseException:
+                bus.close(timeout=0.5)
+                raise
+            self.client_id, self._job_prefix = bus.me, bus.me + "~"
+            self._own_bus = True
+        elif bus is None:
+            from meshdl.security.securebus import warn_if_exposed
             from meshdl.transport.paho_bus import PahoBus
             url = broker_url or "mqtt://127.0.0.1:1883"
+            warn_if_exposed(url, "client")
             bus = PahoBus(url, client_id=self.client_id, connect_timeout=connect_timeout,
                           **bus_options)
             try:      # a second connection for the tensor pieces, acks and results
@@ -304,7 +321,7 @@ class MeshClient:
             x = imaging.load_image(x, preprocessing=imaging.preprocess_for(model))
         x = torch.as_tensor(x, dtype=torch.float32).contiguous()
         deadline = time.monotonic() + timeout
-        base = uuid.uuid4().hex[:12]
+        base = self._job_prefix + uuid.uuid4().hex[:12]
         errors: list[str] = []
         attempt = 0
         while attempt < max_attempts:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from meshdl.cli.options import (DEFAULT_BROKER, alpha_option, broker_options, connection,
+from meshdl.cli.options import (bundle_option, DEFAULT_BROKER, alpha_option, broker_options, connection,
                                 strategy_option, topology_help)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -191,6 +191,7 @@ def run_in_process(paths, lm, topology, strategy, grid, alpha, as_json, repeat):
     "embedded default: a local broker with random credentials plus an emulated home-4 mesh, "
     "removed at exit. A mesh already at mqtt://127.0.0.1:1883 is used only when "
     "--username/--password are given."))
+@bundle_option("client")
 @click.option("--repeat", type=click.IntRange(1, 10000), default=1, show_default=True,
               help="Run each image this many times; report the median latency.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
@@ -210,7 +211,7 @@ def run_in_process(paths, lm, topology, strategy, grid, alpha, as_json, repeat):
               default=None, help="What the mesh plans for (default: throughput with "
               "--stream, else the --alpha mix).")
 def infer(image, model_name, weights, input_size, labels_file, mean, std, strategy, alpha, in_process, topology, grid, broker,
-          mesh_name, username, password, password_file, tls_ca, repeat, timeout, as_json,
+          mesh_name, username, password, password_file, tls_ca, bundle, repeat, timeout, as_json,
           as_stream, fps, window, objective):
     """Classify IMAGE (a file, a directory of images, or `sample` for a bundled photo):
     top-5 labels and timings.
@@ -245,10 +246,18 @@ def infer(image, model_name, weights, input_size, labels_file, mean, std, strate
     conn = None if (broker, username, password, password_file, tls_ca) == (None,) * 5 \
         else connection(broker or DEFAULT_BROKER, username, password,
                                               password_file, tls_ca)
+    if bundle:                                  # a secure mesh (meshdl.security)
+        from dataclasses import replace as _replace
+
+        from meshdl.cli.options import Connection, bundle_identity
+        from meshdl.security.bundle import Bundle
+        mesh_name = bundle_identity(Bundle.load(bundle), None, mesh_name)[1]
+        conn = _replace(conn, bundle=bundle) if conn else \
+            Connection("mqtts://127.0.0.1:8883", bundle=bundle)
     infer_mesh.run(paths, model_name=model_name, weights=weights,
                    model_opts=dict(input_size=input_size, labels=labels_file, mean=mean,
                                    std=std), strategy=strategy,
-                   alpha=alpha, conn=conn, explicit=broker is not None, mesh_name=mesh_name,
+                   alpha=alpha, conn=conn, explicit=broker is not None or bool(bundle), mesh_name=mesh_name,
                    repeat=repeat, timeout=timeout, as_json=as_json,
                    stream=dict(fps=fps, window=window) if as_stream else None,
                    objective=objective or ("throughput" if as_stream else None))

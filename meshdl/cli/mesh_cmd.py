@@ -7,7 +7,7 @@ import threading
 
 import click
 
-from meshdl.cli.options import DEFAULT_BROKER, broker_options, connection, fail_fast_if_refused
+from meshdl.cli.options import DEFAULT_BROKER, broker_options, bundle_identity, bundle_option, connection, fail_fast_if_refused
 
 
 @click.group()
@@ -91,14 +91,20 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
 @click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
               show_default=True, help="MQTT version (auto: 5, else 3.1.1).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(broker, mesh_name, username, password, password_file, tls_ca, protocol, as_json):
+@bundle_option("client")
+def status(broker, mesh_name, username, password, password_file, tls_ca, protocol, as_json,
+           bundle):
     """Members, leader and term, link figures and current plans (from retained records).
     Fails at once when nothing listens at --broker."""
     from meshdl.node.status import read_status
 
     conn = connection(broker, username, password, password_file, tls_ca)
     fail_fast_if_refused(conn.url)
+    if bundle:
+        from meshdl.security.bundle import Bundle
+        mesh_name = bundle_identity(Bundle.load(bundle), None, mesh_name)[1]
     snap = read_status(conn.url, mesh_name, username=conn.username, password=conn.password,
+                       bundle=bundle,
                        tls_ca=conn.tls_ca, protocol=protocol)
     data = snap.to_dict()
     if as_json:

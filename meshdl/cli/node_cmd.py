@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from meshdl.cli.options import (DEFAULT_BROKER, alpha_option, broker_options, connection,
+from meshdl.cli.options import (bundle_identity, bundle_option, DEFAULT_BROKER, alpha_option, broker_options, connection,
                                 profile_help, strategy_option, topology_help)
 from meshdl.node.reaper import watch_parent
 
@@ -22,7 +22,9 @@ def node() -> None:
 
 @node.command("start")
 @broker_options(default=DEFAULT_BROKER)
-@click.option("--id", "node_id", default=None, help="Node id (default: the host name).")
+@bundle_option("device")
+@click.option("--id", "node_id", default=None, help="Node id (default: the bundle's id, "
+              "else the host name).")
 @click.option("--profile", default=None, help=profile_help(
     "Device profile (compute, memory, power figures)."))
 @click.option("--emulate", is_flag=True, help="Pace compute and links to the profile and "
@@ -51,7 +53,7 @@ def node() -> None:
 @click.option("--shaped-links", is_flag=True, hidden=True,
               help="The kernel shapes this node's link (mesh up --netns): emulate latency "
                    "only and measure the links.")
-def start(broker, mesh_name, username, password, password_file, tls_ca, node_id, profile,
+def start(broker, mesh_name, username, password, password_file, tls_ca, bundle, node_id, profile,
           emulate, topology, protocol, models, strategy, alpha, state_dir, telemetry_period,
           no_dataplane, compression, time_scale, shaped_links):
     """Join a mesh: birth state, telemetry, election, plans (and the data plane).
@@ -64,10 +66,16 @@ def start(broker, mesh_name, username, password, password_file, tls_ca, node_id,
 
     conn = connection(broker, username, password, password_file, tls_ca)
     username, password = conn.username, conn.password
+    if bundle:
+        from meshdl.security.bundle import Bundle
+        b = Bundle.load(bundle)
+        node_id, mesh_name = bundle_identity(b, node_id, mesh_name)
+        if profile is None and b.entry_info.profile:
+            profile = b.entry_info.profile
     node_id = node_id or socket.gethostname().split(".")[0]
     cfg = NodeConfig(node_id=node_id, broker=broker, mesh=mesh_name, profile=profile,
                      emulate=emulate, topology=topology, username=username,
-                     password=password, tls_ca=tls_ca, protocol=protocol,
+                     password=password, tls_ca=tls_ca, bundle=bundle, protocol=protocol,
                      models=tuple(m.strip() for m in models.split(",") if m.strip()),
                      strategy=strategy, alpha=alpha, state_dir=state_dir,
                      compression=compression, time_scale=time_scale,

@@ -90,16 +90,40 @@ class Connection:
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None
+    bundle: str | None = None             # a meshdl bundle: certificate identity + keys
 
     @property
     def authenticated(self) -> bool:
         from meshdl.transport.urls import parse_url
+        if self.bundle:
+            return True
         u = parse_url(self.url)
         return bool(self.username or u.username) and (self.password is not None
                                                       or u.password is not None)
 
     def bus_options(self) -> dict:
+        if self.bundle:
+            return {"bundle": self.bundle}
         return {"username": self.username, "password": self.password, "tls_ca": self.tls_ca}
+
+
+def bundle_identity(b, ident: str | None, mesh_name: str) -> tuple[str, str]:
+    """(id, mesh) for a bundle: its own, and a clear error when --id/--mesh disagree."""
+    if ident not in (None, b.id):
+        raise click.UsageError(f"--id {ident} does not match the bundle's id {b.id}")
+    if mesh_name not in (DEFAULT_MESH, b.mesh):
+        raise click.UsageError(f"--mesh {mesh_name} does not match the bundle's mesh {b.mesh}")
+    return b.id, b.mesh
+
+
+def bundle_option(what: str) -> Callable:
+    """--bundle FILE (from `meshdl mesh add-device`/`add-client`): TLS client certificate,
+    signed control messages, sealed tensors."""
+    return click.option("--bundle", default=None, envvar="MESHDL_BUNDLE",
+                        type=click.Path(exists=True, dir_okay=False),
+                        help=f"This {what}'s bundle file (`meshdl mesh add-{what}`): "
+                        "authenticates with its certificate, signs control messages and "
+                        "seals tensors. Needs an mqtts:// broker run by `meshdl broker`.")
 
 
 def read_password_file(path: str | None) -> str | None:

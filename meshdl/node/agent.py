@@ -135,6 +135,15 @@ class NodeAgent:
     def _paho(self, client_id: str, will: Will | None):
         from meshdl.transport.paho_bus import PahoBus
         c = self.config
+        if c.bundle:                                  # secure mesh: meshdl.security
+            from meshdl.security.securebus import SecureBus, secure_paho
+            first = getattr(self, "bus", None)
+            return secure_paho(c.broker, c.bundle, mesh=self.mesh_name, client_id=client_id,
+                               will=will, protocol=c.protocol, keepalive=keepalive_s(),
+                               reconnect_delay=(0.1, 1.0),
+                               share=first if isinstance(first, SecureBus) else None)
+        from meshdl.security.securebus import warn_if_exposed
+        warn_if_exposed(c.broker, "node")
         return PahoBus(c.broker, client_id=client_id, username=c.username,
                        password=c.password, tls_ca=c.tls_ca, will=will, protocol=c.protocol,
                        keepalive=keepalive_s(), reconnect_delay=(0.1, 1.0))

@@ -54,6 +54,7 @@ class NodeConfig:
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None
+    bundle: str | None = None          # meshdl.security bundle: cert identity, signing, sealing
     protocol: str = "auto"              # "auto", "5", "3.1.1" (amqtt: 3.1.1)
     models: tuple[str, ...] = ()        # default plan model(s); () -> mesh config or default
     strategy: str = DEFAULT_STRATEGY

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from meshdl.errors import MeshdlError
 from meshdl.mesh import Mesh, dump_topology, load_topology
@@ -43,7 +43,9 @@ class MeshUp:
                  devices: Sequence[str] | None = None, dataplane: bool = True,
                  node_args: Sequence[str] = (), username: str | None = None,
                  password: str | None = None, telemetry_period: float | None = None,
-                 verbose: bool = True, env: dict | None = None, credentials: bool = False,
+                 verbose: bool = True, env: dict | None = None,
+                 bundles: Mapping[str, str | Path] | None = None,
+                 watch_bundle: str | Path | None = None, credentials: bool = False,
                  supervise: bool = False, stop_timeout: float = 10.0) -> None:
         self.mesh_obj = load_topology(topology)
         self._topology_arg = topology if not isinstance(topology, Mesh) else None
@@ -73,6 +75,9 @@ class MeshUp:
         self.procs: dict[str, subprocess.Popen] = {}
         self._watch_bus = None
         self.watcher: MeshWatcher | None = None
+        # secure mesh (meshdl.security): one bundle per device, one for the watcher
+        self._bundles = {k: str(v) for k, v in (bundles or {}).items()}
+        self._watch_bundle = str(watch_bundle) if watch_bundle else None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -125,9 +130,14 @@ class MeshUp:
                 if self.broker.kind == "amqtt":
                     self.protocol = "3.1.1"
             from meshdl.transport.paho_bus import PahoBus
-            self._watch_bus = PahoBus(self.url, username=self._username,
-                                      password=self._password,
-                                      protocol=self.protocol if self.protocol else "auto")
+            if self._watch_bundle:
+                from meshdl.security.securebus import secure_paho
+                self._watch_bus = secure_paho(self.url, self._watch_bundle, mesh=self.mesh_name,
+                                              protocol=self.protocol or "auto")
+            else:
+                self._watch_bus = PahoBus(self.url, username=self._username,
+                                          password=self._password,
+                                          protocol=self.protocol if self.protocol else "auto")
             self.watcher = MeshWatcher(self._watch_bus, self.mesh_name)
             for dev in self.devices:
                 self.spawn(dev)
@@ -146,6 +156,8 @@ class MeshUp:
             cmd += ["--protocol", self.protocol]
         if self._username:
             cmd += ["--username", self._username]
+        if device in self._bundles:
+            cmd += ["--bundle", self._bundles[device]]
         if self._telemetry is not None:
             cmd += ["--telemetry-period", str(self._telemetry)]
         if not self._dataplane:

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from meshdl.security.frames import relay_frame
 from meshdl.errors import WireError
 from meshdl.node.emulation import Links
 from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame
@@ -48,8 +49,9 @@ class Relay:
 
     def forward(self, step: RouteStep, payload: bytes) -> None:
         """Called on the bus dispatcher thread for a frame addressed past this node."""
-        try:
-            frame = decode_frame(payload, verify_crc=False)
+        try:                  # a sealed frame (meshdl.security): relay it unread
+            frame = relay_frame(payload, step.job, step.piece) \
+                or decode_frame(payload, verify_crc=False)
         except WireError as exc:
             self.dropped += 1
             log.warning("relay %s dropped a frame for %s (%s/%s): %s", self.node_id,

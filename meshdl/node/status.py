@@ -169,12 +169,18 @@ class MeshWatcher:
 
 def read_status(url: str, mesh: str, *, username: str | None = None,
                 password: str | None = None, tls_ca: str | None = None,
-                protocol: str = "auto", wait: float = 0.0) -> Snapshot:
+                protocol: str = "auto", wait: float = 0.0,
+                bundle: str | None = None) -> Snapshot:
     """One look at the live mesh from its retained records (``wait``: also collect
-    telemetry for that long)."""
+    telemetry for that long). With ``bundle``: over a secure mesh, verified records only."""
     from meshdl.transport.paho_bus import PahoBus
-    with PahoBus(url, username=username, password=password, tls_ca=tls_ca,
-                 protocol=protocol) as bus:
+    if bundle is not None:
+        from meshdl.security.securebus import secure_paho
+        bus = secure_paho(url, bundle, mesh=mesh, protocol=protocol)
+    else:
+        bus = PahoBus(url, username=username, password=password, tls_ca=tls_ca,
+                      protocol=protocol)
+    with bus:
         w = MeshWatcher(bus, mesh)
         snap = w.settle()
         if wait > 0:

@@ -5,7 +5,8 @@ mosquitto takes each client certificate's CN as the username
 hold for every identity; ``user`` blocks give devices and clients their roles:
 
 - everyone: read/write its own route inbox (``route/%u/#``), send pieces on
-  ``route/#``, read node states, the leader record, plans, job statuses/results;
+  ``route/#``, read node states and telemetry, the leader record, plans, job
+  statuses/results (results are sealed to their client);
 - a device: writes only its own node topics (state, telemetry), pings peers'
   probe topics, campaigns, leader and plan records, statuses and results of jobs;
   reads the node topics, job requests and client key records;
@@ -38,6 +39,7 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
            f"pattern readwrite {p}/route/%u/#",
            f"pattern write {p}/route/#",
            f"pattern read {p}/node/+/state",
+           f"pattern read {p}/node/+/telemetry",
            f"pattern read {p}/leader",
            f"pattern read {p}/plan/+",
            f"pattern read {p}/job/+/status",
@@ -50,7 +52,6 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
         if role == "device":
             out += [f"topic write {p}/node/{ident}/state",
                     f"topic write {p}/node/{ident}/telemetry",
-                    f"topic read {p}/node/+/telemetry",
                     f"topic readwrite {p}/node/+/probe",
                     f"topic readwrite {p}/election",
                     f"topic write {p}/leader",

@@ -202,7 +202,7 @@ def check_message(msg: Any) -> Any:
     return msg
 
 
-_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@")
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@/~+#")
 
 
 def sanitise(value: Any, limit: int = 48) -> str:

@@ -189,6 +189,21 @@ def peek(payload: Any) -> Peek | None:
     return Peek(str(t), int(term), int(seq), int(chunk), int(nchunks))
 
 
+def relay_frame(payload: Any, job: str, piece: str) -> Any:
+    """For a relay: a header-only codec frame (no data) standing for a sealed frame,
+    so store-and-forward works on pieces it cannot read; None if not sealed."""
+    pk = peek(payload)
+    if pk is None:
+        return None
+    from meshdl.wire.codec import AckFrame, CreditFrame, PieceFrame
+    if pk.type == AckFrame.TYPE:
+        return AckFrame(job, piece, "", term=pk.term, seq=pk.seq)
+    if pk.type == PieceFrame.TYPE:
+        return PieceFrame(job, piece, "uint8", (0,), memoryview(b""), term=pk.term,
+                          seq=pk.seq, chunk=pk.chunk, nchunks=pk.nchunks)
+    return CreditFrame("", 0, job=job, term=pk.term)
+
+
 def open_sealed(ring: KeyRing, cache: EntryCache, job: str, piece: str,
                 payload: Any) -> tuple[Entry, bytes]:
     """(sender entry, plaintext frame) of a frame sealed to this identity."""

@@ -28,6 +28,7 @@ class Verdict:
     ok: bool
     reason: str = ""
     body: bytes | None = None          # a rewritten body (capped figures), if any
+    hold_term: int | None = None       # a plan to hold until this term's leader is known
 
 
 def _put(d: OrderedDict, k: Any, v: Any) -> None:
@@ -100,6 +101,10 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float) -> 
             return no(f"{who} published a plan issued by {sanitise(issuer)}")
         with adm.lock:
             leader = adm.leaders.get(msg.term)
+        if leader is None:
+            return Verdict(False, f"held plan {sanitise(p.plan_id)} of term {msg.term} from "
+                           f"{who} until a verified leader record of that term",
+                           hold_term=msg.term)
         if leader is not None and leader != e.id:
             return no(f"{who} published plan {sanitise(p.plan_id)} of term {msg.term}, which "
                       f"{sanitise(leader)} leads")
@@ -122,18 +127,20 @@ def _job(adm: Admission, p: ParsedTopic, e: Entry, msg: Any) -> Verdict:
         pid = adm.job_plan.get(p.job)
         known = adm.plans.get(pid) if pid else None
     if p.job_kind == "status":
-        if msg.state == "planned" and adm.role == "client":
-            with adm.lock:
-                issuer = adm.plans.get(msg.detail, (None, None, None))[2]
-                _put(adm.job_plan, p.job, msg.detail)
-            if issuer is not None and issuer != e.id:
-                return no(f"{who} announced plan {sanitise(msg.detail)}, issued by "
-                          f"{sanitise(issuer)}")
+        if adm.role != "client":
             return YES
-        if known is not None and e.id not in known[1] and e.id != known[2] and e.id != known[0]:
-            return no(f"{who} sent a {sanitise(msg.state)} status for job {sanitise(p.job)} "
-                      "it does not serve")
-        return YES
+        with adm.lock:
+            leader = adm.leaders[max(adm.leaders)] if adm.leaders else None
+        if msg.state == "planned":
+            if e.id != leader:
+                return no(f"{who} answered job {sanitise(p.job)} but {sanitise(leader)} leads")
+            with adm.lock:
+                _put(adm.job_plan, p.job, msg.detail)
+            return YES
+        if e.id == leader or (known is not None and e.id in (known[0], known[2], *known[1])):
+            return YES
+        return no(f"{who} sent a {sanitise(msg.state)} status for job {sanitise(p.job)} it "
+                  "does not serve")
     if adm.role != "client":
         return YES
     if known is None:

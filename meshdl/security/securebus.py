@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 from meshdl.errors import MeshdlError
@@ -33,23 +33,32 @@ JOB_OWNER_SEP = "~"          # secure clients name jobs "{client}~{random}"
 
 
 class SecureBus:
-    def __init__(self, inner: Any, bundle: Bundle) -> None:
+    """``share``: another SecureBus of the same identity (a node's or client's second
+    connection) whose verified knowledge (peers, leaders, plans) this one shares."""
+
+    def __init__(self, inner: Any, bundle: Bundle, share: "SecureBus | None" = None) -> None:
         self.inner = inner
         self.bundle = bundle
         self.me = bundle.id
         self.mesh = bundle.mesh
+        self._raw, self._sig = bundle.entry.raw, bundle.entry.sig
+        self.rejected: Counter = Counter()
+        self.sealed_out = self.sealed_in = 0
+        if share is not None:
+            self.cache, self.ring, self._lock = share.cache, share.ring, share._lock
+            self.peers, self.adm, self._held = share.peers, share.adm, share._held
+            return
         self.cache = F.EntryCache(bundle.mesh_pub, bundle.mesh)
         self.ring = F.KeyRing(bundle.mesh, bundle.id, bundle.seal_key)
-        self._raw, self._sig = bundle.entry.raw, bundle.entry.sig
         self._lock = threading.Lock()
         self.peers: OrderedDict[str, Entry] = OrderedDict()     # id -> latest verified entry
         self.adm = Admission(me=bundle.id, role=bundle.role)
-        self.rejected: Counter = Counter()
-        self.sealed_out = self.sealed_in = 0
+        self._held: deque = deque(maxlen=64)      # plans waiting for their leader record
         self._learn(bundle.entry_info)
         if bundle.role == "device":
             self.inner.subscribe(_client_keys(self.mesh), self._on_client_key, qos=1)
-        else:
+        else:                       # clients learn leaders to check plans against them
+            self.inner.subscribe(topics.leader(self.mesh), self._on_leader, qos=1)
             self.inner.publish(_client_key(self.mesh, self.me),
                                self.signed(_client_key(self.mesh, self.me), b"key"),
                                qos=1, retain=True)
@@ -70,7 +79,7 @@ class SecureBus:
 
     def subscribe(self, pattern: str, handler: Any, qos: int = 0) -> None:
         def checked(topic: str, payload: Any, retained: bool) -> None:
-            out = self.unwrap(topic, payload)
+            out = self.unwrap(topic, payload, handler, retained)
             if out is not None:
                 handler(topic, out, retained)
         self.inner.subscribe(pattern, checked, qos=qos)
@@ -101,8 +110,8 @@ class SecureBus:
             return payload                                # a clear of a retained record
         p = topics.parse(topic)
         if p.kind == "route":
-            if p.job == "probe":
-                return payload
+            if p.job == "probe" or F.is_sealed(payload):
+                return payload                    # a probe, or a sealed piece we relay
             return self._seal_route(p, payload)
         body = bytes(payload)
         if p.kind == "job" and p.job_kind == "result":
@@ -146,6 +155,9 @@ class SecureBus:
             while len(self.peers) > 2048:
                 self.peers.popitem(last=False)
 
+    def _on_leader(self, topic: str, payload: Any, retained: bool) -> None:
+        self.unwrap(topic, payload)
+
     def _on_client_key(self, topic: str, payload: Any, retained: bool) -> None:
         if not len(payload):
             return
@@ -159,7 +171,25 @@ class SecureBus:
             return
         self._learn(entry)
 
-    def unwrap(self, topic: str, payload: Any) -> Any:
+    def _hold(self, term: int, signer: str, topic: str, body: bytes, retained: bool,
+              handler: Any) -> None:
+        with self._lock:
+            self._held.append((term, signer, topic, body, retained, handler))
+
+    def _release(self, term: int, leader: str) -> None:
+        with self._lock:
+            go = [h for h in self._held if h[0] == term and h[1] == leader]
+            keep = [h for h in self._held if h[0] != term]
+            self._held.clear()
+            self._held.extend(keep)
+        for _, _, topic, body, retained, handler in go:
+            if handler is not None:
+                log.info("released plan on %s: %s leads term %d", sanitise(topic, 120),
+                         sanitise(leader), term)
+                handler(topic, body, retained)
+
+    def unwrap(self, topic: str, payload: Any, handler: Any = None,
+               retained: bool = False) -> Any:
         """The inner payload for the handler, or None (dropped and logged)."""
         if not len(payload):
             return payload
@@ -178,14 +208,22 @@ class SecureBus:
                     self._learn(entry)
                 return pt
             entry, body = F.verify(self.cache, topic, payload)
+            if p.kind == "job" and p.job_kind == "result" and F.is_sealed(body):
+                if self.adm.role != "client":
+                    return None                   # sealed to a client: not for us
+                _, body = F.open_sealed(self.ring, self.cache, p.job, "result", body)
             verdict = admit(self.adm, p, entry, body, time.monotonic())
+            if verdict.hold_term is not None:
+                log.info("%s", verdict.reason)
+                self._hold(verdict.hold_term, entry.id, topic, body, retained, handler)
+                return None
             if not verdict.ok:
                 raise SecurityError(verdict.reason)
             self._learn(entry)
-            body = verdict.body if verdict.body is not None else body
-            if p.kind == "job" and p.job_kind == "result" and F.is_sealed(body):
-                _, body = F.open_sealed(self.ring, self.cache, p.job, "result", body)
-            return body
+            if p.kind == "leader":
+                from meshdl.wire.control import decode_control
+                self._release(decode_control(body).term, entry.id)
+            return verdict.body if verdict.body is not None else body
         except (SecurityError, MeshdlError) as exc:
             self._reject(topic, str(exc))
             return None
@@ -201,18 +239,26 @@ def _client_keys(mesh: str) -> str:
     return client_key_all(mesh)
 
 
-def secure_paho(url: str, bundle_path: str, *, client_id: str | None = None,
-                will: Will | None = None, **options: Any) -> SecureBus:
+def secure_paho(url: str, bundle_path: str, *, mesh: str | None = None,
+                client_id: str | None = None, will: Will | None = None,
+                share: SecureBus | None = None, **options: Any) -> SecureBus:
     """A PahoBus authenticated by the bundle's certificate, wrapped in a SecureBus."""
     from meshdl.transport.paho_bus import PahoBus
+    from meshdl.transport.urls import parse_url
     b = load_bundle_cached(bundle_path)
+    if mesh is not None and mesh != b.mesh:
+        raise SecurityError(f"bundle {bundle_path} belongs to mesh {b.mesh!r}, not {mesh!r}; "
+                            f"pass --mesh {b.mesh}")
+    if not parse_url(url).tls:
+        raise SecurityError(f"a bundle needs a TLS broker (mqtts://), not {url!r}; run "
+                            "`meshdl broker` and use the URL it prints")
     signer = _WillSigner(b)
     options.pop("username", None)
     options.pop("password", None)
     options.pop("tls_ca", None)
     inner = PahoBus(url, client_id=client_id, will=signer.sign(will), **b.tls_files(),
                     **options)
-    return SecureBus(inner, b)
+    return SecureBus(inner, b, share)
 
 
 class _WillSigner:
@@ -229,3 +275,30 @@ class _WillSigner:
 
 def load_bundle_cached(path: str) -> Bundle:
     return Bundle.load(path)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(url: str, what: str) -> bool:
+    """Warn loudly when a node or client talks to a non-loopback broker without a
+    bundle: anyone on the network with broker access can read and forge its traffic."""
+    from meshdl.transport.urls import parse_url
+    try:
+        host = parse_url(url).host
+    except MeshdlError:
+        return False
+    if is_loopback(host):
+        return False
+    log.warning("!!! INSECURE: this %s talks to %s without a bundle: whoever reaches the "
+                "broker can read the images and results and forge plans and results. Set "
+                "up a secure mesh: `meshdl mesh init`, `meshdl mesh add-device/add-client`, "
+                "`meshdl broker`, then pass --bundle FILE", what, sanitise(host))
+    return True
