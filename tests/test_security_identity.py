@@ -70,7 +70,8 @@ def test_acl_is_least_privilege(auth):
     c1 = text.split("user c1\n")[1].split("\n\n")[0]
     assert f"topic write {p}/node/d1/state" in d1 and "node/d2" not in d1
     assert f"topic write {p}/leader" in d1 and f"topic write {p}/plan/+" in d1
-    assert c1.strip() == f"topic write {p}/job/+/request"
+    assert c1.strip().splitlines() == [f"topic write {p}/job/+/request",
+                                       f"topic readwrite {p}/route/c1-ctl/#"]
 
 
 def test_signed_frames_verify_and_bind_the_topic(auth):

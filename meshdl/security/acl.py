@@ -61,7 +61,8 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
                     f"topic write {p}/job/+/result",
                     f"topic read {p}/client/+/key"]
         elif role == "client":
-            out += [f"topic write {p}/job/+/request"]
+            out += [f"topic write {p}/job/+/request",
+                    f"topic readwrite {p}/route/{ident}-ctl/#"]   # control-connection probe
         else:
             raise ValueError(f"roster entry {ident!r} has unknown role {role!r}")
         out.append("")
