@@ -311,14 +311,25 @@ class MeshClient:
     def infer(self, x: Any, model: str = "efficientnet_lite0", strategy: str = "meshdl",
               alpha: float = 0.5, timeout: float = 60.0, source: str | None = None,
               sink: str | None = None, max_attempts: int = 4,
-              objective: str | None = None) -> InferResult:
-        """Classify ``x`` (a (1, 3, H, W) tensor or an image path) on the mesh."""
+              objective: str | None = None,
+              model_options: dict | None = None) -> InferResult:
+        """Classify ``x`` (a (1, 3, H, W) tensor or an image path) on the mesh.
+
+        ``model`` is a zoo name, a model file (.onnx / .pt2) or a ``LoadedModel``; a file
+        is offered to the mesh (content-addressed; each node fetches the weights of its
+        own stages). ``model_options``: ``meshdl.models.load`` options (input_size,
+        labels, mean, std, weights)."""
         import torch
         from meshdl import imaging
         import meshdl
-        info = meshdl.models.info(model)
+        lm = None
+        if not isinstance(model, str) or model_options or (
+                model not in meshdl.models.names() and meshdl.models.is_model_file(model)):
+            lm, model = self._user_models().offer(model, **(model_options or {}))
+        info = meshdl.models.info(model) if lm is None else None
         if isinstance(x, (str, Path)):
-            x = imaging.load_image(x, preprocessing=imaging.preprocess_for(model))
+            x = lm.image(x) if lm is not None else \
+                imaging.load_image(x, preprocessing=imaging.preprocess_for(model))
         x = torch.as_tensor(x, dtype=torch.float32).contiguous()
         deadline = time.monotonic() + timeout
         base = self._job_prefix + uuid.uuid4().hex[:12]
@@ -331,6 +342,9 @@ class MeshClient:
                 res = self._run(job, x, model, strategy, alpha, source, sink, deadline,
                                 objective=objective)
                 res.attempts = attempt
+                if lm is not None:
+                    res.top5 = lm.topk(res.output, 5)
+                    return res
                 labels = imaging.imagenet_labels() if info.num_classes == 1000 else None
                 res.top5 = imaging.topk(res.output, 5, labels=labels)
                 return res
@@ -342,6 +356,14 @@ class MeshClient:
                 time.sleep(min(0.2 * attempt, max(0.0, deadline - time.monotonic())))
         raise JobError(f"inference of {model} on mesh {self.mesh!r} did not complete within "
                        f"{timeout:g} s after {attempt} attempt(s): " + "; ".join(errors[-3:]))
+
+    def _user_models(self):
+        """The models this client offers (created on first use; issue 13)."""
+        with self._lock:
+            if getattr(self, "_models", None) is None:
+                from meshdl.node.model_store import ClientModels
+                self._models = ClientModels(self.data_bus, self.mesh, self.client_id)
+            return self._models
 
     # ------------------------------------------------------------ one attempt
     def _run(self, job: str, x: Any, model: str, strategy: str, alpha: float,
@@ -527,7 +549,9 @@ class MeshClient:
     def close(self) -> None:
         """Stop; never raises."""
         own = self._own_bus
-        for stop in (self._sender.stop, self._links.stop,
+        models = getattr(self, "_models", None)
+        for stop in (models.stop if models is not None else None,
+                     self._sender.stop, self._links.stop,
                      (lambda: self.data_bus.close(timeout=1.0)) if own else None,
                      (lambda: self.bus.close(timeout=1.0)) if own else None):
             if stop is None:

@@ -64,7 +64,7 @@ def choose_broker(conn: Connection | None, explicit: bool) -> Connection | None:
     return None
 
 
-def _embedded(stack: ExitStack, model_name: str, timeout: float) -> tuple[Connection, str,
+def _embedded(stack: ExitStack, model_name: str | None, timeout: float) -> tuple[Connection, str,
                                                                         str]:
     from meshdl.node.launcher import MeshUp
     click.echo(f"starting the embedded default: a local broker and an emulated "
@@ -137,33 +137,44 @@ def _print(s: dict) -> None:
                    f"{_ms(st['predicted_s'])}    {_ms(st['measured_s'])}")
 
 
-def run(paths, *, model_name: str, weights, model_opts: dict | None = None, strategy: str, alpha: float,
-        conn: Connection | None, explicit: bool, mesh_name: str, repeat: int, timeout: float,
+def run(paths, *, model_name: str, weights, model_opts: dict | None = None, strategy: str,
+        alpha: float, conn: Connection | None, explicit: bool, mesh_name: str, repeat: int, timeout: float,
         as_json: bool, stream: dict | None = None, objective: str | None = None) -> None:
     from meshdl import imaging
     from meshdl.client import MeshClient
     from meshdl.models.files import is_model_file
-    if weights is not None or is_model_file(model_name):
-        raise JobError("--weights and model files work only with --in-process for now: mesh "
-                       "nodes build models by name (efficientnet_lite0 with its shipped "
-                       "weights)")
-    prep = imaging.preprocess_for(model_name)
-    if stream is not None:           # frames are read as they are sent (memory stays flat)
-        images = [(paths[0], imaging.load_image(paths[0], preprocessing=prep))]
+    opts = {k: v for k, v in (model_opts or {}).items() if v is not None}
+    if weights is not None:
+        opts["weights"] = weights
+    user = bool(opts) or is_model_file(model_name)
+    if user and stream is not None:
+        raise JobError("--stream runs zoo models; a model file or --weights runs without "
+                       "--stream (each image is one job)")
+    if user:        # a file or zoo + weights: offered to the mesh by content hash
+        import meshdl
+        lm = meshdl.models.load(model_name, **opts)
+        images = [(p, lm.image(p)) for p in paths]
+        model_arg: object = lm
     else:
-        images = [(p, imaging.load_image(p, preprocessing=prep)) for p in paths]
+        prep = imaging.preprocess_for(model_name)
+        if stream is not None:       # frames are read as they are sent (memory stays flat)
+            images = [(paths[0], imaging.load_image(paths[0], preprocessing=prep))]
+        else:
+            images = [(p, imaging.load_image(p, preprocessing=prep)) for p in paths]
+        model_arg = model_name
     with ExitStack() as stack:
         chosen = choose_broker(conn, explicit)
         protocol, embedded = "auto", chosen is None
         if embedded:
-            chosen, mesh_name, protocol = _embedded(stack, model_name, timeout)
+            chosen, mesh_name, protocol = _embedded(stack, None if user else model_name,
+                                                    timeout)
         client = stack.enter_context(MeshClient(chosen.url, mesh_name, protocol=protocol,
                                                 **chosen.bus_options()))
         if not embedded:
             check_live_mesh(client, chosen.url, mesh_name)
         else:           # fresh node processes still load and trace the model: warm them
             click.echo("warming up the mesh with one untimed job ...", err=True)
-            client.infer(images[0][1], model=model_name, strategy=strategy, alpha=alpha,
+            client.infer(images[0][1], model=model_arg, strategy=strategy, alpha=alpha,
                          timeout=max(120.0, timeout))
         if stream is not None:
             from meshdl.cli.stream_out import run_stream
@@ -177,7 +188,7 @@ def run(paths, *, model_name: str, weights, model_opts: dict | None = None, stra
             for path, x in images:
                 runs = []
                 for _ in range(repeat):
-                    runs.append(client.infer(x, model=model_name, strategy=strategy,
+                    runs.append(client.infer(x, model=model_arg, strategy=strategy,
                                              alpha=alpha, timeout=timeout,
                                              objective=objective))
                     bar.update(1)

@@ -200,6 +200,8 @@ class NodeAgent:
         if self._want_dataplane:
             # a second connection, so a megabyte piece never delays a heartbeat, vote or plan
             self.data_bus = self._bus_factory(f"{cid[:100]}-d", None)
+        from meshdl.node.model_store import attach
+        attach(self)        # user models: manifests and weights over MQTT (issue 13)
         threading.Thread(target=self._start_dataplane, daemon=True, name="dataplane-start").start()
         return self
 

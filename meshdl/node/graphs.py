@@ -29,10 +29,17 @@ class GraphCache:
         self._graphs: dict[tuple, object] = {}
         self._locks: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
+        self.models = None      # NodeModels: user models by id (meshdl.node.model_store)
+
+    def _user(self, model: str) -> bool:
+        from meshdl.models.store import is_model_id
+        return self.models is not None and is_model_id(model)
 
     def get(self, model: str, input_shape: tuple[int, ...] | None = None):
         """The graph of ``model`` at ``input_shape`` (default: the model's own)."""
-        if input_shape is None:
+        if input_shape is None and self._user(model):
+            input_shape = self.models.input_shape(model)
+        elif input_shape is None:
             import meshdl
             input_shape = meshdl.models.info(model).input_shape
         key = (model, tuple(int(v) for v in input_shape))
@@ -46,7 +53,7 @@ class GraphCache:
                 g = self._graphs.get(key)
             if g is None:
                 t0 = time.perf_counter()
-                g = self._builder(*key)
+                g = self.models.trace(*key) if self._user(model) else self._builder(*key)
                 log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
                 with self._lock:
                     self._graphs[key] = g
@@ -54,6 +61,12 @@ class GraphCache:
 
     def for_plan(self, plan: Plan):
         g = self.get(plan.model, plan.input_shape)
+        if self._user(plan.model):      # fetch the weights of this node's stages, once
+            g2 = self.models.for_plan(plan, g)
+            if g2 is not g:
+                with self._lock:
+                    self._graphs[(plan.model, tuple(int(v) for v in plan.input_shape))] = g2
+                g = g2
         if len(g.ops) != plan.num_ops:
             raise PlanError(f"plan {plan.plan_id} was made for {plan.model} with {plan.num_ops} "
                             f"ops; this node traced {len(g.ops)}: node and leader run "

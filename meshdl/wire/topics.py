@@ -8,6 +8,9 @@ meshdl/v1/{mesh}/leader                 retained leader id + term
 meshdl/v1/{mesh}/plan/{plan_id}         retained plan
 meshdl/v1/{mesh}/job/{job}/{request|status|result}
 meshdl/v1/{mesh}/route/{hop1}/.../{dst}/{job}/{piece}   tensor pieces (and their acks)
+meshdl/v1/{mesh}/model/{id}/manifest    retained user-model offer (graph, tensor table)
+meshdl/v1/{mesh}/model/{id}/want        chunk requests (selective acks) for its tensors
+meshdl/v1/{mesh}/model/{id}/data/{node} tensor chunks for the node that asked
 ```
 
 Builders validate every id (no ``/``, ``+``, ``#``, NUL, not empty, bounded length)
@@ -123,6 +126,24 @@ def job_all(mesh: str, kind: str = "+") -> str:
 def route_inbox(mesh: str, node: str) -> str:
     """What node ``node`` subscribes to for the pieces it relays or consumes."""
     return f"{_base(mesh)}/route/{validate_id(node, 'node id')}/#"
+
+
+def model_manifest(mesh: str, model_id: str) -> str:
+    """Retained offer of a user model (issue 13): its manifest, no weights."""
+    return f"{_base(mesh)}/model/{validate_id(model_id, 'model id')}/manifest"
+
+
+def model_want(mesh: str, model_id: str) -> str:
+    return f"{_base(mesh)}/model/{validate_id(model_id, 'model id')}/want"
+
+
+def model_want_all(mesh: str) -> str:
+    return f"{_base(mesh)}/model/+/want"
+
+
+def model_data(mesh: str, model_id: str, node: str) -> str:
+    return (f"{_base(mesh)}/model/{validate_id(model_id, 'model id')}/data/"
+            f"{validate_id(node, 'node id')}")
 
 
 def mesh_all(mesh: str) -> str:
