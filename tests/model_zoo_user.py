@@ -29,7 +29,7 @@ class BranchyNet(nn.Module):
                                   nn.BatchNorm2d(width), nn.ReLU6())
         self.dw = nn.Sequential(nn.Conv2d(width, width, 3, 1, 1, groups=width, bias=False),
                                 nn.BatchNorm2d(width), nn.Hardswish())
-        self.se = SE(width)
+        self.se = SE(2 * width)
         self.b1 = nn.Conv2d(width, width, 1)
         self.b2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=2, dilation=2),
                                 nn.LeakyReLU(0.1))
@@ -41,11 +41,11 @@ class BranchyNet(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
-        x = x + self.se(self.dw(x))
+        x = x + self.dw(x)
         x = torch.cat([self.b1(x), self.b2(x)], 1)
         x = self.dw2(x)
         x = self.ap(self.pool(x))
-        x = F.hardsigmoid(x) * x
+        x = self.se(F.hardsigmoid(x) * x)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 

@@ -22,6 +22,9 @@ from model_zoo_user import BranchyNet, export_onnx, ort_run, randomise_bn
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 MESH = "um"
 SHAPE = (1, 3, 128, 128)
+# a tiled first stage on every device, the rest (with the SE block) on one: weights spread
+# unevenly. (Tiled stages that hold a global reduction run in phases: not in the runtime yet.)
+STRATEGY = "deepthings"
 
 
 def close(a, b, rel=1e-4) -> bool:
@@ -99,7 +102,7 @@ def test_onnx_model_on_mesh_fetches_only_own_stages(mesh, onnx_model):
     up, c, caches, wants = mesh
     model, path = onnx_model
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
-    r = c.infer(x, model=str(path), strategy="disnet", timeout=180)
+    r = c.infer(x, model=str(path), strategy=STRATEGY, timeout=180)
     assert close(r.output, ort_run(path, x)) and close(r.output, model(x))
     assert r.top5[0][1].startswith("k")
     manifest = ModelStore().manifest(r.plan.model)      # the client's cache
@@ -111,7 +114,7 @@ def test_onnx_model_on_mesh_fetches_only_own_stages(mesh, onnx_model):
     assert sum(1 for v in held.values() if 0 < v) >= 2         # weights really spread
     assert any(v < total for v in held.values())               # and really partial
     t1 = time.time()
-    r2 = c.infer(x, model=str(path), strategy="disnet", timeout=60)
+    r2 = c.infer(x, model=str(path), strategy=STRATEGY, timeout=60)
     assert close(r2.output, r.output) and r2.plan.model == r.plan.model
     assert not any(t >= t1 for t, _, _ in wants.log)           # warm: nothing fetched
 
@@ -121,7 +124,7 @@ def test_restarted_node_does_not_fetch_again(mesh, onnx_model):
     model, path = onnx_model
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
     ref = ort_run(path, x)
-    r = c.infer(x, model=str(path), strategy="disnet", timeout=120)
+    r = c.infer(x, model=str(path), strategy=STRATEGY, timeout=120)
     leader, plan = r.plan.meta.get("leader"), r.plan
     victims = [d for d in plan.devices() if d not in (leader, plan.source, plan.sink)
                and ModelStore(caches / d).bytes_held() > 0]
@@ -134,7 +137,7 @@ def test_restarted_node_does_not_fetch_again(mesh, onnx_model):
     def stream():
         while not stop.is_set():
             try:
-                results.append((time.time(), c.infer(x, model=str(path), strategy="disnet",
+                results.append((time.time(), c.infer(x, model=str(path), strategy=STRATEGY,
                                                      timeout=60)))
             except Exception as exc:   # jobs in flight when the node dies may fail
                 errors.append(exc)
@@ -174,7 +177,7 @@ def test_pt2_and_zoo_weights_on_mesh(mesh, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     path = tmp_path / "b.pt2"
     torch.export.save(torch.export.export(model, (x,)), str(path))
-    r = c.infer(x, model=str(path), strategy="modnn", timeout=120)
+    r = c.infer(x, model=str(path), strategy=STRATEGY, timeout=120)
     assert close(r.output, model(x))
     zoo = meshdl.models.build("tiny_cnn")
     with torch.no_grad():
@@ -183,6 +186,6 @@ def test_pt2_and_zoo_weights_on_mesh(mesh, tmp_path):
     torch.save(zoo.state_dict(), tmp_path / "tiny.pth")
     xz = torch.randn(1, 3, 32, 32)
     r = c.infer(xz, model="tiny_cnn", model_options={"weights": str(tmp_path / "tiny.pth")},
-                strategy="modnn", timeout=120)
+                strategy="modnn", timeout=120)      # tiny_cnn: no global reduction
     assert close(r.output, zoo(xz))
     assert not close(r.output, meshdl.models.build("tiny_cnn")(xz))
