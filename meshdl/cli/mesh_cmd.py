@@ -32,16 +32,41 @@ def mesh() -> None:
 @click.option("--log-dir", default=None, type=click.Path(file_okay=False),
               help="Where node logs go (default: a temp dir, removed at exit).")
 @click.option("--no-dataplane", is_flag=True, help="Control plane only.")
-def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_dataplane):
+@click.option("--netns", is_flag=True, help="Real network: the broker and each device's "
+              "node in their own network namespace, joined by veth pairs shaped (tc htb, "
+              "both ways) to the device's access link; needs root and iproute2 and a "
+              "topology with a broker (e.g. home-wifi).")
+@click.option("--time-scale", default=1.0, show_default=True, type=click.FloatRange(
+              min=0.001, max=10000), help="Every device and link K times slower (compute "
+              "pacing x K, bandwidth / K, latency x K) so this machine can emulate devices "
+              "faster than itself; divide measured times by K.")
+@click.option("--link-trace", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Reshape links during the run: lines 'time_s, device, bandwidth_mbps"
+              "[, latency_ms]' (needs --netns).")
+def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_dataplane, netns,
+       time_scale, link_trace):
     """Start a broker and one emulated node process per device of TOPOLOGY (a shipped
     topology, see `meshdl topologies`, or a YAML file). Ctrl-C, SIGTERM or SIGHUP stops
     everything; so does the death of this process."""
     from meshdl.node.launcher import MeshUp
 
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    if netns:
+        from meshdl.cli.netns_cmd import run_netns_up
+        if broker is not None:
+            raise click.UsageError("--netns starts its own broker in the mesh's namespaces; "
+                                   "leave out --broker")
+        run_netns_up(topology, mesh_name=mesh_name, models=model_list, timeout=timeout,
+                     log_dir=log_dir, dataplane=not no_dataplane, time_scale=time_scale,
+                     link_trace=link_trace, telemetry_period=None)
+        return
+    if link_trace:
+        raise click.UsageError("--link-trace reshapes the kernel's links: use it with --netns")
     launcher = MeshUp(topology, broker=broker, mesh=mesh_name,
-                      models=[m.strip() for m in models.split(",") if m.strip()],
+                      models=model_list,
                       backend=backend, log_dir=log_dir, dataplane=not no_dataplane,
-                      credentials=True, supervise=True, stop_timeout=1.5)
+                      credentials=True, supervise=True, stop_timeout=1.5,
+                      node_args=["--time-scale", repr(time_scale)] if time_scale != 1 else ())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())

@@ -64,11 +64,14 @@ class Subscriptions:
         self._subs: dict[str, tuple[tuple[Handler, ...], int]] = {}
 
     def add(self, pattern: str, handler: Handler, qos: int) -> bool:
-        """Add a handler; True if the pattern is new (needs a broker SUBSCRIBE)."""
+        """Add a handler; True: (re-)SUBSCRIBE at the broker. Always, so a second handler
+        of a pattern also gets the retained records (the broker re-sends them on a
+        repeated SUBSCRIBE; retained handlers are idempotent anyway: a reconnect re-sends
+        them too)."""
         with self._lock:
             handlers, old_qos = self._subs.get(pattern, ((), -1))
             self._subs[pattern] = (handlers + (handler,), max(qos, old_qos))
-            return old_qos < qos
+            return True
 
     def remove(self, pattern: str) -> bool:
         with self._lock:
