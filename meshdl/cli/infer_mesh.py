@@ -71,7 +71,7 @@ def _embedded(stack: ExitStack, model_name: str | None, timeout: float) -> tuple
                f"{DEFAULT_TOPOLOGY} mesh (one node process per device; a few seconds)",
                err=True)
     up = stack.enter_context(MeshUp(DEFAULT_TOPOLOGY, model=model_name, verbose=False,
-                                    credentials=True, supervise=True, stop_timeout=1.0))
+                                    credentials=True, supervise=True, stop_timeout=0.5))
     up.wait_ready(max(60.0, timeout))
     click.echo(f"embedded mesh {up.mesh_name!r} ready at {up.url} ({up.broker.kind})",
                err=True)

@@ -218,22 +218,28 @@ class MeshUp:
         for p in procs:
             p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for p in procs:
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.02)
+        stuck = [p for p in procs if p.poll() is None]
+        if stuck:
+            log.info("node pid(s) %s did not leave in %.1f s; killing them",
+                     ", ".join(str(p.pid) for p in stuck), timeout)
+        for p in stuck:
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.info("node pid %d did not leave in %.1f s; killing it", p.pid, timeout)
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except OSError:
-                    p.kill()
-                p.wait(5)
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                p.kill()
+        for p in stuck:
+            p.wait(5)
+        log.debug("nodes stopped")
         if self._watch_bus is not None:
             self._watch_bus.close()
             self._watch_bus = None
+        log.debug("watch bus closed")
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        log.debug("broker stopped")
         if self._own_logs and os.environ.get("MESHDL_KEEP_LOGS") is None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
         reaper, self._reaper = self._reaper, None
@@ -241,6 +247,7 @@ class MeshUp:
             for p in self.procs.values():
                 reaper.forget(p.pid)
             reaper.close()
+            log.debug("reaper closed")
 
     # ------------------------------------------------------------ readiness
     def wait_for(self, pred, timeout: float, what: str = "condition") -> Snapshot:

@@ -1,0 +1,53 @@
+"""Find the processes one test started, however they were re-parented: every process
+whose environment carries the test's tag (children inherit the environment)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+TAG_VAR = "MESHDL_TEST_TAG"
+
+
+def tagged(tag: str) -> list[int]:
+    """PIDs of live (non-zombie) processes whose environment has TAG_VAR=tag."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and stat[stat.rfind(")") + 2] not in "ZX":
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def wait_gone(tag: str, timeout: float) -> list[int]:
+    """Wait until no tagged process is left; returns the survivors at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = tagged(tag)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"
+
+
+def kill_tagged(tag: str) -> None:
+    """Last-resort cleanup so a failing test leaves nothing behind (only our tag)."""
+    import signal
+    for pid in tagged(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
