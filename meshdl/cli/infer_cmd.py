@@ -114,6 +114,8 @@ def run_in_process(paths, lm, topology, strategy, grid, alpha, as_json, repeat):
         how = f"manual {grid[0]}x{grid[1]} tiles"
         for note in plan.notes:         # e.g. a grid larger than the map shrank to fit
             click.secho(f"note: {note}", fg="yellow", err=True)
+        if any("does not fit" in n for n in plan.notes):
+            how += " (shrank to fit the feature map)"
     else:
         mesh = meshdl.load_topology(topology)
         plan = meshdl.plan(g, mesh, strategy=strategy, alpha=alpha)

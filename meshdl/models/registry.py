@@ -51,7 +51,7 @@ def _tiny(name: str, factory: Callable[[int], nn.Module], description: str) -> M
 
 
 SPECS: MappingProxyType[str, ModelSpec] = MappingProxyType({s.info.name: s for s in (
-    _imagenet("vgg16", vgg.vgg16, "VGG-16 (torchvision layout), 138.4M params, 15.5 GFLOPs"),
+    _imagenet("vgg16", vgg.vgg16, "VGG-16 (torchvision layout), 138.4M params, 15.5 GMACs (31 GFLOPs)"),
     _imagenet("vgg16_bn", vgg.vgg16_bn, "VGG-16 with batch norm (torchvision layout)"),
     _imagenet("alexnet", vgg.alexnet, "AlexNet, one-tower torchvision variant, 61.1M params"),
     _imagenet("resnet18", resnet.resnet18, "ResNet-18 (torchvision layout), 11.7M params"),

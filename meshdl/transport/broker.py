@@ -273,7 +273,9 @@ class EmbeddedBroker:
         conf = d / "mosquitto.conf"
         conf.write_text(text)
         os.chmod(conf, 0o600 if private else 0o644)
-        with open(d / "broker.log", "ab") as logf:
+        fd = os.open(d / "broker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     0o600 if private else 0o644)
+        with open(fd, "ab") as logf:
             self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=logf,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True)
