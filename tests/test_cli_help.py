@@ -125,7 +125,7 @@ def test_models_say_flops_with_sensible_digits():
 
 
 def test_compare_shows_the_objective_and_meshdl_wins_at_the_default_alpha():
-    r = run("plan", "show", "--topology", "home-4", "--model", "mobilenet_v2", "--compare")
+    r = run("plan", "show", "--topology", "home-4", "--model", "tiny_cnn", "--compare")
     assert r.exit_code == 0
     lines = r.stdout.splitlines()
     assert f"objective at alpha={DEFAULT_ALPHA:g}" in lines[0]

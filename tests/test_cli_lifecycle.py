@@ -177,7 +177,9 @@ def _start_embedded(tmp_path: Path, tag: str, hide: bool = False):
     raise AssertionError(f"the embedded mesh did not start: {procs}")
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT-twice", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP",
+                                 pytest.param("SIGINT-twice", marks=pytest.mark.slow),
+                                 pytest.param("SIGKILL", marks=pytest.mark.slow)])
 def test_a_signal_to_infer_leaves_no_process_and_no_temp_dir(tmp_path, sig):
     tag = uuid.uuid4().hex
     p = _start_embedded(tmp_path, tag)
