@@ -190,7 +190,7 @@ def run_in_process(paths, lm, topology, strategy, grid, alpha, as_json, repeat):
               "shrinks to fit, with a note).")
 @broker_options(default=None, broker_help=(
     "Broker URL of a running mesh (mqtt://host:port or mqtts://). Leave it out to start an "
-    "embedded default: a local broker with random credentials plus an emulated home-4 mesh, "
+    "embedded default: a local broker with random credentials plus an emulated home-wifi mesh, "
     "removed at exit. A mesh already at mqtt://127.0.0.1:1883 is used only when "
     "--username/--password are given."))
 @bundle_option("client")
@@ -219,7 +219,7 @@ def infer(image, model_name, weights, input_size, labels_file, mean, std, strate
     top-5 labels and timings.
 
     Without --broker (and without --in-process) an embedded mesh starts: a local broker
-    and one emulated node process per device of home-4; everything it starts stops with
+    and one emulated node process per device of home-wifi; everything it starts stops with
     this command (also on Ctrl-C, SIGTERM or a closed terminal).
     """
     ctx = click.get_current_context()

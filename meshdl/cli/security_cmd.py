@@ -45,7 +45,8 @@ def _issue(ident, role, profile, directory, mesh_name, output):
 @click.argument("ident", metavar="ID")
 @click.option("--profile", default=None, help="Enrolled device profile (rpi4, ...): caps the "
               "FLOP/s and link speed this device may claim. Default: generic.")
-@click.option("--dir", "directory", default=None, type=click.Path(file_okay=False))
+@click.option("--dir", "directory", default=None, type=click.Path(file_okay=False),
+              help="Mesh authority directory (default: the only one in the user config dir).")
 @click.option("--mesh", "mesh_name", default=None, help="Authority by mesh name.")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Bundle file to write (default: ID.bundle).")
@@ -56,9 +57,11 @@ def add_device(ident, profile, directory, mesh_name, output):
 
 @click.command("add-client")
 @click.argument("ident", metavar="ID")
-@click.option("--dir", "directory", default=None, type=click.Path(file_okay=False))
+@click.option("--dir", "directory", default=None, type=click.Path(file_okay=False),
+              help="Mesh authority directory (default: the only one in the user config dir).")
 @click.option("--mesh", "mesh_name", default=None, help="Authority by mesh name.")
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Bundle file to write (default: ID.bundle).")
 def add_client(ident, directory, mesh_name, output):
     """Enrol a client (it may request jobs and read its results)."""
     _issue(ident, "client", None, directory, mesh_name, output)
@@ -70,7 +73,8 @@ def add_client(ident, directory, mesh_name, output):
 @click.option("--mesh", "mesh_name", default=None, help="Authority by mesh name.")
 @click.option("--bind", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface).")
-@click.option("--port", default=8883, show_default=True, type=int)
+@click.option("--port", default=8883, show_default=True, type=int,
+              help="TCP port to listen on (MQTT over TLS).")
 def broker(directory, mesh_name, bind, port):
     """Run mosquitto for a secure mesh: TLS, client certificates as identity, per-role ACL."""
     from meshdl.security.authority import find_authority
