@@ -193,3 +193,29 @@ def test_cli_infer_model_file_json_output(tmp_path, branchy):
     lm = meshdl.models.load(path)
     x = lm.image(out["image"])
     assert close(torch.tensor(out["output"]).reshape(1, -1), ort_run(path, x))
+
+
+def test_models_lists_cached_user_models_and_rm_frees_them(tmp_path, monkeypatch, branchy):
+    from meshdl.cli import main
+    from meshdl.models.store import ModelStore, package
+    _, path, _ = branchy
+    monkeypatch.setenv("MESHDL_CACHE_DIR", str(tmp_path / "cache"))
+    pkg = package(meshdl.models.load(path))
+    ModelStore().put_package(pkg)
+    node = ModelStore(tmp_path / "cache" / "nodes" / "pi3")
+    node.put_manifest(pkg.id, pkg.manifest)                 # a node holding part of it
+    first = next(iter(pkg.blobs))
+    node.put_tensor(first, pkg.blobs[first])
+    runner = CliRunner()
+    res = runner.invoke(main, ["models"])
+    assert res.exit_code == 0, res.output
+    assert "tiny_cnn" in res.output and pkg.id[:16] in res.output
+    assert "node pi3" in res.output and f"1/{len(pkg.manifest['tensors'])}" in res.output
+    total = sum(map(len, pkg.blobs.values()))
+    assert ModelStore().bytes_held() == total
+    res = runner.invoke(main, ["models", "rm", pkg.id[:8]])
+    assert res.exit_code == 0, res.output
+    assert ModelStore().bytes_held() == 0 and node.bytes_held() == 0
+    assert ModelStore().entries() == [] and node.entries() == []
+    res = runner.invoke(main, ["models", "rm", pkg.id[:8]])
+    assert res.exit_code != 0 and "no cached model" in res.output

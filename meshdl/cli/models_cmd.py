@@ -1,4 +1,4 @@
-"""``meshdl models``: the model zoo."""
+"""``meshdl models``: the model zoo and the cached user models; ``models rm ID``."""
 from __future__ import annotations
 
 import click
@@ -19,13 +19,17 @@ def bytes_text(n: float) -> str:
     return f"{n:7.4g} B  "
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--trace", "do_trace", is_flag=True,
               help="Also trace each model (a few seconds each; progress on stderr): FLOPs "
               "(1 multiply-add = 2 FLOPs), weight size, ops, cut points.")
-def models(do_trace: bool) -> None:
-    """List the model zoo. Descriptions give multiply-adds as GMACs; --trace counts
-    FLOPs (2 per multiply-add), the unit the planner and device profiles use."""
+@click.pass_context
+def models(ctx: click.Context, do_trace: bool) -> None:
+    """List the model zoo, then the user models cached here (`meshdl models rm ID` frees
+    one). Descriptions give multiply-adds as GMACs; --trace counts FLOPs (2 per
+    multiply-add), the unit the planner and device profiles use."""
+    if ctx.invoked_subcommand is not None:
+        return
     from meshdl import models as zoo
     rows = []
     names = zoo.names()
@@ -42,3 +46,50 @@ def models(do_trace: bool) -> None:
         rows.append(f"{name:20s} {str(tuple(info.input_shape)):18s} {weights:12s}{extra}"
                     f"  {info.description}")
     click.echo("\n".join(rows))
+    _list_cached()
+
+
+def _stores():
+    """(label, ModelStore): this user's cache, then node caches on this machine."""
+    from meshdl.models.store import ModelStore, cache_root
+    root = cache_root()
+    out = [("client", ModelStore(root))]
+    nodes = root / "nodes"
+    if nodes.is_dir():
+        out += [(f"node {p.name}", ModelStore(p)) for p in sorted(nodes.iterdir())
+                if p.is_dir()]
+    return out
+
+
+def _list_cached() -> None:
+    from meshdl.models.store import cache_root
+    rows = []
+    for where, store in _stores():
+        for e in store.entries():
+            held = "all" if e.present == e.tensors else f"{e.present}/{e.tensors}"
+            rows.append(f"{e.id[:16]}  {e.name[:20]:20s} {e.kind:4s} "
+                        f"{e.bytes_held / 2**20:8.2f} MiB  tensors {held:9s} {where:14s} "
+                        f"{e.origin}")
+    click.echo(f"\ncached user models ({cache_root()}):")
+    click.echo("\n".join(rows) if rows else "  none (run `meshdl infer IMAGE --model "
+               "FILE.onnx`)")
+
+
+@models.command("rm")
+@click.argument("model_id")
+def rm(model_id: str) -> None:
+    """Remove cached model MODEL_ID (a unique prefix of its hash) and free the tensors no
+    other cached model uses, from this user's cache and node caches on this machine."""
+    from meshdl.errors import ModelError
+    removed, freed = [], 0
+    for where, store in _stores():
+        before = store.bytes_held()
+        try:
+            ids = store.remove(model_id)
+        except ModelError:
+            continue
+        freed += before - store.bytes_held()
+        removed += [f"{i[:16]} ({where})" for i in ids]
+    if not removed:
+        raise ModelError(f"no cached model id starts with {model_id!r}; see `meshdl models`")
+    click.echo(f"removed {', '.join(removed)}; freed {freed / 2**20:.2f} MiB")
