@@ -19,6 +19,7 @@ setup(
         "networkx",
         "msgpack",
         "paho-mqtt>=2.0",
+        "cryptography",    # secure meshes: mesh CA, bundles, Ed25519 signatures, sealed pieces
         "click",
         "PyYAML",
         "Pillow",

@@ -137,3 +137,13 @@ def test_rate_limiter_per_key_and_total():
     for i in range(20):
         lim.allow(f"k{i}", 3.0 + i)
     assert len(lim) == 4 and lim.refused >= 3
+
+
+def test_relays_refuse_loops_and_unknown_next_hops():
+    from meshdl.security.limits import relay_refusal
+    members = {"a", "b", "c"}
+    assert relay_refusal(("a", "b", "c"), members, set(), "j") is None
+    assert "loop" in relay_refusal(("a", "b", "a", "b"), members, set(), "j")
+    assert "not a live member" in relay_refusal(("a", "ghost1", "c"), members, set(), "j")
+    assert "not a live member" in relay_refusal(("a", "client-1"), members, set(), "j")
+    assert relay_refusal(("a", "client-1"), members, {"j"}, "j") is None

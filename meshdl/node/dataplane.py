@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from meshdl.security.bounds import sanitise
+from meshdl.security.limits import relay_refusal
 from meshdl.errors import MeshdlError, PlanError, WireError
 from meshdl.graph.plan import Plan, Region, Task
 from meshdl.graph.regions import crop
@@ -217,6 +219,13 @@ class DataPlane:
             log.warning("%s dropped a message on %r: %s", self.node_id, topic[:120], exc)
             return
         if not step.consume:
+            why = relay_refusal(topics.parse_route(topic)[1], set(self._live_mesh().devices),
+                                {s.job for s in self.jobs.active()}, step.job)
+            if why is not None:                  # bounded relaying (meshdl.security)
+                self.stats["dropped"] += 1
+                log.warning("%s refused to relay %s/%s: %s", self.node_id,
+                            sanitise(step.job), sanitise(step.piece), why)
+                return
             self.relay.forward(step, payload)
             return
         try:

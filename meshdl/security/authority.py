@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "meshdl-bundle/1"
 CERT_DAYS = 3650
+LINK_CAP_BPS = 1e9
 
 
 def config_root() -> Path:
@@ -158,8 +159,9 @@ class Authority:
             prof = load_profile(profile or "generic")
             prof_name = prof.name
             caps = {"flops": float(prof.flops), "memory_bytes": float(prof.memory_bytes)}
-            if prof.net.get("bandwidth_mbps"):
-                caps["bps"] = float(prof.net["bandwidth_mbps"]) * 1e6
+            # links: the profile's figure is a typical one, not a ceiling; edge NICs top
+            # out around 1 Gbit/s, so that (or a faster profile figure) is the cap
+            caps["bps"] = max(LINK_CAP_BPS, float(prof.net.get("bandwidth_mbps") or 0) * 1e6)
         tls_key = ec.generate_private_key(ec.SECP256R1())
         cert = self._cert(ident, tls_key.public_key())
         sign_key = ed25519.Ed25519PrivateKey.generate()

@@ -115,7 +115,8 @@ class SecureBroker:
             pw = pwd.getpwnam(user)
             for p in [d, *d.iterdir()]:
                 os.chown(p, pw.pw_uid, pw.pw_gid)
-        self._log = open(d / "broker.log", "ab")
+        self._log = os.fdopen(os.open(d / "broker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                      0o600), "ab")
         self.proc = subprocess.Popen([binary, "-c", str(d / "mosquitto.conf")],
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

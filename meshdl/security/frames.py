@@ -192,7 +192,11 @@ def peek(payload: Any) -> Peek | None:
 def relay_frame(payload: Any, job: str, piece: str) -> Any:
     """For a relay: a header-only codec frame (no data) standing for a sealed frame,
     so store-and-forward works on pieces it cannot read; None if not sealed."""
-    pk = peek(payload)
+    try:
+        pk = peek(payload)
+    except SecurityError as exc:
+        from meshdl.errors import WireError
+        raise WireError(str(exc)) from None
     if pk is None:
         return None
     from meshdl.wire.codec import AckFrame, CreditFrame, PieceFrame

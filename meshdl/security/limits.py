@@ -55,3 +55,21 @@ class RateLimiter:
     def __len__(self) -> int:
         with self._lock:
             return len(self._buckets)
+
+
+def relay_refusal(hops: tuple[str, ...], members: "set[str] | frozenset[str]",
+                  active_jobs: "set[str] | frozenset[str]", job: str) -> str | None:
+    """Why a relay must not forward a piece along ``hops`` (None: it may).
+
+    A route never revisits a node (no loops: one publish stays one publish per hop);
+    the next hop is a live mesh member, or the route's final destination (a client)
+    for a job this node takes part in. So relayed frames to made-up names reach no
+    new link, queue or thread."""
+    if len(set(hops)) != len(hops):
+        return "the route revisits a node (a loop)"
+    nxt = hops[1] if len(hops) > 1 else None
+    if nxt is None or nxt in members:
+        return None
+    if len(hops) == 2 and job in active_jobs:
+        return None
+    return f"next hop {nxt[:64]!r} is not a live member of the mesh"

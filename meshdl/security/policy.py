@@ -10,6 +10,7 @@ client takes a result only from the sink of the verified plan of its job.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from meshdl.security.bounds import sanitise
 from meshdl.security.identity import Entry
 from meshdl.wire.topics import ParsedTopic
 
+log = logging.getLogger(__name__)
 _KEEP = 512
 
 
@@ -171,6 +173,8 @@ def _capped(kind: str, e: Entry, body: bytes) -> Verdict:
         over = msg.flops > flops or (isinstance(caps.get("flops"), (int, float))
                                      and caps["flops"] > flops)
         if over:
+            log.warning("capped the %.3g FLOP/s claimed by %s to its enrolled %.3g",
+                        max(msg.flops, float(caps.get("flops") or 0)), sanitise(e.id), flops)
             if "flops" in caps:
                 caps["flops"] = min(float(caps["flops"]), flops)
             return Verdict(True, "", _reencode(dataclasses.replace(
@@ -184,6 +188,8 @@ def _capped(kind: str, e: Entry, body: bytes) -> Verdict:
                     fig[k], changed = bps, True
             links[nb] = fig
         if changed:
+            log.info("capped link speeds claimed by %s to its enrolled %.3g bit/s",
+                        sanitise(e.id), bps)
             return Verdict(True, "", _reencode(dataclasses.replace(msg, links=links)))
     return YES
 
