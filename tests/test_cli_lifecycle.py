@@ -164,13 +164,16 @@ def test_the_reaper_cleans_up_after_a_sigkilled_parent(tmp_path):
 
 
 def _start_embedded(tmp_path: Path, tag: str, hide: bool = False):
-    """`meshdl infer sample` up to the point where the broker and all 4 nodes run."""
+    """`meshdl infer sample` up to the point where the broker and all nodes run."""
+    from meshdl.cli.infer_mesh import DEFAULT_TOPOLOGY
+    from meshdl.mesh import load_topology
+    want = len(load_topology(DEFAULT_TOPOLOGY).devices)
     p = _meshdl(["infer", "sample", "--repeat", "1000"], _env(tmp_path, tag, hide))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         procs = [cmdline(q) for q in tagged(tag)]
         nodes = [c for c in procs if "node start" in c]
-        if len(nodes) == 4 and (hide or any("mosquitto" in c for c in procs)):
+        if len(nodes) == want and (hide or any("mosquitto" in c for c in procs)):
             return p
         assert p.poll() is None, p.stderr.read()
         time.sleep(0.1)
