@@ -38,9 +38,17 @@ IMAGENET_MODELS = {
                                        "_blocks.1._expand_conv.weight",
                                        "_blocks.15._project_conv.weight", "_conv_head.weight",
                                        "_bn1.weight", "_fc.weight"]),
+    "mobilenet_v3_large": (5_483_032, ["features.0.0.weight", "features.4.block.2.fc1.weight",
+                                       "features.16.0.weight", "classifier.3.bias"]),
+    "mobilenet_v3_small": (2_542_856, ["features.1.block.1.fc1.weight",
+                                       "features.4.block.2.fc2.bias", "features.12.0.weight"]),
+    "efficientnet_b0": (5_288_548, ["features.1.0.block.1.fc1.weight",
+                                    "features.2.0.block.0.0.weight", "features.8.0.weight",
+                                    "classifier.1.weight"]),
 }
 STATE_DICT_SIZES = {"vgg16": 32, "vgg16_bn": 97, "alexnet": 16, "resnet18": 122,
-                    "resnet50": 320, "mobilenet_v2": 314, "efficientnet_lite0": 296}
+                    "resnet50": 320, "mobilenet_v2": 314, "efficientnet_lite0": 296,
+                    "mobilenet_v3_large": 312, "mobilenet_v3_small": 244, "efficientnet_b0": 360}
 
 
 def _equal_state(a: nn.Module, b: nn.Module) -> bool:

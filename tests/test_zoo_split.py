@@ -6,7 +6,9 @@ import torch
 
 import meshdl
 
-MODELS = [n for n in meshdl.models.names()]
+HEAVY = {"mobilenet_v3_large", "efficientnet_b0"}     # SE nets with many reduce points
+MODELS = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+          for n in meshdl.models.names()]
 
 
 def plans_for(g):

