@@ -158,8 +158,16 @@ def seal(ring: KeyRing, entry_raw: bytes, entry_sig: bytes, peer: Entry, job: st
     head = msgpack.packb([entry_raw, entry_sig, nonce,
                           [peek.type, peek.term, peek.seq, peek.chunk, peek.nchunks]],
                          use_bin_type=True)
-    ct = ring.aead(peer, job).encrypt(nonce, frame, _aad(ring.mesh, peer.id, job, piece))
-    return SEALED + struct.pack(">I", len(head)) + head + ct
+    aead = ring.aead(peer, job)
+    aad = _aad(ring.mesh, peer.id, job, piece)
+    at = 8 + len(head)
+    out = bytearray(at + len(frame) + 16)          # one buffer: no copy after encryption
+    out[:4], out[4:8], out[8:at] = SEALED, struct.pack(">I", len(head)), head
+    into = getattr(aead, "encrypt_into", None)
+    if into is not None:
+        into(nonce, frame, aad, memoryview(out)[at:])
+        return out
+    return bytes(out[:at]) + aead.encrypt(nonce, frame, aad)
 
 
 def _split(payload: Any) -> tuple[list, memoryview]:
@@ -215,8 +223,14 @@ def open_sealed(ring: KeyRing, cache: EntryCache, job: str, piece: str,
     head, ct = _split(payload)
     entry = cache.verify(bytes(head[0]), bytes(head[1]))
     try:
-        pt = ring.aead(entry, job).decrypt(bytes(head[2]), ct,
-                                           _aad(ring.mesh, ring.me, job, piece))
+        aead = ring.aead(entry, job)
+        aad = _aad(ring.mesh, ring.me, job, piece)
+        into = getattr(aead, "decrypt_into", None)
+        if into is not None and len(ct) >= 16:
+            pt = bytearray(len(ct) - 16)
+            into(bytes(head[2]), ct, aad, pt)
+        else:
+            pt = aead.decrypt(bytes(head[2]), ct, aad)
     except (InvalidTag, ValueError):
         raise SecurityError(f"sealed frame from {entry.id!r} for {job}/{piece} does not "
                             "open (tampered, or not sealed to this node)") from None
