@@ -43,8 +43,14 @@ def mesh() -> None:
 @click.option("--link-trace", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Reshape links during the run: lines 'time_s, device, bandwidth_mbps"
               "[, latency_ms]' (needs --netns).")
+@click.option("--secure", is_flag=True, help="A secure mesh: `meshdl broker` (TLS, client "
+              "certificates, per-role ACL), one bundle per device, signed control messages, "
+              "sealed tensors. Bundles come from the mesh authority (see --dir).")
+@click.option("--dir", "authority_dir", default=None, type=click.Path(file_okay=False),
+              help="With --secure: the mesh authority to use or create (default: "
+              "$XDG_CONFIG_HOME/meshdl/meshes/MESH).")
 def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_dataplane, netns,
-       time_scale, link_trace):
+       time_scale, link_trace, secure, authority_dir):
     """Start a broker and one emulated node process per device of TOPOLOGY (a shipped
     topology, see `meshdl topologies`, or a YAML file). Ctrl-C, SIGTERM or SIGHUP stops
     everything; so does the death of this process."""
@@ -62,17 +68,36 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
         return
     if link_trace:
         raise click.UsageError("--link-trace reshapes the kernel's links: use it with --netns")
+    secure_broker = local = None
+    if secure:
+        if broker is not None:
+            raise click.UsageError("--secure starts its own `meshdl broker`; leave out --broker")
+        from meshdl.mesh.loader import load_topology
+        from meshdl.security.broker import SecureBroker
+        from meshdl.security.local import prepare
+        mesh_obj = load_topology(topology)
+        local = prepare(mesh_name, {d: mesh_obj.devices[d].profile for d in mesh_obj.devices},
+                        authority_dir)
+        secure_broker = SecureBroker(local.authority).start()
+        broker = secure_broker.url
     launcher = MeshUp(topology, broker=broker, mesh=mesh_name,
                       models=model_list,
                       backend=backend, log_dir=log_dir, dataplane=not no_dataplane,
-                      credentials=True, supervise=True, stop_timeout=1.5,
-                      node_args=["--time-scale", repr(time_scale)] if time_scale != 1 else ())
+                      credentials=not secure, supervise=True, stop_timeout=1.5,
+                      node_args=["--time-scale", repr(time_scale)] if time_scale != 1 else (),
+                      bundles=local.devices if local else None,
+                      watch_bundle=local.watch if local else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    launcher.start()
     try:
-        login = ""
+        launcher.start()
+    except BaseException:
+        if secure_broker is not None:
+            secure_broker.stop()
+        raise
+    try:
+        login = f" --bundle {local.client}" if local else ""
         if launcher.password:
             pw_file = launcher.log_dir / "password"
             pw_file.write_text(launcher.password + "\n")
@@ -99,6 +124,9 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
             click.echo(render_status(result["snap"].to_dict()))
             click.echo(f"\nmesh is up. Try: meshdl mesh status --broker {launcher.url} "
                        f"--mesh {mesh_name}{login}   (Ctrl-C stops everything)")
+            if local:
+                click.echo(f"secure mesh: meshdl infer sample --broker {launcher.url} "
+                           f"--bundle {local.client}   (authority: {local.authority.dir})")
         while not stop.is_set():
             stop.wait(0.5)
             dead = [d for d, p in launcher.procs.items() if p.poll() is not None]
@@ -109,6 +137,8 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
     finally:
         click.echo("stopping nodes and broker...", err=True)
         launcher.stop()
+        if secure_broker is not None:
+            secure_broker.stop()
 
 
 @mesh.command("status")

@@ -1,0 +1,70 @@
+"""The secure setup from the command line: mesh init, add-device/add-client, broker,
+mesh up --secure, mesh status --bundle (real processes, real mosquitto)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from meshdl.cli import main
+from meshdl.transport.broker import mosquitto_binary
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+
+def test_init_add_and_broker(tmp_path):
+    r = CliRunner()
+    d = tmp_path / "auth"
+    out = r.invoke(main, ["mesh", "init", "home", "--dir", str(d)])
+    assert out.exit_code == 0, out.output
+    assert oct(d.stat().st_mode & 0o777) == "0o700"
+    out = r.invoke(main, ["mesh", "add-device", "cam", "--profile", "rpi4", "--dir", str(d),
+                          "-o", str(tmp_path / "cam.bundle")])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "cam.bundle").stat().st_mode & 0o777 == 0o600
+    out = r.invoke(main, ["mesh", "add-client", "me", "--dir", str(d), "-o",
+                          str(tmp_path / "me.bundle")])
+    assert out.exit_code == 0, out.output
+    again = r.invoke(main, ["mesh", "add-device", "cam", "--dir", str(d)])
+    assert again.exit_code != 0 and "already enrolled" in again.output
+    p = subprocess.Popen([sys.executable, "-m", "meshdl.cli", "broker", "--dir", str(d),
+                          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        line = p.stdout.readline()
+        assert re.match(r"mqtts://127\.0\.0\.1:\d+ ", line), line
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(20)
+
+
+@pytest.mark.slow
+def test_mesh_up_secure_and_status(tmp_path):
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    p = subprocess.Popen([sys.executable, "-m", "meshdl.cli", "mesh", "up", "home-4",
+                          "--secure", "--mesh", "sq", "--model", "tiny_cnn"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env, start_new_session=True)
+    try:
+        url = bundle = None
+        end = time.monotonic() + 180
+        while time.monotonic() < end and bundle is None:
+            line = p.stdout.readline()
+            m = re.search(r"--broker (mqtts://\S+) --bundle (\S+)", line)
+            if m and "infer" in line:
+                url, bundle = m.groups()
+        assert bundle, "mesh up --secure never printed its bundle"
+        st = subprocess.run([sys.executable, "-m", "meshdl.cli", "mesh", "status", "--broker",
+                             url, "--bundle", bundle, "--json"], capture_output=True,
+                            text=True, env=env, timeout=60)
+        assert st.returncode == 0, st.stderr
+        assert {"nano", "pi3", "pi4-a", "pi4-b"} <= set(st.stdout.split('"')), st.stdout
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
