@@ -85,3 +85,37 @@ def test_objectives_are_checked_and_map_to_alpha(graph, home):
     assert meshdl.plan(graph, home, objective="energy").alpha == 0.0
     with pytest.raises(PlanError):
         simulate_stream([], graph, home)
+
+
+def test_leader_requests_carry_the_objective():
+    from meshdl.node.leader import StandingRequest
+    from meshdl.wire.control import JobRequest
+    base = StandingRequest("resnet18")
+    req = StandingRequest.from_job(JobRequest("j1", "c", "resnet18", "meshdl",
+                                              options={"objective": "throughput"}), base)
+    assert req.objective == "throughput" and req != base    # a separate standing plan
+    with pytest.raises(PlanError, match="objective"):
+        StandingRequest.from_job(JobRequest("j2", "c", "resnet18", "meshdl",
+                                            options={"objective": "fast"}), base)
+    plan_meta = {"meta": {"request": {"model": "resnet18", "objective": "throughput"}}}
+    assert StandingRequest.from_plan(plan_meta).objective == "throughput"
+
+
+def test_stream_paths_take_globs_and_refuse_videos(tmp_path):
+    from meshdl.cli.infer_cmd import stream_paths
+    from meshdl.errors import ImageError
+    from PIL import Image
+    for name in ("b.jpg", "a.png", "c.txt"):
+        p = tmp_path / name
+        if name.endswith("txt"):
+            p.write_text("x")
+        else:
+            Image.new("RGB", (8, 8)).save(p)
+    assert [p.name for p in stream_paths(str(tmp_path / "*"))] == ["a.png", "b.jpg"]
+    assert [p.name for p in stream_paths(str(tmp_path))] == ["a.png", "b.jpg"]
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\0" * 16)
+    with pytest.raises(ImageError, match="extract frames"):
+        stream_paths(str(video))
+    with pytest.raises(ImageError, match="no images match"):
+        stream_paths(str(tmp_path / "*.jpeg"))

@@ -110,20 +110,26 @@ def run_stream(c, model, n, **kw):
             "plans": len(plans), "elapsed": elapsed}
 
 
-def bench_streams(models, topology, frames_for, single_frames, one_frames, out_rows):
+def bench_streams(models, topology, frames_for, single_frames, one_frames, out_rows,
+                  k: float = 1.0):
+    """``k``: time dilation (every emulated device and link k times slower, so this
+    machine keeps up); every figure is reported scaled back (fps x k, seconds / k)."""
     import meshdl
     from meshdl.client import MeshClient
     from meshdl.node.launcher import MeshUp
     from meshdl.planner import simulate_stream
     from meshdl.planner.throughput import replicas, stream_window
     topo = meshdl.load_topology(topology)
+    if k != 1.0:
+        topo = topo.dilated(k)
     best = max(topo.devices, key=lambda d: (topo.devices[d].flops, d))
     for m in models:
         n_frames = frames_for(m)
         x = sample_input(m)
         g = meshdl.trace(meshdl.models.build(m), tuple(x.shape), name=m)
         log.info("%s: starting %s", m, topology)
-        with MeshUp(topology, model=m, verbose=False, mesh=f"bs{m[:6]}") as up:
+        with MeshUp(topology, model=m, verbose=False, mesh=f"bs{m[:6]}",
+                    node_args=["--time-scale", str(k)] if k != 1.0 else ()) as up:
             up.wait_ready(240)
             pids = {d: p.pid for d, p in up.procs.items()}
             with MeshClient(up.url, up.mesh_name) as c:
@@ -154,14 +160,15 @@ def bench_streams(models, topology, frames_for, single_frames, one_frames, out_r
                                        sink=best)
                 spred = simulate_stream(splan, g, topo, n_frames=single_frames, window=2)
         growth = max((e - s for s, e, _ in rss.values()), default=0.0)
-        row = {"model": m, "topology": topology, "frames": n_frames,
+        row = {"model": m, "topology": topology, "time_scale": k, "frames": n_frames,
                "replicas": len(plans), "window": window,
-               "stream_fps": meas["fps"], "stream_fps_overall": meas["fps_overall"],
-               "pred_fps": pred.fps, "meas_over_pred": meas["fps"] / pred.fps,
-               "p50_s": meas["p50"], "p95_s": meas["p95"], "pred_p50_s": pred.latency_p50_s,
-               "pred_p95_s": pred.latency_p95_s, "failed": meas["failed"],
-               "one_at_a_time_fps": one_fps, "single_device": best,
-               "single_fps": single["fps_overall"], "single_pred_fps": spred.fps,
+               "stream_fps": meas["fps"] * k, "stream_fps_overall": meas["fps_overall"] * k,
+               "pred_fps": pred.fps * k, "meas_over_pred": meas["fps"] / pred.fps,
+               "p50_s": meas["p50"] / k, "p95_s": meas["p95"] / k,
+               "pred_p50_s": pred.latency_p50_s / k,
+               "pred_p95_s": pred.latency_p95_s / k, "failed": meas["failed"],
+               "one_at_a_time_fps": one_fps * k, "single_device": best,
+               "single_fps": single["fps_overall"] * k, "single_pred_fps": spred.fps * k,
                "speedup_vs_single": meas["fps"] / single["fps_overall"],
                "speedup_vs_one": meas["fps"] / one_fps,
                "rss_growth_mb": growth,
@@ -191,7 +198,7 @@ def print_stream_rows(rows):
               f"{r['bottleneck']}")
 
 
-def bench_wire(models, topology, caps, out_rows, repeats: int = 2):
+def bench_wire(models, topology, caps, out_rows, repeats: int = 2, k: float = 1.0):
     import torch
     import meshdl
     from meshdl.client import MeshClient
@@ -209,6 +216,8 @@ def bench_wire(models, topology, caps, out_rows, repeats: int = 2):
             for cap in caps:
                 mesh = base.with_bandwidth_cap(cap)
                 plan = meshdl.plan(g, mesh, alpha=1.0)       # a latency plan for the link
+                if k != 1.0:
+                    mesh = mesh.dilated(k)
                 finish_plan(plan, g, mesh, 1)
                 name = f"w{m[:5]}{int(cap)}"
                 res = {}
@@ -229,7 +238,7 @@ def bench_wire(models, topology, caps, out_rows, repeats: int = 2):
                             pred = simulate(plan, g, mesh,
                                             wire=WireModel(mode, ratios)).latency_s
                             res[mode] = (raw / repeats, wire / repeats,
-                                         statistics.median(lats), pred, outs[0])
+                                         statistics.median(lats) / k, pred / k, outs[0])
                 row = {"model": m, "cap_mbps": cap, "stages": len(plan.stages),
                        "raw_bytes": res["off"][0], "wire_bytes_off": res["off"][1],
                        "wire_bytes_auto": res["auto"][1],
@@ -271,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--single-frames", type=int, default=8)
     ap.add_argument("--one-frames", type=int, default=5)
     ap.add_argument("--caps", default="10,20,50")
+    ap.add_argument("--time-scale", type=float, default=1.0,
+                    help="emulate every device and link K times slower (so a loaded machine "
+                    "keeps up); figures are reported scaled back")
     ap.add_argument("--skip-streams", action="store_true")
     ap.add_argument("--skip-wire", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results" / "stream"))
@@ -289,13 +301,16 @@ def main(argv=None) -> int:
 
         def frames_for(m: str) -> int:
             return int(spec.get(m, default))
-        print(f"## Streams on {a.topology}\n")
-        bench_streams(models, a.topology, frames_for, a.single_frames, a.one_frames, rows)
+        print(f"## Streams on {a.topology} (time scale {a.time_scale:g}; figures scaled "
+              "back to real time)\n")
+        bench_streams(models, a.topology, frames_for, a.single_frames, a.one_frames, rows,
+                      a.time_scale)
         write_csv(out / "stream.csv", rows)
     if not a.skip_wire:
         rows = []
         print(f"\n## Bytes on the wire and latency, {a.topology} capped\n")
-        bench_wire(models, a.topology, [float(c) for c in a.caps.split(",")], rows)
+        bench_wire(models, a.topology, [float(c) for c in a.caps.split(",")], rows,
+                   k=a.time_scale)
         write_csv(out / "wire.csv", rows)
     return 0
 
