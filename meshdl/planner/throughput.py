@@ -5,7 +5,7 @@ by one frame's latency: a pipeline that puts consecutive layer ranges on differe
 devices keeps them all busy on different frames at once. Candidates (bounded, pure,
 deterministic):
 
-1. the strategy's own plans (the requested alpha, and alpha = 1);
+1. the strategy's own plan (for the requested alpha);
 2. the whole model on each device that holds it;
 3. pipelines: ordered tuples of 2-4 of the fastest devices (the source and the sink
    among them), the layer positions cut so each device's share of the FLOPs follows
@@ -135,13 +135,10 @@ def candidates(g, mesh, req: PlanRequest, strategy: Callable[..., Plan] | None,
     """Single plans worth a place in a stream (see the module doc, steps 1-3)."""
     sc = _Scorer(g, mesh, wire)
     out: list[Plan] = []
-    if strategy is not None:
-        for alpha in dict.fromkeys((req.alpha, 1.0)):
-            r = PlanRequest(req.source, req.sink, alpha, req.bandwidth_cap_mbps,
-                            dict(req.options))
-            p = strategy(g, mesh, r)
-            p.source, p.sink = req.source, req.sink
-            out.append(_finish(p, g, mesh))
+    if strategy is not None:         # its plan for the requested alpha (one search)
+        p = strategy(g, mesh, req)
+        p.source, p.sink = req.source, req.sink
+        out.append(_finish(p, g, mesh))
     n_ops = len(g.ops)
     for d in sorted(mesh.devices):
         p = _finish(_whole_plan(g, [d], [0, n_ops], req.source, req.sink), g, mesh)
