@@ -156,3 +156,11 @@ def test_client_takes_results_only_from_the_plans_sink(auth):
     assert not v.ok and "not the sink d1" in v.reason
     assert _signed_admit(adm, b["d1"], topics.job("sec", job, "result"),
                          JobResult(job, True)).ok
+
+
+def test_password_files_are_private_with_real_iterations(tmp_path):
+    from meshdl.transport.passwords import PBKDF2_ITERATIONS, make_password_file
+    pw = make_password_file(tmp_path / "pw", {"carol": "x y z"})
+    assert mode(pw) == 0o600
+    assert pw.read_text().startswith(f"carol:$7${PBKDF2_ITERATIONS}$")
+    assert PBKDF2_ITERATIONS >= 10_000

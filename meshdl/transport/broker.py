@@ -9,9 +9,11 @@ and ``auth`` configs fall back to amqtt running in-process (MQTT 3.1.1 only, slo
 ``auth`` checks user names and passwords but has no ACL there), quietly.
 
 mosquitto started as root drops to the ``mosquitto`` user unless the config says
-``user root`` (the built-in configs do, as root). Then, or when not root, the work
-dir is 0700 and its files 0600 (password hashes, keys); a custom template run as
-root without ``user root`` gets a world-readable dir so the dropped user can read it.
+``user root``; the built-in configs say ``user mosquitto`` when that user exists (never
+forcing root), and the work dir (0700) and its files (0600: password hashes, keys)
+are handed to it. When not root, the dir is 0700 and the files 0600 too; a custom
+template run as root without a ``user`` line gets a world-readable dir so the dropped
+user can read it.
 mosquitto runs in its own session (the terminal's Ctrl-C reaches only meshdl, which
 stops it in order); a ``reaper`` (``meshdl.node.reaper.Reaper``) also kills it and
 removes the work dir if this process dies without stopping it.
@@ -78,6 +80,41 @@ def mosquitto_binary() -> str | None:
         if os.access(cand, os.X_OK):
             return cand
     return None
+
+
+def _user_line() -> str:
+    """As root: run mosquitto as its own ``mosquitto`` user when it exists (never force
+    root); otherwise mosquitto keeps our user."""
+    if os.geteuid() != 0:
+        return ""
+    import pwd
+    try:
+        pwd.getpwnam("mosquitto")
+        return "user mosquitto"
+    except KeyError:
+        return "user root"
+
+
+def _dropped_to(config: str) -> tuple[int, int] | None:
+    """(uid, gid) mosquitto drops to when started as root with ``user NAME`` (not root)."""
+    m = re.search(r"(?m)^\s*user\s+(\S+)\s*$", config)
+    if os.geteuid() != 0 or m is None or m.group(1) == "root":
+        return None
+    import pwd
+    try:
+        pw = pwd.getpwnam(m.group(1))
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _traversable(path: Path, uid: int) -> bool:
+    """Can ``uid`` reach ``path`` (execute permission on every ancestor)?"""
+    for parent in Path(path).resolve().parents:
+        st = parent.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            return False
+    return True
 
 
 class EmbeddedBroker:
@@ -250,7 +287,7 @@ class EmbeddedBroker:
     def _render(self, d: Path) -> str:
         values = {"PORT": self.port, "HOST": self.host, "DIR": d,
                   "MAX_PACKET_SIZE": self._max_packet, "MAX_QUEUED": self._max_queued,
-                  "USER_LINE": "user root" if os.geteuid() == 0 else "",
+                  "USER_LINE": _user_line(),
                   "REMOTE_HOST": "127.0.0.1"}
         values.update(self._subs)
 
@@ -268,13 +305,22 @@ class EmbeddedBroker:
             if self._reaper is not None:
                 self._reaper.add_dir(self._dir)
         text = self._render(self._dir)
-        private = os.geteuid() != 0 or re.search(r"(?m)^\s*user\s+root\s*$", text) is not None
+        owner = _dropped_to(text)          # root -> the mosquitto user: hand it the files
+        if owner is not None and not _traversable(self._dir, owner[0]):
+            log.info("mosquitto keeps root rights: its work dir %s sits under a directory "
+                     "the mosquitto user cannot enter", self._dir)
+            text, owner = re.sub(r"(?m)^\s*user\s+\S+\s*$", "user root", text), None
+        private = os.geteuid() != 0 or owner is not None or \
+            re.search(r"(?m)^\s*user\s+root\s*$", text) is not None
         d = self._prepare_dir(private)
         conf = d / "mosquitto.conf"
         conf.write_text(text)
         os.chmod(conf, 0o600 if private else 0o644)
         fd = os.open(d / "broker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                      0o600 if private else 0o644)
+        if owner is not None:
+            for f in [d, *d.iterdir()]:
+                os.chown(f, owner[0], owner[1])
         with open(fd, "ab") as logf:
             self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=logf,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
