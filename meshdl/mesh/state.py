@@ -30,6 +30,7 @@ from typing import Any, Union
 from meshdl.errors import TopologyError
 from meshdl.mesh.model import Device, Link, Mesh, Power
 from meshdl.mesh.profiles import Profile
+from meshdl.mesh.star import BROKER
 from meshdl.security.bounds import MAX_FLOPS, sanitise
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,9 @@ def apply(state: MeshState, event: Event) -> MeshState:
         links = dict(state.links)
         for nb, fig in event.links.items():
             nb = str(nb)
-            if nb == event.id or nb not in state.members:
-                continue                 # links only between known members: bounded
+            if nb == event.id or (nb not in state.members and nb != BROKER):
+                continue                 # links only between known members (or a node's
+                                         # access link to the broker): bounded
             links[frozenset((event.id, nb))] = LinkObs(
                 rtt_s=_opt(fig.get("rtt_s")), throughput_bps=_opt(fig.get("throughput_bps")),
                 by=event.id)
@@ -311,3 +313,45 @@ def changed_links(old: Mesh, new: Mesh, threshold: float = 0.3) -> list[tuple[st
         if link_changed(old.find_link(a, b), new.find_link(a, b), threshold):
             out.append((a, b))
     return sorted(out)
+
+
+def mesh_changed(old: Mesh | None, new: Mesh, threshold: float = 0.3) -> bool:
+    """Pure: devices joined or left, a device's FLOP/s moved by more than
+    ``threshold``, or a link changed (``link_changed``; on a star mesh, an access link)."""
+    if old is None or set(old.devices) != set(new.devices):
+        return True
+    for d, dev in new.devices.items():
+        before = old.devices[d].flops
+        if abs(dev.flops - before) > threshold * before:
+            return True
+    return bool(changed_links(old, new, threshold))
+
+
+class ReplanGate:
+    """When to re-plan, without flapping: at once when devices join or leave; for a
+    link (or FLOP/s) change beyond ``threshold`` only once it has persisted for
+    ``confirm_s`` (e.g. one telemetry period: seen in two periods). A change that goes
+    back under the threshold meanwhile is forgotten. ``pending_until`` tells the caller
+    when to look again. The clock is passed in (``now``), so this stays pure."""
+
+    def __init__(self, threshold: float = 0.3, confirm_s: float = 0.0) -> None:
+        self.threshold, self.confirm_s = threshold, confirm_s
+        self._since: float | None = None
+
+    @property
+    def pending_until(self) -> float | None:
+        return None if self._since is None else self._since + self.confirm_s
+
+    def check(self, old: Mesh | None, new: Mesh, now: float) -> bool:
+        if old is None or set(old.devices) != set(new.devices):
+            self._since = None
+            return True
+        if not mesh_changed(old, new, self.threshold):
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        if now - self._since >= self.confirm_s:
+            self._since = None
+            return True
+        return False

@@ -27,7 +27,8 @@ from meshdl.node.leader import LeaderDuties, duties_for
 from meshdl.node.membership import Membership, claim_verdict
 from meshdl.node.probe import Probe, decode_probe, encode_probe
 from meshdl.wire.topics import node_probe as probe_topic
-from meshdl.node.telemetry import Periodic, Prober, telemetry_message, topology_links
+from meshdl.node.telemetry import (Periodic, Prober, access_latency, telemetry_message,
+                                   topology_links)
 from meshdl.transport.bus import Will
 from meshdl.wire import topics
 from meshdl.wire.control import (Campaign, JobRequest, LeaderInfo, NodeState, PlanMessage,
@@ -189,8 +190,10 @@ class NodeAgent:
         log.info("node %s joined mesh %s (session %d, %.2f GFLOP/s, %s)", self.node_id, m,
                  self.session, self._device.flops / 1e9,
                  "emulated" if self.emulate else "measured")
-        if not self.emulate:
-            self._prober = Prober(self.bus, m, self.node_id, self.session)
+        shaped = cfg.shaped_links          # mesh up --netns: measure the shaped access link
+        if not self.emulate or shaped:
+            self._prober = Prober(self.bus, m, self.node_id, self.session,
+                                  access_latency(self.base, self.node_id) if shaped else None)
             self._probe_loop = Periodic(cfg.timing.telemetry_period, self._probe_round,
                                         f"probe-{self.node_id}")
             self._probe_loop.start()
@@ -518,7 +521,8 @@ class NodeAgent:
         if not due and not (view != self._last_view and now - self._view_at >= t.view_min_gap):
             return
         self._last_view, self._view_at, self._tele_at = view, now, now
-        links = (topology_links(self.base, self.node_id, self._overrides) if self.emulate
+        links = (topology_links(self.base, self.node_id, self._overrides)
+                 if self.emulate and not self.config.shaped_links
                  else (self._prober.results() if self._prober else {}))
         msg = telemetry_message(self.node_id, self.session, links, view, self._elect.role)
         try:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 from meshdl.errors import MeshdlError, PlanError
-from meshdl.mesh import Mesh, changed_links
+from meshdl.mesh import Mesh, ReplanGate, changed_links
 from meshdl.node.graphs import GraphCache
 from meshdl.wire import topics
 from meshdl.wire.control import JobRequest, JobStatus, PlanMessage, encode_control
@@ -100,7 +100,7 @@ class LeaderDuties:
                  live_mesh: Callable[[], Mesh], graphs: GraphCache,
                  defaults: list[StandingRequest], known_plans: Mapping[str, int],
                  link_threshold: float = 0.3, max_requests: int = 32,
-                 debounce: float = 0.15) -> None:
+                 debounce: float = 0.15, confirm_s: float = 0.0) -> None:
         self.me, self.mesh_name, self.term, self._bus = me, mesh_name, term, bus
         self._live_mesh, self._graphs = live_mesh, graphs
         self._defaults = list(dict.fromkeys(defaults))
@@ -113,6 +113,8 @@ class LeaderDuties:
         self._issued: dict[str, Any] = {}        # plan id -> Plan of every live plan
         self._republish = False
         self._planned_mesh: Mesh | None = None
+        # link changes must persist confirm_s before a re-plan (no flapping)
+        self._gate = ReplanGate(link_threshold, confirm_s)
         self._jobs: collections.deque[JobRequest] = collections.deque()
         self._cv = threading.Condition()
         self._dirty_at: float | None = time.monotonic()
@@ -209,7 +211,7 @@ class LeaderDuties:
 
     def _refresh(self, force: bool = False) -> None:
         mesh = self._live_mesh()
-        if force or needs_replan(self._planned_mesh, mesh, self._threshold):
+        if force or self._gate.check(self._planned_mesh, mesh, time.monotonic()):
             log.info("leader %s term %d: planning %d request(s) on %d device(s)", self.me,
                      self.term, len(self._requests), len(mesh.devices))
             self._planned_mesh = mesh
@@ -221,6 +223,10 @@ class LeaderDuties:
                 except MeshdlError as exc:
                     log.warning("cannot plan %s on the live mesh: %s", req, exc)
             self._current = current
+        elif self._gate.pending_until is not None:     # look again once it could confirm
+            with self._cv:
+                if self._dirty_at is None:
+                    self._dirty_at = self._gate.pending_until - self._debounce + 0.01
         self._clear_superseded()
 
     def _plan(self, req: StandingRequest, mesh: Mesh):
@@ -289,8 +295,7 @@ class LeaderDuties:
         try:
             req = StandingRequest.from_job(job, default)
             self._remember(req)
-            if needs_replan(self._planned_mesh, self._live_mesh(), self._threshold):
-                self._refresh()
+            self._refresh()
             pid = self._current.get(req)
             if pid is None:
                 pid = self._publish(self._plan(req, self._planned_mesh or self._live_mesh()))
@@ -324,7 +329,8 @@ def duties_for(agent, term: int, retained: Mapping[str, Mapping[str, Any]]) -> L
         known_plans={p: int(d.get("term", 0)) if isinstance(d, Mapping) else 0
                      for p, d in retained.items()},
         link_threshold=cfg.link_threshold, max_requests=cfg.max_requests,
-        debounce=cfg.timing.replan_debounce)
+        debounce=cfg.timing.replan_debounce,
+        confirm_s=0.9 * cfg.timing.telemetry_period * max(0, cfg.link_confirm_periods - 1))
     duties.adopt_requests(retained)
     return duties
 
