@@ -126,3 +126,21 @@ def test_a_request_flood_is_rate_limited(mesh):
     wait_log(up, "over the job request rate limit")
     exact_job(client, 6)
     alive(up)
+
+
+def test_pieces_for_unknown_plans_are_bounded(mesh):
+    import numpy as np
+    from meshdl.node import jobs as J
+    from meshdl.wire.codec import encode_chunks
+    up, client, bad = mesh
+    term = up.watcher.snapshot().leader.term
+    node = up.devices[0]
+    arr = np.ones((2 << 20,), np.float32)                    # 8 MB each, 12 of them
+    for i in range(12):
+        piece = J.input_piece(f"ghostplan{i}")
+        t = topics.route_topic(MESH, [node], f"ghost{i}", piece)
+        for f in encode_chunks(f"ghost{i}", piece, arr, term=term):
+            bad.publish(t, f, qos=1)
+    wait_log(up, "for plans not adopted", timeout=60)
+    exact_job(client, 7)
+    alive(up)

@@ -147,3 +147,14 @@ def test_relays_refuse_loops_and_unknown_next_hops():
     assert "not a live member" in relay_refusal(("a", "ghost1", "c"), members, set(), "j")
     assert "not a live member" in relay_refusal(("a", "client-1"), members, set(), "j")
     assert relay_refusal(("a", "client-1"), members, {"j"}, "j") is None
+
+
+def test_graph_cache_is_bounded():
+    from meshdl.node.graphs import GraphCache
+    built = []
+    gc = GraphCache(builder=lambda m, s: built.append((m, s)) or object(), max_graphs=3)
+    for h in range(1, 7):
+        gc.get("tiny_cnn", (1, 3, h, h))
+    assert len(gc._graphs) == 3 and len(built) == 6
+    gc.get("tiny_cnn", (1, 3, 6, 6))                     # still cached: no rebuild
+    assert len(built) == 6

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from meshdl.security.bounds import sanitise
-from meshdl.security.limits import relay_refusal
+from meshdl.security.limits import MAX_WAITING_BYTES, relay_refusal
 from meshdl.errors import MeshdlError, PlanError, WireError
 from meshdl.graph.plan import Plan, Region, Task
 from meshdl.graph.regions import crop
@@ -277,7 +277,15 @@ class DataPlane:
         meta = (frame.job, frame.piece, frame.src_task, frame.dst_task, frame.term)
         plan = self._plan(J.plan_of_piece(frame.piece))
         if plan is None:
-            with self._lock:
+            with self._lock:        # bounded: pieces for plans not (yet) adopted
+                held = sum(a.nbytes for w in self._waiting.values() for _, _, a in w)
+                if held + arr.nbytes > MAX_WAITING_BYTES:
+                    self.stats["dropped"] += 1
+                    log.warning("%s dropped %s/%s for unknown plan %s: already holding %d "
+                                "bytes for plans not adopted", self.node_id,
+                                sanitise(frame.job), sanitise(frame.piece),
+                                sanitise(J.plan_of_piece(frame.piece)), held)
+                    return
                 self._waiting.setdefault(J.plan_of_piece(frame.piece), []).append(
                     (time.monotonic(), meta, np.array(arr)))
             log.info("%s holds %s/%s until plan %s is adopted", self.node_id, *key,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable
 
 from meshdl.errors import PlanError
@@ -22,11 +23,14 @@ def build_traced(model: str, input_shape: tuple[int, ...]):
 
 
 class GraphCache:
-    """(model, input shape) -> ModelGraph, built once per process, thread-safe."""
+    """(model, input shape) -> ModelGraph, built once per process, thread-safe; at most
+    ``max_graphs`` kept (least recently used dropped: requested input shapes are
+    bounded per request, not in number)."""
 
-    def __init__(self, builder: Callable = build_traced) -> None:
+    def __init__(self, builder: Callable = build_traced, max_graphs: int = 16) -> None:
         self._builder = builder
-        self._graphs: dict[tuple, object] = {}
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, object] = OrderedDict()
         self._locks: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
         self.models = None      # NodeModels: user models by id (meshdl.node.model_store)
@@ -46,6 +50,7 @@ class GraphCache:
         with self._lock:
             g = self._graphs.get(key)
             if g is not None:
+                self._graphs.move_to_end(key)
                 return g
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
@@ -57,6 +62,10 @@ class GraphCache:
                 log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
                 with self._lock:
                     self._graphs[key] = g
+                    while len(self._graphs) > self.max_graphs:
+                        old, _ = self._graphs.popitem(last=False)
+                        self._locks.pop(old, None)
+                        log.info("dropped the traced graph of %s at %s (cache full)", *old)
             return g
 
     def for_plan(self, plan: Plan):

@@ -11,6 +11,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
+MAX_WAITING_BYTES = 64 << 20     # pieces a node holds for plans it has not adopted yet
+
+
 @dataclass(frozen=True)
 class Bucket:
     tokens: float
