@@ -99,7 +99,7 @@ def test_infer_on_a_broker_without_a_live_mesh_fails_fast_naming_it(mosquitto):
     assert r.exit_code == 2, r.output
     assert "'nobody'" in r.output and "no live members" in r.output
     assert "node start" in r.output
-    assert took < 8.0       # <= 3 s once connected; loading the image and torch add a bit
+    assert took < 5.0       # checked before torch loads: ~1 s on a quiet machine
     with PahoBus(mosquitto) as bus:     # a mesh whose members all went offline
         for n in ("pi-a", "pi-b"):
             bus.publish(topics.node_state("ghosts", n),

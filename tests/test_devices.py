@@ -122,6 +122,13 @@ def test_the_readme_device_recipe_on_a_broker_in_a_network_namespace(netns, tmp_
             time.sleep(1.0)
         else:
             raise AssertionError(f"nodes did not join the mesh: {status}")
+        live = tmp_path / "pics"
+        live.mkdir()
+        r = subprocess.run([sys.executable, "-m", "meshdl.cli", "plan", "show", "--broker", url,
+                            "--mesh", "home", *login, "-o", str(live / "live.png")],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in live.iterdir()) == ["live.png"]    # exactly that file
         r = subprocess.run([sys.executable, "-m", "meshdl.cli", "infer", "sample", "--model",
                             "tiny_cnn", "--broker", url, "--mesh", "home", *login, "--json"],
                            env=env, capture_output=True, text=True, timeout=180)

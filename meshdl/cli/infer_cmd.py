@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from meshdl.cli.options import (bundle_option, DEFAULT_BROKER, alpha_option, broker_options, connection,
+                                fail_fast_if_refused, require_live_mesh,
                                 strategy_option, topology_help)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -236,9 +237,14 @@ def infer(image, model_name, weights, input_size, labels_file, mean, std, strate
                 raise click.UsageError(f"{name} works only with --stream")
     elif in_process:
         raise click.UsageError("--stream runs on a mesh; leave out --in-process")
-    check_model(model_name)
     grid_rc = parse_grid(grid)
     paths = stream_paths(image) if as_stream else image_paths(image)
+    if broker is not None and not in_process and not bundle:
+        # before torch loads: a dead address or a mesh with no live member fails in ~1 s
+        early = connection(broker, username, password, password_file, tls_ca)
+        fail_fast_if_refused(early.url)
+        require_live_mesh(early, mesh_name)
+    check_model(model_name)
     warn_untrained(model_name, weights)
     if in_process:
         lm = load_model(model_name, weights, input_size, labels_file, mean, std)

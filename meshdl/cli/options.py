@@ -29,9 +29,16 @@ class RegistryChoice(click.Choice):
     """A click.Choice whose choices come from a registry, loaded on first use
     (the strategy registry imports torch: not at ``meshdl --help`` time)."""
 
-    def __init__(self, loader: Callable[[], list[str]], what: str) -> None:
+    def __init__(self, loader: Callable[[], list[str]], what: str,
+                 always: tuple[str, ...] = ()) -> None:
         self._loader, self._loaded, self._what = loader, None, what
+        self._always = always       # names that are always registered: no load to accept
         super().__init__([], case_sensitive=True)
+
+    def convert(self, value, param, ctx):
+        if self._loaded is None and value in self._always:
+            return value
+        return super().convert(value, param, ctx)
 
     @property
     def choices(self):          # type: ignore[override]
@@ -59,7 +66,7 @@ def shipped(kind: str) -> list[str]:
     return sorted(p.stem for p in data_dir(kind).glob("*.yaml"))
 
 
-STRATEGY = RegistryChoice(_strategies, "strategy")
+STRATEGY = RegistryChoice(_strategies, "strategy", always=("meshdl",))
 
 
 def strategy_option(default: str = "meshdl", help_extra: str = "") -> Callable:
@@ -207,3 +214,26 @@ def fail_fast_if_refused(url: str, timeout: float = 2.0) -> None:
     raise TransportError(f"cannot reach the broker at {u.redacted()} ({why}); start one "
                          "(`meshdl mesh up home-4`, or mosquitto) or pass --broker with the "
                          "right host:port")
+
+
+def require_live_mesh(conn: Connection, mesh_name: str, wait: float = 1.0,
+                      protocol: str = "auto") -> None:
+    """Fail within ~``wait`` s when the broker carries no live member of ``mesh_name``
+    (naming the members seen, all offline, or none), before anything heavy loads.
+    Its own short connection: retained records go to the first subscriber only once."""
+    from meshdl.errors import JobError
+    from meshdl.node.status import MeshWatcher
+    from meshdl.transport.paho_bus import PahoBus
+    from meshdl.transport.urls import parse_url
+    with PahoBus(conn.url, protocol=protocol, connect_timeout=5.0,
+                 **conn.bus_options()) as bus:
+        w = MeshWatcher(bus, mesh_name)
+        if w.wait_for(lambda s: bool(s.online), wait) is not None:
+            return
+        seen = sorted(w.snapshot().states)
+    where = parse_url(conn.url).redacted()
+    members = (f"its known member(s) {', '.join(seen[:8])}{', ...' if len(seen) > 8 else ''}"
+               " are all offline" if seen else "no node has ever joined it")
+    raise JobError(f"no live members on mesh {mesh_name!r} at {where}: {members}. Start nodes "
+                   f"(`meshdl node start --broker {where} --mesh {mesh_name}` on each device), "
+                   "check --mesh, or leave out --broker to use the embedded default")
