@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from meshdl.security.bounds import sanitise
 from meshdl.errors import JobError, MeshdlError, TransportError, WireError
 from meshdl.graph.plan import Plan
 from meshdl.node import jobs as J
@@ -179,7 +180,7 @@ class MeshClient:
             plan.term = max(plan.term, msg.term)
             plan.plan_id = msg.plan_id
         except MeshdlError as exc:
-            log.warning("client ignored a plan on %s: %s", topic, exc)
+            log.warning("client ignored a plan on %s: %s", sanitise(topic, 160), exc)
             return
         with self._plan_cv:
             self._plans[plan.plan_id] = plan
@@ -297,7 +298,7 @@ class MeshClient:
         try:
             frame = decode_frame(payload)
         except WireError as exc:
-            log.warning("client dropped a frame on %s: %s", topic, exc)
+            log.warning("client dropped a frame on %s: %s", sanitise(topic, 160), exc)
             return
         if isinstance(frame, AckFrame):
             for piece in frame.pieces:

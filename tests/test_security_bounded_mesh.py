@@ -144,3 +144,52 @@ def test_pieces_for_unknown_plans_are_bounded(mesh):
     wait_log(up, "for plans not adopted", timeout=60)
     exact_job(client, 7)
     alive(up)
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_fuzzing_every_topic_without_crypto(mesh):
+    import random
+    up, client, bad = mesh
+    rng = random.Random(5)
+    node = up.devices[0]
+    where = [topics.node_state(MESH, "fz"), topics.node_telemetry(MESH, node),
+             topics.node_probe(MESH, node), topics.election(MESH), topics.leader(MESH),
+             topics.plan(MESH, "fz"), topics.job(MESH, "fz", "request"),
+             topics.job(MESH, "fz", "status"), topics.job(MESH, "fz", "result"),
+             topics.route_topic(MESH, [node], "fz", "fz.in"),
+             topics.route_topic(MESH, [node, "ghost"], "fz", "fz.in"),
+             f"meshdl/v1/{MESH}/node/evil\u2028FORGED/state"]   # (mosquitto refuses \n)
+    kinds = ["state", "telemetry", "election", "leader", "plan", "job_request", "job_status",
+             "job_result", "probe", "piece"]
+    rss0 = {d: _rss_kb(p.pid) for d, p in up.procs.items()}
+    for i in range(400):
+        t = rng.choice(where)
+        k = rng.randrange(3)
+        if k == 0:
+            body = rng.randbytes(rng.randrange(1, 2048))
+        elif k == 1:
+            body = raw(rng.choice(kinds), node=rng.choice(["fz", node, "x" * 70]),
+                       term=rng.choice([1, 2**63, -3]), session=rng.choice([1, 2**64 - 1]),
+                       online=True, flops=rng.choice([math.nan, -1.0, 1e9]),
+                       links={str(j): {"bps": rng.random()} for j in range(rng.randrange(300))},
+                       plan={"stages": [{"tasks": [{}] * rng.randrange(10)}]},
+                       job=rng.choice(["fz", "evil\nFORGED"]), client="fz", plan_id="fz",
+                       state="failed", ok=True)
+        else:
+            body = raw(rng.choice(kinds))[:rng.randrange(1, 12)]
+        bad.publish(t, body, qos=0)
+        if i % 150 == 149:
+            time.sleep(0.2)
+    for t in where[:6]:
+        bad.publish(t, b"", qos=1, retain=True)
+    exact_job(client, 8)
+    alive(up)
+    assert "\nFORGED" not in logs(up) and "\u2028" not in logs(up)   # names sanitised
+    growth = {d: _rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
+    assert max(growth.values()) < 80_000, growth

@@ -17,6 +17,7 @@ import uuid
 from typing import Any, Callable
 
 from meshdl import __version__
+from meshdl.security.bounds import sanitise
 from meshdl.errors import MeshdlError, WireError
 from meshdl.graph.plan import Plan
 from meshdl.mesh import Device, Mesh
@@ -239,7 +240,7 @@ class NodeAgent:
         try:
             st = decode_control(payload, NodeState) if len(payload) else None
         except WireError as exc:
-            log.warning("dropped a malformed state on %s: %s", topic, exc)
+            log.warning("dropped a malformed state on %s: %s", sanitise(topic, 160), exc)
             return
         if st is None or st.node != self.node_id:
             return
@@ -260,7 +261,7 @@ class NodeAgent:
         try:
             p = decode_probe(payload)
         except WireError as exc:
-            log.warning("dropped a malformed probe on %s: %s", topic, exc)
+            log.warning("dropped a malformed probe on %s: %s", sanitise(topic, 160), exc)
             return
         if p.kind == "claim" and not (p.session == self.session and p.nonce == self._nonce):
             with self._lock:
@@ -385,7 +386,7 @@ class NodeAgent:
         try:
             getattr(handlers, f"on_{tag}")(self, topic, payload, retained)
         except (WireError, MeshdlError) as exc:
-            log.warning("dropped a %s message on %s: %s", tag, topic, exc)
+            log.warning("dropped a %s message on %s: %s", tag, sanitise(topic, 160), exc)
 
     # called by handlers ---------------------------------------------------------
     def members_changed(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from meshdl.security.bounds import sanitise
 from meshdl.errors import ModelError, WireError
 from meshdl.models.store import (ModelStore, cache_root, is_model_id, manifest_bytes,
                                  parse_manifest, sha256)
@@ -104,7 +105,7 @@ class Provider:
         try:
             node, to, items = _parse_want(payload)
         except WireError as exc:
-            log.info("dropped a model request on %s: %s", topic, exc)
+            log.info("dropped a model request on %s: %s", sanitise(topic, 160), exc)
             return
         if to not in (self.node_id, "*") or node == self.node_id:
             return

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from meshdl.security.bounds import sanitise
 from meshdl.errors import MeshdlError
 from meshdl.wire import topics
 from meshdl.wire.control import (LeaderInfo, NodeState, PlanMessage, Telemetry,
@@ -106,7 +107,7 @@ class MeshWatcher:
             try:
                 self._apply(kind, topic, payload)
             except MeshdlError as exc:
-                log.warning("skipped a malformed %s record on %s: %s", kind, topic, exc)
+                log.warning("skipped a malformed %s record on %s: %s", kind, sanitise(topic, 160), exc)
         return handle
 
     def _apply(self, kind: str, topic: str, payload: Any) -> None:
