@@ -161,3 +161,25 @@ def test_planner_never_slower_than_local_on_a_star():
 def test_star_topology_errors(text, match):
     with pytest.raises(TopologyError, match=match):
         parse_topology(yaml.safe_load(text))
+
+
+def test_link_trace_parses_and_gives_the_mesh_of_each_moment():
+    from meshdl.node.linktrace import TraceError, parse_trace
+    m = load_topology("home-jetson")
+    tr = parse_trace("# t, device, Mbit/s[, ms]\n5, jetson, 4\n1.5 pi4-b 20 9\n").check(m)
+    assert [e.t for e in tr.events] == [1.5, 5.0]
+    assert tr.mesh_at(m, 1.0) == m
+    mid = tr.mesh_at(m, 2.0)
+    assert mid.star.access["pi4-b"].up_bps == 20e6
+    assert mid.star.access["pi4-b"].latency_s == pytest.approx(0.009)
+    late = tr.mesh_at(m, 9.0)
+    assert late.star.access["jetson"].down_bps == 4e6
+    g = tiny()
+    # the oracle's point: a slower link makes the same plan slower
+    p = meshdl.plan(g, m, strategy="meshdl", source="pi4-a", sink="pi4-a", alpha=1.0)
+    assert simulate(p, g, late).latency_s >= simulate(p, g, m).latency_s
+    for bad, match in (("1, ghost, 5\n", "not a device"), ("1, jetson\n", "expected"),
+                       ("x, jetson, 5\n", "numbers"), ("1, jetson, 0\n", "bandwidth > 0"),
+                       ("", "no events")):
+        with pytest.raises(TraceError, match=match):
+            parse_trace(bad).check(m)

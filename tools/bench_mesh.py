@@ -1,6 +1,10 @@
 """Benchmark the mesh runtime on emulated meshes, and its raw piece transport.
 
     python tools/bench_mesh.py [--quick] [--out results/mesh] [--runs 2]
+    python tools/bench_mesh.py --netns [--topologies home-wifi,...] [--models ...]
+
+``--netns`` (root, iproute2): realistic star meshes over real shaped links side by side
+with the plain emulator (tools/bench_mesh_netns.py), instead of 1. and 2. below.
 
 1. Latency: every device of a topology runs as an emulated DataPlane (compute paced
    to the device's FLOP/s, every hop to its link) in this process, on a mosquitto
@@ -323,7 +327,12 @@ def main() -> None:
     ap.add_argument("--models", help="comma-separated models (override)")
     ap.add_argument("--strategies", help="comma-separated strategies (override)")
     ap.add_argument("--configs", help="comma-separated TOPOLOGY[:CAP_MBPS] (override)")
+    ap.add_argument("--netns", action="store_true", help="realistic star meshes over "
+                    "shaped links (network namespaces) vs the emulator, side by side")
+    ap.add_argument("--topologies", help="with --netns: comma-separated star topologies")
     args = ap.parse_args()
+    if args.netns:
+        return main_netns(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("meshdl", "meshdl.transport"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -347,6 +356,19 @@ def main() -> None:
         rows = [] if args.skip_latency else bench_latency(spec, args.runs, b.url, pacing)
     write(out, rows, trans, " ".join(["python tools/bench_mesh.py", *sys.argv[1:]]))
     print((out / "bench_mesh.md").read_text())
+
+
+def main_netns(args) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_mesh_netns import MODELS, TOPOLOGIES, bench_star, write_star
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("meshdl").setLevel(logging.WARNING)
+    warnings.simplefilter("ignore")
+    out = Path(args.out)
+    topologies = args.topologies.split(",") if args.topologies else TOPOLOGIES
+    models = args.models.split(",") if args.models else MODELS
+    rows = bench_star(topologies, models, args.runs, out)
+    print(write_star(out, rows, " ".join(["python tools/bench_mesh.py", *sys.argv[1:]])))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""Dynamics: a stream of jobs while a link trace reshapes the links under a netns mesh.
+
+    python tools/bench_dynamics.py [--topology home-jetson] [--model resnet18]
+        [--trace FILE] [--time-scale K] [--out results/dynamics]
+
+Runs ``NetnsMeshUp`` (root, iproute2), plays the trace with ``tc class change`` while a
+client sends jobs back to back, and compares, job by job, over the same stream:
+- meshdl: measured (source holds the input -> sink holds the answer, / K), with the
+  plan the leader chose from its measured telemetry;
+- fixed: the plan made at the start, kept fixed, scored by the cost model on the links
+  of each job's moment (``Trace.mesh_at``);
+- oracle: a plan made for the links of each job's moment, scored the same way;
+- meshdl (model): the plan meshdl used, scored the same way (like for like with the
+  two above).
+Re-plan delay: for each trace event, the time until the leader published a plan for
+the new links (the first new plan id seen on the broker), in seconds and in telemetry
+periods. Writes dynamics.csv (per job) and dynamics.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench_dynamics")
+
+DEFAULT_TRACE = """# time_s, device, bandwidth_mbps   (real-world seconds from the stream's start)
+3.0, jetson, 4
+7.0, jetson, 900
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--topology", default="home-jetson")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--trace", default=None, help="link trace file (default: the jetson's "
+                    "Ethernet drops to 4 Mbit/s at 3 s and is back at 7 s)")
+    ap.add_argument("--time-scale", type=float, default=6.0)
+    ap.add_argument("--duration", type=float, default=10.0, help="real-world seconds")
+    ap.add_argument("--telemetry-period", type=float, default=1.0,
+                    help="wall-clock seconds between telemetry messages")
+    ap.add_argument("--out", default=str(ROOT / "results" / "dynamics"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("meshdl").setLevel(logging.WARNING)
+
+    import torch
+    import meshdl
+    from meshdl.client import MeshClient
+    from meshdl.node.linktrace import TracePlayer, load_trace, parse_trace
+    from meshdl.node.netns import in_netns
+    from meshdl.node.netns_up import NetnsMeshUp
+    from meshdl.planner.simulate import simulate
+
+    k = args.time_scale
+    mesh = meshdl.load_topology(args.topology)
+    trace = (load_trace(args.trace) if args.trace else parse_trace(DEFAULT_TRACE)).check(mesh)
+    src = mesh.defaults.get("source") or sorted(mesh.devices)[0]
+    g = meshdl.trace(meshdl.models.build(args.model), input_shape=(1, 3, 224, 224),
+                     name=args.model)
+    start_plan = meshdl.plan(g, mesh, strategy="meshdl", source=src, sink=src, alpha=1.0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    appeared: list[tuple[float, str]] = []   # (wall time, plan id) a plan appeared
+    jobs = []
+    with NetnsMeshUp(args.topology, time_scale=k, mesh="dyn", models=[args.model],
+                     log_dir=out / "logs", verbose=False,
+                     telemetry_period=args.telemetry_period) as up:
+        up.wait_ready(600)
+        c = in_netns(up.ns.broker_ns, lambda: MeshClient(up.url, "dyn").__enter__())
+        stop = threading.Event()
+
+        def watch() -> None:
+            prev: set[str] = set()
+            while not stop.wait(0.05):
+                cur = set(up.watcher.snapshot().plans)
+                appeared.extend((time.monotonic(), pid) for pid in sorted(cur - prev))
+                prev = cur
+        threading.Thread(target=watch, daemon=True).start()
+        x = torch.randn(1, 3, 224, 224)
+        try:
+            for _ in range(2):
+                c.infer(x, model=args.model, alpha=1.0, timeout=600)        # warm-up
+            player = TracePlayer(trace, up.shape, time_scale=k)
+            player.start()
+            while player.t0 is None:
+                time.sleep(0.01)
+            t0 = player.t0
+            while (time.monotonic() - t0) / k < args.duration:
+                started = (time.monotonic() - t0) / k
+                r = c.infer(x, model=args.model, alpha=1.0, timeout=600)
+                meas = (r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s) / k
+                jobs.append((started, meas, r.plan))
+                log.info("t=%.2f s: %.3f s on %s (%s)", started, meas, r.plan.plan_id,
+                         "+".join(sorted(r.plan.devices())))
+            player.stop()
+        finally:
+            stop.set()
+            c.__exit__(None, None, None)
+    rows = []
+    oracle_cache: dict[float, tuple] = {}
+    for started, meas, plan in jobs:
+        links_t = max([e.t for e in trace.events if e.t <= started], default=-1.0)
+        now = trace.mesh_at(mesh, started)
+        if links_t not in oracle_cache:
+            best = meshdl.plan(g, now, strategy="meshdl", source=src, sink=src, alpha=1.0)
+            oracle_cache[links_t] = (best, best.latency_s)
+        rows.append({"t_s": round(started, 3), "plan": plan.plan_id,
+                     "devices": "+".join(sorted(plan.devices())),
+                     "meshdl_measured_s": round(meas, 4),
+                     "meshdl_model_s": round(simulate(plan, g, now).latency_s, 4),
+                     "fixed_model_s": round(simulate(start_plan, g, now).latency_s, 4),
+                     "oracle_model_s": round(oracle_cache[links_t][1], 4)})
+    tele = args.telemetry_period
+    delays = []
+    for e in trace.events:
+        t_wall = player.t0 + e.t * k
+        new = [ts for ts, pid in appeared if ts > t_wall]
+        d = (new[0] - t_wall) if new else None
+        delays.append((e, d))
+    with open(out / "dynamics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tot = {key: sum(r[key] for r in rows) for key in
+           ("meshdl_measured_s", "meshdl_model_s", "fixed_model_s", "oracle_model_s")}
+    lines = [f"# dynamics: {args.model} on {args.topology}, time scale {k:g}\n",
+             f"`python tools/bench_dynamics.py {' '.join(sys.argv[1:])}`\n",
+             f"{len(rows)} jobs back to back over {args.duration:g} s (real-world); trace: "
+             + "; ".join(str(e) for e in trace.events) + "\n",
+             "| total over the stream | seconds | vs oracle |", "|---|---|---|"]
+    for key, label in (("meshdl_measured_s", "meshdl, measured"),
+                       ("meshdl_model_s", "meshdl's plans, cost model on the moment's links"),
+                       ("fixed_model_s", "fixed start plan, cost model"),
+                       ("oracle_model_s", "oracle (plan per moment), cost model")):
+        lines.append(f"| {label} | {tot[key]:.3f} | {tot[key] / tot['oracle_model_s']:.3f} |")
+    lines.append("\n| trace event | re-plan delay (wall s) | in telemetry periods "
+                 f"({tele:g} s) | real-world s |\n|---|---|---|---|")
+    for e, d in delays:
+        lines.append(f"| {e} | {'-' if d is None else f'{d:.2f}'} | "
+                     f"{'-' if d is None else f'{d / tele:.2f}'} | "
+                     f"{'-' if d is None else f'{d / k:.3f}'} |")
+    lines.append(f"\nplans used: {len({r['plan'] for r in rows})}; median job measured/model: "
+                 f"{statistics.median(r['meshdl_measured_s'] / r['meshdl_model_s'] for r in rows):.3f}")
+    text = "\n".join(lines) + "\n"
+    (out / "dynamics.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

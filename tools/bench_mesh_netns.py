@@ -1,0 +1,195 @@
+"""``bench_mesh.py --netns``: realistic star meshes over real shaped links, side by side
+with the plain emulator.
+
+For each topology (default home-wifi, home-wifi-n, home-jetson) one mesh per mode:
+- netns: ``NetnsMeshUp`` (broker and each node in its own network namespace, veth pairs
+  shaped by htb to the access links, real TCP through mosquitto's queues);
+- emulator: ``MeshUp`` (the same node processes on loopback, links emulated by the
+  nodes: uplink / downlink queues).
+Both run at one time scale K per topology, picked so this machine computes every
+task faster than the (K times slower) emulated device: K = ceil(SAFETY x real 1-thread
+forward time / fastest device's time) over the models. Reported times are divided by K.
+
+Per (topology, model, mode): measured median (source holds the input -> sink holds
+the answer), the plan's prediction, their ratio, pacing warnings (from the node logs),
+the best single device with the input shipped to it (cost model, every device tried)
+and meshdl's speed-up over it (measured meshdl vs predicted best single, and predicted
+vs predicted), and that speed-up as a share of the ideal (sum of FLOP/s over the
+fastest device's).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench_mesh.netns")
+
+TOPOLOGIES = ["home-wifi", "home-wifi-n", "home-jetson"]
+MODELS = ["vgg16_bn", "resnet18", "mobilenet_v2", "efficientnet_lite0"]
+SAFETY = 3.0
+
+
+def real_forward_s(model: str) -> float:
+    """This machine's 1-thread forward time (the node processes run 1 thread each)."""
+    import torch
+    import meshdl
+    torch.set_num_threads(1)
+    m = meshdl.models.build(model)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        m(x)
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            m(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def pick_time_scale(mesh, graphs: dict, real: dict, safety: float = SAFETY) -> float:
+    fastest = max(d.flops for d in mesh.devices.values())
+    need = max(safety * real[m] / (g.flops / fastest) for m, g in graphs.items())
+    return float(max(1, math.ceil(need)))
+
+
+def best_single(g, mesh, source: str) -> tuple[str, float]:
+    from meshdl.planner.local import whole_plan
+    from meshdl.planner.simulate import simulate
+    best = min((simulate(whole_plan(g, d, source, source), g, mesh).latency_s, d)
+               for d in mesh.devices)
+    return best[1], best[0]
+
+
+def pacing_warnings(log_dir: Path) -> int:
+    n = 0
+    for f in log_dir.glob("*.log"):
+        n += f.read_text(errors="replace").count("emulated device")
+    return n
+
+
+def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
+             log_dir: Path) -> dict:
+    """{model: (measured_s list in real units, plan)} for one mesh."""
+    import torch
+    from meshdl.client import MeshClient
+    from meshdl.node.launcher import MeshUp
+    from meshdl.node.netns import in_netns
+    from meshdl.node.netns_up import NetnsMeshUp
+    name = f"bn{mode[:2]}"
+    kw = dict(mesh=name, models=models, log_dir=log_dir, verbose=False)
+    up = (NetnsMeshUp(topo, time_scale=k, **kw) if mode == "netns"
+          else MeshUp(topo, node_args=["--time-scale", repr(k)], backend="mosquitto", **kw))
+    out = {}
+    with up:
+        up.wait_ready(600)
+        make = lambda: MeshClient(up.url, name).__enter__()      # noqa: E731
+        c = in_netns(up.ns.broker_ns, make) if mode == "netns" else make()
+        try:
+            x = torch.randn(1, 3, 224, 224)
+            for model in models:
+                c.infer(x, model=model, alpha=1.0, timeout=1200)       # warm-up
+                res = [c.infer(x, model=model, alpha=1.0, timeout=1200) for _ in range(runs)]
+                meas = [(r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s)
+                        / k for r in res]
+                out[model] = (meas, res[-1].plan, {r.plan.plan_id for r in res})
+                log.info("%s %s %s: %s", mode, topo, model, [round(v, 3) for v in meas])
+        finally:
+            c.__exit__(None, None, None)
+    return out
+
+
+def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
+               modes: tuple[str, ...] = ("netns", "emulator")) -> list[dict]:
+    import meshdl
+    rows = []
+    real = {m: real_forward_s(m) for m in models}
+    log.info("1-thread forward times here: %s", {m: round(v, 3) for m, v in real.items()})
+    for topo in topologies:
+        mesh = meshdl.load_topology(topo)
+        src = mesh.defaults.get("source") or sorted(mesh.devices)[0]
+        graphs = {m: meshdl.trace(meshdl.models.build(m), input_shape=(1, 3, 224, 224),
+                                  name=m) for m in models}
+        k = pick_time_scale(mesh, graphs, real)
+        flops = [d.flops for d in mesh.devices.values()]
+        ideal = sum(flops) / max(flops)
+        log.info("%s: time scale %g", topo, k)
+        results = {}
+        for mode in modes:
+            log_dir = out / "logs" / f"{topo}-{mode}"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            for f in log_dir.glob("*.log"):
+                f.unlink()
+            try:
+                results[mode] = run_mode(mode, topo, models, k, runs, log_dir)
+            except meshdl.MeshdlError as exc:
+                log.warning("%s %s failed: %s", topo, mode, exc)
+                results[mode] = {}
+            results[mode]["_pacing"] = pacing_warnings(log_dir)
+        for model in models:
+            g = graphs[model]
+            single_dev, single_s = best_single(g, mesh, src)
+            for mode in modes:
+                got = results[mode].get(model)
+                if got is None:
+                    continue
+                meas, plan, ids = got
+                measured = statistics.median(meas)
+                predicted = plan.latency_s / k
+                rows.append({
+                    "mesh": topo, "model": model, "mode": mode, "time_scale": k,
+                    "plan": "+".join(sorted(plan.devices())), "plan_ids": len(ids),
+                    "measured_s": round(measured, 4), "predicted_s": round(predicted, 4),
+                    "ratio": round(measured / predicted, 3),
+                    "best_single": single_dev, "best_single_pred_s": round(single_s, 4),
+                    "speedup_measured": round(single_s / measured, 3),
+                    "speedup_predicted": round(single_s / predicted, 3),
+                    "ideal_speedup": round(ideal, 3),
+                    "share_of_ideal": round(single_s / measured / ideal, 3),
+                    "pacing_warnings_mesh": results[mode]["_pacing"]})
+                log.info("%s", rows[-1])
+    return rows
+
+
+def write_star(out: Path, rows: list[dict], cmd: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "bench_mesh_netns.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, keys)
+            w.writeheader()
+            w.writerows(rows)
+    lines = [f"# realistic star meshes: shaped links (netns) vs emulator\n\n`{cmd}`\n",
+             "| mesh | model | K | plan | netns measured s | emulator measured s | "
+             "predicted s | netns ratio | emulator ratio | best single (pred s) | "
+             "speed-up netns | speed-up emulator | share of ideal (netns) | pacing warn "
+             "netns/emu |", "|" + "---|" * 14]
+    by = {(r["mesh"], r["model"], r["mode"]): r for r in rows}
+    for (mesh, model) in dict.fromkeys((r["mesh"], r["model"]) for r in rows):
+        n, e = by.get((mesh, model, "netns")), by.get((mesh, model, "emulator"))
+        a = n or e
+
+        def f(r, key):
+            return "-" if r is None else r[key]
+        lines.append(f"| {mesh} | {model} | {a['time_scale']:g} | {a['plan']} | "
+                     f"{f(n, 'measured_s')} | {f(e, 'measured_s')} | {a['predicted_s']} | "
+                     f"{f(n, 'ratio')} | {f(e, 'ratio')} | {a['best_single']} "
+                     f"({a['best_single_pred_s']}) | {f(n, 'speedup_measured')} | "
+                     f"{f(e, 'speedup_measured')} | {f(n, 'share_of_ideal')} | "
+                     f"{f(n, 'pacing_warnings_mesh')}/{f(e, 'pacing_warnings_mesh')} |")
+    if rows:
+        for mode in ("netns", "emulator"):
+            mine = [r for r in rows if r["mode"] == mode]
+            if mine:
+                lines.append(
+                    f"\n{mode}: median measured/predicted {statistics.median(r['ratio'] for r in mine):.3f}"
+                    f" (rows within 15%: {sum(abs(r['ratio'] - 1) <= 0.15 for r in mine)}/"
+                    f"{len(mine)}); min speed-up over the best single device (measured vs "
+                    f"predicted best single): {min(r['speedup_measured'] for r in mine):.3f}; "
+                    f"pacing warnings: {sum({r['mesh']: r['pacing_warnings_mesh'] for r in mine}.values())}")
+    text = "\n".join(lines) + "\n"
+    (out / "bench_mesh_netns.md").write_text(text)
+    return text
