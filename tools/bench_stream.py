@@ -176,14 +176,15 @@ def bench_streams(models, topology, frames_for, single_frames, one_frames, out_r
                                 for d, (s, e, mx) in sorted(rss.items())),
                "bottleneck": pred.bottleneck}
         out_rows.append(row)
-        print_stream_rows([row])
+        print_stream_rows([row], header=len(out_rows) == 1)
 
 
-def print_stream_rows(rows):
-    print("| model | frames | plans | W | stream fps (pred) | meas/pred | overall fps | "
-          "p50 / p95 s (pred) | one-at-a-time fps | best single fps (pred) | x single | "
-          "x one | RSS growth MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+def print_stream_rows(rows, header=True):
+    if header:
+        print("| model | frames | plans | W | stream fps (pred) | meas/pred | overall fps | "
+              "p50 / p95 s (pred) | one-at-a-time fps | best single fps (pred) | x single | "
+              "x one | RSS growth MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['frames']} | {r['replicas']} | {r['window']} | "
               f"{r['stream_fps']:.2f} ({r['pred_fps']:.2f}) | {r['meas_over_pred']:.2f} | "
@@ -194,8 +195,8 @@ def print_stream_rows(rows):
               f"{r['speedup_vs_single']:.2f} | {r['speedup_vs_one']:.2f} | "
               f"{r['rss_growth_mb']:.1f} |")
     for r in rows:
-        print(f"  {r['model']}: RSS MB first->last tenth: {r['rss']}; bottleneck "
-              f"{r['bottleneck']}")
+        print(f"<!-- {r['model']}: RSS MB first->last tenth: {r['rss']}; bottleneck "
+              f"{r['bottleneck']} -->")
 
 
 def bench_wire(models, topology, caps, out_rows, repeats: int = 4, k: float = 1.0):
@@ -256,13 +257,14 @@ def bench_wire(models, topology, caps, out_rows, repeats: int = 4, k: float = 1.
                        "bit_identical": res["off"][4] == res["auto"][4] and res["off"][6]
                        and res["auto"][6]}
                 out_rows.append(row)
-                print_wire_rows([row])
+                print_wire_rows([row], header=len(out_rows) == 1)
 
 
-def print_wire_rows(rows):
-    print("| model | Mbit/s | stages | wire KiB/inference off -> auto | ratio | mesh latency "
-          "s off -> auto: median (best) | predicted | bit-identical |")
-    print("|---|---|---|---|---|---|---|---|")
+def print_wire_rows(rows, header=True):
+    if header:
+        print("| model | Mbit/s | stages | wire KiB/inference off -> auto | ratio | mesh "
+              "latency s off -> auto: median (best) | predicted | bit-identical |")
+        print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['cap_mbps']:g} | {r['stages']} | "
               f"{r['wire_bytes_off'] / 1024:.0f} -> {r['wire_bytes_auto'] / 1024:.0f} | "
