@@ -238,6 +238,26 @@ def test_stolen_bundle_cannot_inject_results_or_kill_jobs(secure):
     alive(up)
 
 
+def test_stolen_bundle_cannot_take_leadership(secure):
+    from meshdl.wire.control import Campaign
+    thief, up, c, stolen = secure["thief"], secure["up"], secure["c"], secure["stolen"]
+    snap = up.watcher.snapshot()
+    leader, term = snap.leader.node, snap.leader.term
+    assert leader != THIEF
+    t = topics.leader(MESH)
+    thief.publish(t, signed(stolen, t, LeaderInfo(THIEF, term + 1)), qos=1)   # no claim
+    wait_log(up, f"{THIEF} announced itself leader of term {term + 1} without")
+    te = topics.election(MESH)                           # claim, then the record at once
+    thief.publish(te, signed(stolen, te, Campaign(THIEF, term + 2, "campaign", 1e16)), qos=1)
+    thief.publish(t, signed(stolen, t, LeaderInfo(THIEF, term + 2)), qos=1)
+    wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
+              and s.leader.node != THIEF and s.leader.term >= term, "a legitimate leader")
+    x, r = exact_job(c, 11)
+    assert THIEF not in (r.plan.source, r.plan.sink)
+    wait_true(lambda: up.watcher.snapshot().leader.node != THIEF, "the thief does not lead")
+    alive(up)
+
+
 def test_unsigned_frames_are_rejected_everywhere(secure):
     thief, up, c = secure["thief"], secure["up"], secure["c"]
     for t in (topics.node_state(MESH, THIEF), topics.election(MESH), topics.leader(MESH),

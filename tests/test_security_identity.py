@@ -164,3 +164,19 @@ def test_password_files_are_private_with_real_iterations(tmp_path):
     assert mode(pw) == 0o600
     assert pw.read_text().startswith(f"carol:$7${PBKDF2_ITERATIONS}$")
     assert PBKDF2_ITERATIONS >= 10_000
+
+
+def test_a_new_leader_needs_its_winning_claim(auth):
+    from meshdl.wire.control import Campaign
+    _, b, _ = auth
+    adm = Admission("d1", "device")
+    assert _signed_admit(adm, b["d1"], topics.leader("sec"), LeaderInfo("d1", 3)).ok
+    # d2 (rpi3, worse than d1's rpi4) jumps to term 4 with no claim: refused
+    v = _signed_admit(adm, b["d2"], topics.leader("sec"), LeaderInfo("d2", 4))
+    assert not v.ok and "without the winning claim" in v.reason
+    # d2 claims term 4, d1 counter-claims: d1's claim wins, d2's record is refused
+    assert _signed_admit(adm, b["d2"], topics.election("sec"), Campaign("d2", 4, priority=1e16)).ok
+    assert _signed_admit(adm, b["d1"], topics.election("sec"), Campaign("d1", 4, priority=5e9)).ok
+    v = _signed_admit(adm, b["d2"], topics.leader("sec"), LeaderInfo("d2", 4))
+    assert not v.ok and "d1" in v.reason
+    assert _signed_admit(adm, b["d1"], topics.leader("sec"), LeaderInfo("d1", 4)).ok

@@ -41,6 +41,7 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
            f"pattern read {p}/node/+/state",
            f"pattern read {p}/node/+/telemetry",
            f"pattern read {p}/leader",
+           f"pattern read {p}/election",
            f"pattern read {p}/plan/+",
            f"pattern read {p}/job/+/status",
            f"pattern read {p}/job/+/result",

@@ -45,6 +45,7 @@ class Admission:
     me: str
     role: str
     leaders: OrderedDict = field(default_factory=OrderedDict)      # term -> node
+    claims: OrderedDict = field(default_factory=OrderedDict)       # term -> best (node, flops)
     plans: OrderedDict = field(default_factory=OrderedDict)        # plan id -> (sink, devices)
     job_plan: OrderedDict = field(default_factory=OrderedDict)     # job -> plan id
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -57,7 +58,13 @@ def no(reason: str) -> Verdict:
 YES = Verdict(True)
 
 
-def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float) -> Verdict:
+def _wins(a: tuple[str, float], b: tuple[str, float]) -> bool:
+    from meshdl.node.election import rank_key
+    return rank_key(*a) < rank_key(*b)
+
+
+def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
+          retained: bool = False) -> Verdict:
     from meshdl.wire.control import decode_control
     who = f"{e.role} {sanitise(e.id)}"
     if p.kind == "job" and p.job_kind == "request":
@@ -86,12 +93,32 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float) -> 
         if msg.node != e.id:
             return no(f"{who} campaigned in the name of {sanitise(msg.node)}")
         cap = e.caps.get("flops")
+        prio = min(msg.priority, cap) if cap else msg.priority
+        if msg.kind == "campaign":
+            with adm.lock:
+                best = adm.claims.get(msg.term)
+                if best is None or _wins((e.id, prio), best):
+                    _put(adm.claims, msg.term, (e.id, prio))
         if cap and msg.priority > cap:
             return Verdict(True, "", _reencode(dataclasses.replace(msg, priority=float(cap))))
         return YES
     if p.kind == "leader":
         if msg.node != e.id:
             return no(f"{who} claimed leadership for {sanitise(msg.node)}")
+        with adm.lock:
+            newest = max(adm.leaders) if adm.leaders else None
+            best = adm.claims.get(msg.term)
+        # a live record (not a retained one replayed to a new subscriber) of a newer
+        # term needs the signer's own winning claim for that term: the election's
+        # counter-claims then stop a worse (or stolen) device from taking over
+        if not retained and newest is not None and msg.term > newest and (
+                best is None or best[0] != e.id):
+            return no(f"{who} announced itself leader of term {msg.term} without the "
+                      f"winning claim for it (best claim seen: "
+                      f"{sanitise(best[0]) if best else 'none'})")
+        if best is not None and best[0] != e.id and _wins(best, (e.id, e.caps.get("flops", 0.0))):
+            return no(f"{who} announced itself leader of term {msg.term}, but "
+                      f"{sanitise(best[0])} holds the better claim")
         with adm.lock:
             _put(adm.leaders, msg.term, e.id)
         return YES

@@ -57,7 +57,8 @@ class SecureBus:
         self._learn(bundle.entry_info)
         if bundle.role == "device":
             self.inner.subscribe(_client_keys(self.mesh), self._on_client_key, qos=1)
-        else:                       # clients learn leaders to check plans against them
+        else:         # clients learn claims and leaders to check plans against them
+            self.inner.subscribe(topics.election(self.mesh), self._on_leader, qos=1)
             self.inner.subscribe(topics.leader(self.mesh), self._on_leader, qos=1)
             self.inner.publish(_client_key(self.mesh, self.me),
                                self.signed(_client_key(self.mesh, self.me), b"key"),
@@ -156,7 +157,7 @@ class SecureBus:
                 self.peers.popitem(last=False)
 
     def _on_leader(self, topic: str, payload: Any, retained: bool) -> None:
-        self.unwrap(topic, payload)
+        self.unwrap(topic, payload, None, retained)
 
     def _on_client_key(self, topic: str, payload: Any, retained: bool) -> None:
         if not len(payload):
@@ -212,7 +213,7 @@ class SecureBus:
                 if self.adm.role != "client":
                     return None                   # sealed to a client: not for us
                 _, body = F.open_sealed(self.ring, self.cache, p.job, "result", body)
-            verdict = admit(self.adm, p, entry, body, time.monotonic())
+            verdict = admit(self.adm, p, entry, body, time.monotonic(), retained)
             if verdict.hold_term is not None:
                 log.info("%s", verdict.reason)
                 self._hold(verdict.hold_term, entry.id, topic, body, retained, handler)
