@@ -83,7 +83,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
     launcher = MeshUp(topology, broker=broker, mesh=mesh_name,
                       models=model_list,
                       backend=backend, log_dir=log_dir, dataplane=not no_dataplane,
-                      credentials=not secure, supervise=True, stop_timeout=1.5,
+                      credentials=not secure, supervise=True, stop_timeout=1.0,
                       node_args=["--time-scale", repr(time_scale)] if time_scale != 1 else (),
                       bundles=local.devices if local else None,
                       watch_bundle=local.watch if local else None)
@@ -128,7 +128,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
                 click.echo(f"secure mesh: meshdl infer sample --broker {launcher.url} "
                            f"--bundle {local.client}   (authority: {local.authority.dir})")
         while not stop.is_set():
-            stop.wait(0.5)
+            stop.wait(0.2)
             dead = [d for d, p in launcher.procs.items() if p.poll() is not None]
             if dead and not stop.is_set():
                 click.secho(f"node(s) exited: {', '.join(dead)}; see {launcher.log_dir}",
