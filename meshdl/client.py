@@ -35,12 +35,13 @@ from meshdl.node.emulation import Links
 from meshdl.node.flow import ReliableSender
 from meshdl.wire import topics
 from meshdl.wire.codec import AckFrame, decode_frame, encode_chunks
-from meshdl.wire.control import (JobRequest, JobResult, JobStatus, LeaderInfo, NodeState,
-                                 PlanMessage, decode_control, encode_control)
+from meshdl.wire.control import (Campaign, JobRequest, JobResult, JobStatus, LeaderInfo,
+                                 NodeState, PlanMessage, decode_control, encode_control)
 
 log = logging.getLogger(__name__)
 
 RESEND_S = 1.0          # re-send a request not answered "planned" within this
+STALL_S = 3.0           # a plan device unheard (no heartbeat) this long fails the attempt
 NO_MESH_S = 2.0         # with no live member and no leader, give up after this
 
 
@@ -130,6 +131,7 @@ class MeshClient:
         self._online: dict[str, bool] = {}
         self._leader: tuple[str, int] | None = None
         self._meshes: set[str] = set()          # meshes with a leader record on this broker
+        self._heard: dict[str, float] = {}      # node -> when its last heartbeat arrived
         self._attempts: dict[str, _Attempt] = {}
         self._plan_cv = threading.Condition(self._lock)
         self._links = Links(self.client_id, lambda t, p: self.data_bus.publish(t, p, qos=1))
@@ -151,6 +153,7 @@ class MeshClient:
         self.bus.subscribe(topics.plan_all(m), self._on_plan, qos=1)
         self.bus.subscribe(topics.node_state_all(m), self._on_state, qos=1)
         self.bus.subscribe(topics.leader(m), self._on_leader, qos=1)
+        self.bus.subscribe(topics.election(m), self._on_election, qos=0)
         self.bus.subscribe(f"{topics.PREFIX}/+/leader", self._on_any_leader, qos=0)
         self.bus.subscribe(topics.job_all(m, "status"), self._on_status, qos=1)
         ctl = f"{self.client_id}-ctl"
@@ -172,8 +175,16 @@ class MeshClient:
                                "is overloaded or refuses our subscriptions (check its ACL)")
 
     def _on_plan(self, topic: str, payload: Any, retained: bool) -> None:
-        if not payload:
-            return                       # a superseded plan was cleared
+        if not payload:                  # a superseded plan was cleared
+            try:
+                pid = topics.parse(topic).plan_id
+            except WireError:
+                return
+            with self._lock:
+                attempts = list(self._attempts.values())
+            for a in attempts:
+                a.events.put(("cleared", pid))
+            return
         try:
             msg = decode_control(payload, PlanMessage)
             plan = Plan.from_dict(msg.plan)
@@ -212,6 +223,15 @@ class MeshClient:
         if changed:
             for a in attempts:
                 a.events.put(("leader", new))
+
+    def _on_election(self, topic: str, payload: Any, retained: bool) -> None:
+        try:
+            c = decode_control(payload, Campaign)
+        except MeshdlError:
+            return
+        with self._lock:
+            if c.node in self._heard or len(self._heard) < 4096:
+                self._heard[c.node] = time.monotonic()
 
     def _on_any_leader(self, topic: str, payload: Any, retained: bool) -> None:
         try:
@@ -381,6 +401,24 @@ class MeshClient:
                 self._attempts.pop(job, None)
             self._sender.cancel_job(job)
 
+    def _silent(self, plan: Plan, since: float) -> tuple[str, float] | None:
+        """A device of ``plan`` unheard for STALL_S (counting from ``since``)."""
+        now = time.monotonic()
+        with self._lock:
+            for d in plan.devices():
+                at = max(self._heard.get(d, since), since)
+                if now - at > STALL_S:
+                    return d, now - at
+        return None
+
+    def _stuck(self, a: _Attempt, plan: Plan, what: str) -> str:
+        """Name what a job that made no answer was waiting for."""
+        tasks = [t for s in plan.stages for t in s.tasks]
+        missing = sorted({t.device for t in tasks if t.id not in a.tasks})
+        return (f"job {a.job} (plan {plan.plan_id}): {what}; {len(a.tasks)}/{len(tasks)} tasks "
+                f"reported" + (f", waiting on {', '.join(missing)}" if missing else
+                               f", waiting on the sink {plan.sink}"))
+
     def _wait(self, a: _Attempt, deadline: float, what: str) -> tuple[str, Any]:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -424,12 +462,26 @@ class MeshClient:
         t_send = time.time()
         self._sender.send(a.job, piece, plan.source, [self.client_id, plan.source], frames,
                           0.05, lambda msg: a.events.put(("failed", msg)))
+        t_wait = time.monotonic()
         while True:
-            kind, val = self._wait(a, deadline, f"the answer of job {a.job}")
+            now = time.monotonic()
+            if now >= deadline:
+                raise _Retry(self._stuck(a, plan, "no answer before the deadline"))
+            try:
+                kind, val = a.events.get(timeout=min(0.25, deadline - now))
+            except queue.Empty:
+                silent = self._silent(plan, t_wait)
+                if silent is not None:
+                    raise _Retry(f"device {silent[0]} of plan {pid} stopped responding (no "
+                                 f"heartbeat for {silent[1]:.1f} s) during job {a.job}")
+                continue
             if kind == "result":
                 break
             if kind == "offline" and val in plan.devices():
-                raise _Retry(f"device {val} of plan {pid} went offline")
+                raise _Retry(f"device {val} of plan {pid} went offline during job {a.job}")
+            if kind == "cleared" and val == pid and not a.tasks:
+                raise _Retry(f"the leader superseded plan {pid} before job {a.job} started "
+                             "(the members or links changed)")
             if kind == "failed":
                 raise _Retry(val.detail if isinstance(val, JobStatus) else str(val))
         t_done = time.time()

@@ -25,6 +25,7 @@ from meshdl.node import election as el
 from meshdl.node.config import DuplicateNodeError, NodeConfig, NodeError
 from meshdl.node.graphs import GraphCache
 from meshdl.node.leader import LeaderDuties, duties_for
+from meshdl.node.liveness import HEARTBEAT, Liveness, LivenessParams
 from meshdl.node.membership import Membership, claim_verdict
 from meshdl.node.probe import Probe, decode_probe, encode_probe
 from meshdl.wire.topics import node_probe as probe_topic
@@ -76,6 +77,8 @@ class NodeAgent:
         self.data_bus: Any = None       # data connection: tensor pieces, acks, results
         self.session = 0
         self.membership = Membership()
+        self.liveness = Liveness(LivenessParams(cfg.timing.heartbeat, cfg.timing.stall_after))
+        self._beat_at = 0.0
         self.graphs = GraphCache()
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.RLock()
@@ -111,7 +114,12 @@ class NodeAgent:
         return self._device
 
     def live_mesh(self) -> Mesh:
-        return self.membership.state.to_mesh(base=self.base, name=self.mesh_name)
+        """The online members that answer (stalled ones are left out) and their links."""
+        mesh = self.membership.state.to_mesh(base=self.base, name=self.mesh_name)
+        stalled = self.liveness.stalled
+        if stalled and stalled & set(mesh.devices):
+            mesh = mesh.subgraph([d for d in mesh.devices if d not in stalled])
+        return mesh
 
     def plan(self, plan_id: str) -> Plan | None:
         with self._lock:
@@ -180,9 +188,10 @@ class NodeAgent:
         m = self.mesh_name
         for pattern, tag in ((topics.node_state_all(m), "state"),
                              (topics.node_telemetry_all(m), "telemetry"),
-                             (topics.election(m), "election"), (topics.leader(m), "leader"),
+                             (topics.leader(m), "leader"),
                              (topics.plan_all(m), "plan"), (topics.job_all(m, "request"), "job")):
             self.bus.subscribe(pattern, self._enqueue(tag), qos=1)
+        self.bus.subscribe(topics.election(m), self._on_election_msg, qos=1)
         self.bus.publish(topics.node_state(m, self.node_id), encode_control(self._state(True)),
                          qos=1, retain=True)
         self._connects = getattr(self.bus, "connects", 0)
@@ -297,6 +306,18 @@ class NodeAgent:
             self._q.put((tag, topic, payload, retained))
         return handler
 
+    def _on_election_msg(self, topic: str, payload: Any, retained: bool) -> None:
+        """Heartbeats are noted on arrival (a busy control queue must not make a
+        member look silent); everything else goes to the control thread."""
+        try:
+            c = decode_control(payload, Campaign)
+        except WireError:
+            c = None
+        if c is not None and c.kind == HEARTBEAT:
+            self.heard(c.node)
+            return
+        self._q.put(("election", topic, payload, retained))
+
     def _start_dataplane(self) -> None:
         if not self._want_dataplane:
             return
@@ -322,12 +343,40 @@ class NodeAgent:
             try:
                 if item is not None:
                     self._handle(*item)
+                self._check_liveness()
                 self._elect_step(el.Tick())
                 self._check_connection()
                 self._maybe_warm()
                 self._maybe_telemetry()
             except Exception:
                 log.exception("control loop error (message dropped); node keeps running")
+
+    def _check_liveness(self) -> None:
+        """Heartbeat (from this thread: a wedged control loop goes silent too) and
+        drop members unheard for ``stall_after`` from plans and elections."""
+        now = time.monotonic()
+        if now - self._beat_at >= self.liveness.params.period and self.bus.connected:
+            self._beat_at = now
+            try:
+                self.bus.publish(topics.election(self.mesh_name), encode_control(
+                    Campaign(self.node_id, self._fence, HEARTBEAT, float(self._device.flops),
+                             "", time.time())), qos=0)
+            except MeshdlError as exc:
+                log.debug("heartbeat not sent: %s", exc)
+        with self._lock:
+            stalled, changed = self.liveness.tick(now, self.membership.state.online,
+                                                  self.node_id)
+        if changed:
+            if stalled:
+                log.warning("stalled (no heartbeat for %.1f s): %s; out of plans until heard "
+                            "again", self.liveness.params.stall_after, ", ".join(sorted(stalled)))
+            else:
+                log.info("every member answers again")
+            self.members_changed()
+
+    def heard(self, node: str) -> None:
+        with self._lock:
+            self.liveness.heard(node, time.monotonic())
 
     def _maybe_warm(self) -> None:
         """The deputy (best non-leader) traces the default models ahead of time, so a
@@ -391,12 +440,18 @@ class NodeAgent:
     # called by handlers ---------------------------------------------------------
     def members_changed(self) -> None:
         online = self.membership.online_flops()
-        self._elect_step(el.Members(online))
+        with self._lock:
+            self.liveness.forget(online)
+            stalled = self.liveness.stalled
+        live = {n: f for n, f in online.items() if n not in stalled}
+        self._elect_step(el.Members(live))
         if self._duties is not None:
             self._duties.mesh_changed()
         if self.dataplane is not None:
+            why = {n: (f"stopped responding (no heartbeat for "
+                       f"{self.liveness.params.stall_after:g} s)") for n in stalled}
             try:
-                self.dataplane.on_members(set(online))
+                self.dataplane.on_members(set(live), why)
             except Exception:
                 log.exception("data plane on_members failed")
 

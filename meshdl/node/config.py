@@ -41,6 +41,8 @@ class Timing:
     view_min_gap: float = 0.05     # min gap between "view changed" telemetry updates
     replan_debounce: float = 0.15  # collect membership changes before re-planning
     tick: float = 0.05             # election clock resolution
+    heartbeat: float = 0.5         # heartbeat period on the control connection
+    stall_after: float = 2.5       # a member unheard this long is out of plans and elections
 
 
 @dataclass(frozen=True)

@@ -131,14 +131,18 @@ class DataPlane:
         for _, meta, arr in waiting:
             self._consume(plan, *meta, arr)
 
-    def on_members(self, online: set[str]) -> None:
+    def on_members(self, online: set[str], why: dict[str, str] | None = None) -> None:
+        """The live members changed: fail every job whose plan uses one that left,
+        naming it and why (``why[device]``, default: went offline)."""
         self._mesh = None
+        why = why or {}
         for st in self.jobs.active():
             gone = [d for d in st.plan.devices() if d not in online]
             if gone and not st.finished:
-                self._fail(st.job, st.plan, f"device {gone[0]} went offline during job "
-                                            f"{st.job} (plan {st.plan.plan_id}); retry on a "
-                                            "new plan")
+                d = gone[0]
+                self._fail(st.job, st.plan, f"device {d} {why.get(d, 'went offline')} during "
+                                            f"job {st.job} (plan {st.plan.plan_id}); retry on "
+                                            "a new plan")
 
     # ================================================================ sending
     def _publish(self, topic: str, payload: bytes) -> None:

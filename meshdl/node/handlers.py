@@ -49,6 +49,8 @@ def on_state(agent, topic: str, payload: Any, retained: bool) -> None:
     st = decode_control(payload, NodeState)
     if st.node != p.node:
         raise WireError(f"state of {st.node!r} published on {p.node!r}'s topic")
+    if st.online and not retained:
+        agent.heard(st.node)
     if agent.membership.apply(state_event(st)):
         log.info("members: %s", ", ".join(agent.membership.state.online))
         agent.members_changed()

@@ -387,10 +387,13 @@ class PahoBus:
             validate_filter(pattern)
         except WireError as exc:
             raise TransportError(str(exc)) from exc
-        if self._subs.add(pattern, handler, qos):
-            client = self._client
-            if client is not None and self._connected.is_set():
-                client.subscribe(pattern, qos)
+        self._subs.add(pattern, handler, qos)
+        # always (re)SUBSCRIBE: the broker then re-sends the retained records, so a
+        # handler added to a pattern already subscribed sees them too
+        client = self._client
+        if client is not None and self._connected.is_set():
+            qos = max(q for p, q in self._subs.items() if p == pattern)
+            client.subscribe(pattern, qos)
 
     def unsubscribe(self, pattern: str) -> None:
         if self._subs.remove(pattern):

@@ -1,0 +1,85 @@
+"""Liveness: heartbeats on the control connection, so a node that stops answering
+(frozen, swapping, its Wi-Fi gone) leaves the plans in ~2-3 s instead of after the
+broker's 1.5 x keepalive.
+
+Every node publishes a small ``Campaign(kind="heartbeat")`` on the election topic
+every ``period`` seconds from its control thread (so a wedged control loop stops
+them too). Every node and client notes when it last heard each member (any
+message from it counts). A member online but unheard for ``stall_after`` seconds
+is *stalled*: it is out of the live mesh (plans, election members) until it is
+heard again. A process that was itself stopped cannot judge others: when its own
+clock jumped (a gap of ``stall_after / 2`` between ticks), every member counts as
+just heard; and when at least two members and half of the others fall silent at
+once, the broker, the network or this host is the likelier culprit: nobody is
+judged (their clocks start again).
+
+``Liveness`` is a small state holder with no I/O and an injected clock; the agent
+(control thread) and the client (its dispatcher, under its lock) own one each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True)
+class LivenessParams:
+    period: float = 0.5            # heartbeat interval
+    stall_after: float = 2.5       # unheard this long -> stalled
+
+
+class Liveness:
+    def __init__(self, params: LivenessParams | None = None) -> None:
+        self.params = params or LivenessParams()
+        self._heard: dict[str, float] = {}
+        self._last_tick: float | None = None
+        self._stalled: frozenset[str] = frozenset()
+
+    def heard(self, node: str, now: float) -> None:
+        self._heard[node] = now
+
+    def last_heard(self, node: str) -> float | None:
+        return self._heard.get(node)
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop members that left (bounded by the membership)."""
+        keep = set(keep)
+        for n in [n for n in self._heard if n not in keep]:
+            del self._heard[n]
+
+    def tick(self, now: float, online: Iterable[str], me: str | None = None
+             ) -> tuple[frozenset[str], bool]:
+        """(stalled members, changed since the last tick). Members first seen now
+        start their clock now."""
+        p = self.params
+        if self._last_tick is not None and now - self._last_tick > p.stall_after / 2:
+            for n in self._heard:               # we were stopped ourselves
+                self._heard[n] = now
+        self._last_tick = now
+        stalled, others = set(), 0
+        for n in online:
+            if n == me:
+                continue
+            others += 1
+            at = self._heard.setdefault(n, now)
+            if now - at > p.stall_after:
+                stalled.add(n)
+        if len(stalled) >= 2 and 2 * len(stalled) >= others:
+            # most of the mesh silent at once: the broker, the network or this host
+            # stalled, not each of them; judge nobody and start their clocks again
+            for n in stalled:
+                self._heard[n] = now
+            stalled = set()
+        new = frozenset(stalled)
+        changed, self._stalled = new != self._stalled, new
+        return new, changed
+
+    @property
+    def stalled(self) -> frozenset[str]:
+        return self._stalled
+
+    def silent_for(self, node: str, now: float) -> float:
+        at = self._heard.get(node)
+        return 0.0 if at is None else now - at
