@@ -84,10 +84,11 @@ def test_cli_infer_json_and_table(mesh4):
     assert "predicted ms" in res.stdout and "median of 3" in res.stdout
 
 
-def test_cli_corrupt_image_is_a_clear_error(tmp_path):
+def test_cli_corrupt_image_is_a_clear_error(mesh4, tmp_path):
+    up, _ = mesh4
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(_photo().read_bytes()[:300])
-    res = CliRunner().invoke(main, ["infer", str(bad), "--broker", "mqtt://127.0.0.1:9"])
+    res = CliRunner().invoke(main, ["infer", str(bad), "--broker", up.url, "--mesh", "t4"])
     assert res.exit_code == 2
     assert "broken.jpg" in res.output
 
