@@ -121,3 +121,20 @@ def test_plan_id_stable_across_jobs_on_hand_started_nodes(tmp_path):
                 p.terminate()
             for p in procs:
                 p.wait(20)
+
+
+def test_emulated_star_node_reports_its_access_link_and_a_trace_override():
+    from meshdl.node.telemetry import topology_links
+    base = parse_topology(yaml.safe_load(STAR))
+    links = topology_links(base, "a", {})
+    assert links["@broker"]["throughput_bps"] == pytest.approx(1 / (1 / 10e6 + 1 / 30e6))
+    assert links["@broker"]["rtt_s"] == pytest.approx(0.004)
+    # what emulator_apply sends for a trace event "a: 4 Mbit/s" (series 2 Mbit/s)
+    links = topology_links(base, "a", {"@broker": {"bandwidth_bps": 2e6}})
+    st = MeshState()
+    for d in ("a", "b"):
+        st = apply(st, NodeOnline(d, {"profile": "custom"}, 1))
+    st = apply(st, Telemetry("a", 0.0, links, 1))
+    acc = st.to_mesh(base=base).star.access["a"]
+    assert 1 / (1 / acc.up_bps + 1 / acc.down_bps) == pytest.approx(2e6)
+    assert acc.latency_s == pytest.approx(0.002)

@@ -42,7 +42,7 @@ def mesh() -> None:
               "faster than itself; divide measured times by K.")
 @click.option("--link-trace", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Reshape links during the run: lines 'time_s, device, bandwidth_mbps"
-              "[, latency_ms]' (needs --netns).")
+              "[, latency_ms]' (--netns: tc class change; else the emulated figures).")
 @click.option("--secure", is_flag=True, help="A secure mesh: `meshdl broker` (TLS, client "
               "certificates, per-role ACL), one bundle per device, signed control messages, "
               "sealed tensors. Bundles come from the mesh authority (see --dir).")
@@ -66,8 +66,10 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
                      log_dir=log_dir, dataplane=not no_dataplane, time_scale=time_scale,
                      link_trace=link_trace, telemetry_period=None)
         return
+    trace = None
     if link_trace:
-        raise click.UsageError("--link-trace reshapes the kernel's links: use it with --netns")
+        from meshdl.node.linktrace import load_trace
+        trace = load_trace(link_trace)
     secure_broker = local = None
     if secure:
         if broker is not None:
@@ -127,6 +129,14 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
             if local:
                 click.echo(f"secure mesh: meshdl infer sample --broker {launcher.url} "
                            f"--bundle {local.client}   (authority: {local.authority.dir})")
+        if trace is not None and "snap" in result:      # emulated links: set_link probes
+            from meshdl.node.linktrace import TracePlayer, emulator_apply
+            trace.check(launcher.mesh_obj)
+            player = TracePlayer(trace, emulator_apply(launcher._watch_bus, mesh_name,
+                                                       time_scale),
+                                 time_scale=time_scale, latency=True,
+                                 on_event=lambda e: click.echo(f"link trace: {e}", err=True))
+            player.start()
         while not stop.is_set():
             stop.wait(0.2)
             dead = [d for d, p in launcher.procs.items() if p.poll() is not None]

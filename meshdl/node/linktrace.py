@@ -125,13 +125,35 @@ def load_trace(path: str | Path) -> Trace:
 Apply = Callable[..., None]     # apply(target, up_bps=..., down_bps=...) in real units
 
 
+def emulator_apply(bus, mesh_name: str, time_scale: float = 1.0) -> Apply:
+    """An ``apply`` for emulated (not netns) meshes: a ``set_link`` probe tells the
+    device's node its new access link (as the series rate it would measure, dilated by
+    the time scale); its telemetry carries it to the leader and the other nodes."""
+    from meshdl.node.probe import Probe, encode_probe
+    from meshdl.wire.topics import node_probe
+
+    def apply(target: str, up_bps: float | None = None, down_bps: float | None = None,
+              latency_s: float | None = None) -> None:
+        up, down = up_bps or down_bps, down_bps or up_bps
+        series = 1.0 / (1.0 / up + 1.0 / down)
+        link = {"peer": "@broker", "bandwidth_bps": series / time_scale}
+        if latency_s is not None:
+            link["latency_s"] = latency_s * time_scale
+        bus.publish(node_probe(mesh_name, target),
+                    encode_probe(Probe("set_link", "meshdl-trace", link=link)), qos=1)
+    return apply
+
+
 class TracePlayer(threading.Thread):
     """Applies a trace's events on time (t x time_scale after ``start()``) through
     ``apply(device, up_bps=, down_bps=)``; ``on_event`` sees each applied event."""
 
     def __init__(self, trace: Trace, apply: Apply, *, time_scale: float = 1.0,
-                 on_event: Callable[[LinkEvent], None] | None = None) -> None:
+                 on_event: Callable[[LinkEvent], None] | None = None,
+                 latency: bool = False) -> None:
+        """``latency``: ``apply`` also takes ``latency_s`` (emulated links do)."""
         super().__init__(daemon=True, name="link-trace")
+        self._latency = latency
         self.trace, self._apply, self._k = trace, apply, float(time_scale)
         self._on_event = on_event
         self._stop = threading.Event()
@@ -144,12 +166,16 @@ class TracePlayer(threading.Thread):
             if self._stop.wait(max(0.0, self.t0 + e.t * self._k - time.monotonic())):
                 return
             try:
-                self._apply(e.target, up_bps=e.bandwidth_bps, down_bps=e.bandwidth_bps)
+                if self._latency:
+                    self._apply(e.target, up_bps=e.bandwidth_bps, down_bps=e.bandwidth_bps,
+                                latency_s=e.latency_s)
+                else:
+                    self._apply(e.target, up_bps=e.bandwidth_bps, down_bps=e.bandwidth_bps)
             except MeshdlError as exc:
                 log.warning("link trace event %s not applied: %s", e, exc)
                 continue
             self.applied.append((time.monotonic(), e))
-            if e.latency_s is not None:
+            if e.latency_s is not None and not self._latency:
                 log.info("link trace: latency changes are not applied to shaped links "
                          "(netem is absent); %s", e)
             if self._on_event is not None:
@@ -159,4 +185,5 @@ class TracePlayer(threading.Thread):
         self._stop.set()
 
 
-__all__ = ["LinkEvent", "Trace", "TraceError", "TracePlayer", "load_trace", "parse_trace"]
+__all__ = ["LinkEvent", "Trace", "TraceError", "TracePlayer", "emulator_apply", "load_trace",
+           "parse_trace"]

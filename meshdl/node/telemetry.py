@@ -68,6 +68,10 @@ def topology_links(base: Mesh | None, me: str,
         for nb in base.neighbours(me):
             link = base.link(me, nb)
             out[nb] = {"rtt_s": 2.0 * link.latency_s, "throughput_bps": link.bandwidth_bps}
+        acc = base.star.link_of(me) if base.star is not None else None
+        if acc is not None:       # a star: the access link (series rate, as measured)
+            out[BROKER] = {"rtt_s": 2.0 * acc.latency_s,
+                           "throughput_bps": 1.0 / (1.0 / acc.up_bps + 1.0 / acc.down_bps)}
     for nb, fig in overrides.items():
         cur = out.setdefault(nb, {"rtt_s": 0.002, "throughput_bps": 1e8})
         if fig.get("latency_s") is not None:
