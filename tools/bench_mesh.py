@@ -330,6 +330,9 @@ def main() -> None:
     ap.add_argument("--netns", action="store_true", help="realistic star meshes over "
                     "shaped links (network namespaces) vs the emulator, side by side")
     ap.add_argument("--topologies", help="with --netns: comma-separated star topologies")
+    ap.add_argument("--max-time-scale", type=float, default=1e4,
+                    help="with --netns: cap the time scale picked per row (keeps runs short; "
+                    "rows over the cap may show pacing warnings)")
     args = ap.parse_args()
     if args.netns:
         return main_netns(args)
@@ -359,6 +362,11 @@ def main() -> None:
 
 
 def main_netns(args) -> None:
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt      # unwind: every mesh and namespace is torn down
+    signal.signal(signal.SIGTERM, interrupt)
     sys.path.insert(0, str(ROOT / "tools"))
     from bench_mesh_netns import MODELS, TOPOLOGIES, bench_star, write_star
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -367,7 +375,7 @@ def main_netns(args) -> None:
     out = Path(args.out)
     topologies = args.topologies.split(",") if args.topologies else TOPOLOGIES
     models = args.models.split(",") if args.models else MODELS
-    rows = bench_star(topologies, models, args.runs, out)
+    rows = bench_star(topologies, models, args.runs, out, max_k=args.max_time_scale)
     print(write_star(out, rows, " ".join(["python tools/bench_mesh.py", *sys.argv[1:]])))
 
 

@@ -6,9 +6,10 @@ For each topology (default home-wifi, home-wifi-n, home-jetson) one mesh per mod
   shaped by htb to the access links, real TCP through mosquitto's queues);
 - emulator: ``MeshUp`` (the same node processes on loopback, links emulated by the
   nodes: uplink / downlink queues).
-Both run at one time scale K per topology, picked so this machine computes every
-task faster than the (K times slower) emulated device: K = ceil(SAFETY x real 1-thread
-forward time / fastest device's time) over the models. Reported times are divided by K.
+Both run at one time scale K per (topology, model), picked so this machine computes
+every task of the plan faster than the (K times slower) emulated device: each task of
+the plan is timed here on one thread (as the nodes run) and K = ceil(SAFETY x the worst
+real / emulated ratio). Reported times are divided by K.
 
 Per (topology, model, mode): measured median (source holds the input -> sink holds
 the answer), the plan's prediction, their ratio, pacing warnings (from the node logs),
@@ -56,6 +57,33 @@ def pick_time_scale(mesh, graphs: dict, real: dict, safety: float = SAFETY) -> f
     return float(max(1, math.ceil(need)))
 
 
+def task_time_scale(g, plan, mesh, safety: float = SAFETY, slack_s: float = 0.002) -> float:
+    """K such that every task of ``plan``, timed here on one thread, takes at most
+    1/safety of its emulated time x K (the pacing check allows ``slack_s``)."""
+    import torch
+    torch.set_num_threads(1)
+    worst = 1.0
+    with torch.no_grad():
+        for s in plan.stages:
+            full = g.tensor_shape(s.start)
+            for t in s.tasks:
+                shape = full
+                r = t.in_region
+                if r is not None and len(full) == 4:
+                    shape = (full[0], full[1], r.h1 - r.h0, r.w1 - r.w0)
+                x = torch.randn(*shape)
+                best = math.inf
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    g.run_range(s.start, s.end, x, in_region=t.in_region,
+                                out_region=t.out_region)
+                    best = min(best, time.perf_counter() - t0)
+                emu = t.flops / mesh.devices[t.device].flops
+                if emu > 0:
+                    worst = max(worst, (safety * best - slack_s) / emu)
+    return float(math.ceil(worst))
+
+
 def best_single(g, mesh, source: str) -> tuple[str, float]:
     from meshdl.planner.local import whole_plan
     from meshdl.planner.simulate import simulate
@@ -65,9 +93,14 @@ def best_single(g, mesh, source: str) -> tuple[str, float]:
 
 
 def pacing_warnings(log_dir: Path) -> int:
+    """Pacing warnings in the node logs after the warm-up job (``*.warm`` holds each
+    log as it was when the timed jobs began)."""
     n = 0
     for f in log_dir.glob("*.log"):
-        n += f.read_text(errors="replace").count("emulated device")
+        warm = f.with_suffix(".warm")
+        before = warm.read_text(errors="replace").count("emulated device") \
+            if warm.exists() else 0
+        n += f.read_text(errors="replace").count("emulated device") - before
     return n
 
 
@@ -80,7 +113,7 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
     from meshdl.node.netns import in_netns
     from meshdl.node.netns_up import NetnsMeshUp
     name = f"bn{mode[:2]}"
-    kw = dict(mesh=name, models=models, log_dir=log_dir, verbose=False)
+    kw = dict(mesh=name, models=models, log_dir=log_dir, verbose=False, supervise=True)
     up = (NetnsMeshUp(topo, time_scale=k, **kw) if mode == "netns"
           else MeshUp(topo, node_args=["--time-scale", repr(k)], backend="mosquitto", **kw))
     out = {}
@@ -92,6 +125,8 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
             x = torch.randn(1, 3, 224, 224)
             for model in models:
                 c.infer(x, model=model, alpha=1.0, timeout=1200)       # warm-up
+                for f in log_dir.glob("*.log"):       # count the timed jobs' warnings only
+                    f.with_suffix(".warm").write_text(f.read_text(errors="replace"))
                 res = [c.infer(x, model=model, alpha=1.0, timeout=1200) for _ in range(runs)]
                 meas = [(r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s)
                         / k for r in res]
@@ -103,7 +138,8 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
 
 
 def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
-               modes: tuple[str, ...] = ("netns", "emulator")) -> list[dict]:
+               modes: tuple[str, ...] = ("netns", "emulator"),
+               max_k: float = 1e4) -> list[dict]:
     import meshdl
     rows = []
     real = {m: real_forward_s(m) for m in models}
@@ -113,24 +149,28 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
         src = mesh.defaults.get("source") or sorted(mesh.devices)[0]
         graphs = {m: meshdl.trace(meshdl.models.build(m), input_shape=(1, 3, 224, 224),
                                   name=m) for m in models}
-        k = pick_time_scale(mesh, graphs, real)
         flops = [d.flops for d in mesh.devices.values()]
         ideal = sum(flops) / max(flops)
-        log.info("%s: time scale %g", topo, k)
-        results = {}
-        for mode in modes:
-            log_dir = out / "logs" / f"{topo}-{mode}"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            for f in log_dir.glob("*.log"):
-                f.unlink()
-            try:
-                results[mode] = run_mode(mode, topo, models, k, runs, log_dir)
-            except meshdl.MeshdlError as exc:
-                log.warning("%s %s failed: %s", topo, mode, exc)
-                results[mode] = {}
-            results[mode]["_pacing"] = pacing_warnings(log_dir)
         for model in models:
             g = graphs[model]
+            plan0 = meshdl.plan(g, mesh, strategy="meshdl", source=src, sink=src, alpha=1.0)
+            want = max(pick_time_scale(mesh, {model: g}, real),
+                       task_time_scale(g, plan0, mesh))
+            k = min(want, max_k)
+            log.info("%s %s: time scale %g%s", topo, model, k,
+                     f" (capped; {want:g} wanted)" if k < want else "")
+            results = {}
+            for mode in modes:
+                log_dir = out / "logs" / f"{topo}-{model}-{mode}"
+                log_dir.mkdir(parents=True, exist_ok=True)
+                for f in [*log_dir.glob("*.log"), *log_dir.glob("*.warm")]:
+                    f.unlink()
+                try:
+                    results[mode] = run_mode(mode, topo, [model], k, runs, log_dir)
+                except meshdl.MeshdlError as exc:
+                    log.warning("%s %s %s failed: %s", topo, model, mode, exc)
+                    results[mode] = {}
+                results[mode]["_pacing"] = pacing_warnings(log_dir)
             single_dev, single_s = best_single(g, mesh, src)
             for mode in modes:
                 got = results[mode].get(model)
@@ -149,7 +189,8 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                     "speedup_predicted": round(single_s / predicted, 3),
                     "ideal_speedup": round(ideal, 3),
                     "share_of_ideal": round(single_s / measured / ideal, 3),
-                    "pacing_warnings_mesh": results[mode]["_pacing"]})
+                    "pacing_warnings_mesh": results[mode]["_pacing"],
+                    "k_wanted": want})
                 log.info("%s", rows[-1])
     return rows
 

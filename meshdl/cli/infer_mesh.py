@@ -94,6 +94,8 @@ def _summary(path: Path, runs: list) -> dict:
         "stages": [{"index": s.index, "ops": list(s.ops), "devices": s.devices,
                     "predicted_s": s.predicted_s, "measured_s": s.measured_s}
                    for s in r.stages],
+        # a mesh run K times slower (mesh up --time-scale K): times above are K x real
+        "time_scale": float(p.meta.get("time_scale", 1.0)),
     }
 
 
@@ -111,6 +113,11 @@ def _print(s: dict) -> None:
     pred = "" if s["predicted_s"] is None else f"; predicted {s['predicted_s'] * 1e3:.1f} ms"
     click.echo(f"  latency {s['latency_s'] * 1e3:.1f} ms{rep}{pred}; with planning "
                f"{s['total_s'] * 1e3:.1f} ms; attempts {s['attempts']}")
+    k = s.get("time_scale", 1.0)
+    if k != 1.0:
+        click.echo(f"  time scale {k:g}: the mesh runs {k:g}x slower; real-world latency "
+                   f"{s['latency_s'] / k * 1e3:.1f} ms, predicted "
+                   f"{(s['predicted_s'] or 0) / k * 1e3:.1f} ms")
     click.echo("  stage  ops          devices                        predicted ms  measured ms")
     for st in s["stages"]:
         devs = ",".join(st["devices"])
