@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--trace", default=None, help="link trace file (default: the jetson's "
                     "Ethernet drops to 4 Mbit/s at 3 s and is back at 7 s)")
-    ap.add_argument("--time-scale", type=float, default=6.0)
+    ap.add_argument("--time-scale", type=float, default=None,
+                    help="default: picked like bench_mesh --netns (no pacing warnings)")
     ap.add_argument("--duration", type=float, default=10.0, help="real-world seconds")
     ap.add_argument("--telemetry-period", type=float, default=1.0,
                     help="wall-clock seconds between telemetry messages")
@@ -61,13 +62,19 @@ def main() -> None:
     from meshdl.node.netns_up import NetnsMeshUp
     from meshdl.planner.simulate import simulate
 
-    k = args.time_scale
     mesh = meshdl.load_topology(args.topology)
     trace = (load_trace(args.trace) if args.trace else parse_trace(DEFAULT_TRACE)).check(mesh)
     src = mesh.defaults.get("source") or sorted(mesh.devices)[0]
     g = meshdl.trace(meshdl.models.build(args.model), input_shape=(1, 3, 224, 224),
                      name=args.model)
     start_plan = meshdl.plan(g, mesh, strategy="meshdl", source=src, sink=src, alpha=1.0)
+    k = args.time_scale
+    if k is None:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from bench_mesh_netns import pick_time_scale, real_forward_s, task_time_scale
+        k = max(pick_time_scale(mesh, {args.model: g}, {args.model: real_forward_s(args.model)}),
+                task_time_scale(g, start_plan, mesh))
+    log.info("time scale %g", k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     appeared: list[tuple[float, str]] = []   # (wall time, plan id) a plan appeared

@@ -35,6 +35,9 @@ SMALL_PAD = 64
 BIG_PAD = 64 << 10
 PROBE_TIMEOUT = 1.0
 MIN_EXTRA_S = 0.002        # the probe cannot resolve a rate whose extra time is below this
+BIG_TIMEOUT = 3.0          # a padded probe slower than this: the link is at most pad/this
+MIN_PAD = 4 << 10
+TARGET_EXTRA_S = 0.1       # padding sized so a probe adds ~this much on the last rate
 SAMPLES = 3                # median of the last probes per peer
 BROKER = "@broker"
 
@@ -112,7 +115,7 @@ class Prober:
             entry[1].append(time.perf_counter())
             entry[0].set()
 
-    def _ping(self, peer: str, pad: int) -> float | None:
+    def _ping(self, peer: str, pad: int, timeout: float = PROBE_TIMEOUT) -> float | None:
         nonce = uuid.uuid4().hex[:16]
         done: tuple[threading.Event, list[float]] = (threading.Event(), [])
         with self._lock:
@@ -122,7 +125,7 @@ class Prober:
             self._bus.publish(probe_topic(self._mesh, peer),
                               encode_probe(Probe("ping", self._me, self._session, nonce,
                                                  time.time(), b"\0" * pad)))
-            if not done[0].wait(PROBE_TIMEOUT):
+            if not done[0].wait(timeout):
                 return None
             return done[1][0] - t0
         finally:
@@ -133,11 +136,18 @@ class Prober:
         """Probe ``peer`` (``@broker``: this node's own access link); the median of the
         last SAMPLES figures is kept as its result."""
         target = self._me if peer == BROKER else peer
+        with self._lock:
+            last = self._results.get(peer)
+        pad = BIG_PAD
+        if last is not None:      # a slow link gets a smaller probe (bounded time)
+            pad = int(min(BIG_PAD, max(MIN_PAD, last["throughput_bps"] * TARGET_EXTRA_S / 16)))
         small = self._ping(target, SMALL_PAD)
-        big = self._ping(target, BIG_PAD) if small is not None else None
-        if small is None or big is None:
+        if small is None:
             return None
-        fig = probe_figures(small, big)
+        big = self._ping(target, pad, BIG_TIMEOUT)
+        if big is None:           # slower than the timeout allows: report that bound
+            big = small + BIG_TIMEOUT
+        fig = probe_figures(small, big, pad - SMALL_PAD)
         if peer == BROKER:
             # the latency is the node's own (netem is absent; a veth adds ~0); a small
             # ping queued behind data on the shaped link would overstate it badly
