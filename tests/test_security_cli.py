@@ -65,6 +65,11 @@ def test_mesh_up_secure_and_status(tmp_path):
                             text=True, env=env, timeout=60)
         assert st.returncode == 0, st.stderr
         assert {"nano", "pi3", "pi4-a", "pi4-b"} <= set(st.stdout.split('"')), st.stdout
+        inf = subprocess.run([sys.executable, "-m", "meshdl.cli", "infer", "sample",
+                              "--model", "tiny_cnn", "--broker", url, "--bundle", bundle,
+                              "--json"], capture_output=True, text=True, env=env, timeout=120)
+        assert inf.returncode == 0, inf.stderr
+        assert '"top5"' in inf.stdout or '"output"' in inf.stdout, inf.stdout[:300]
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(60)
