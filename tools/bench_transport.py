@@ -46,7 +46,8 @@ def frames(mb: int, chunk_mb: float, job: str) -> list[bytes]:
     return list(encode_chunks(job, "p", arr, chunk_bytes=int(chunk_mb * (1 << 20))))
 
 
-def one_run(tx, rx_sub, job: str, payloads: list[bytes], timeout: float = 120.0) -> float:
+def one_run(tx, rx_sub, job: str, payloads: list[bytes], rate_bps: float = 0.0,
+            timeout: float = 300.0) -> float:
     total = len(payloads)
     got = [0]
     done = threading.Event()
@@ -60,8 +61,14 @@ def one_run(tx, rx_sub, job: str, payloads: list[bytes], timeout: float = 120.0)
     time.sleep(0.3)
     topic = topics.route_topic(MESH, ["d2"], job, "p")
     t0 = time.perf_counter()
+    sent = 0
     for p in payloads:
+        if rate_bps:                      # a link of this rate: never ahead of it
+            ahead = t0 + sent * 8 / rate_bps - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
         tx.publish(topic, p, qos=1)
+        sent += len(p)
     if not done.wait(timeout):
         raise SystemExit(f"only {got[0]}/{total} frames arrived within {timeout:.0f} s")
     dt = time.perf_counter() - t0
@@ -74,6 +81,9 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=64)
     ap.add_argument("--chunk-mb", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--link-mbps", type=float, default=100.0,
+                    help="Also measure with the sender paced to a link of this rate "
+                    "(a home network); 0 skips it.")
     ap.add_argument("--out", default="results")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshdl-bench-") as d:
@@ -87,32 +97,38 @@ def main() -> None:
             sec = {k: SecureBus(buses[k], b[k]) for k in ("d1", "d2")}
             sec["d1"]._learn(b["d2"].entry_info)      # as if d2's birth had been seen
             try:
-                for r in range(a.repeats):
-                    order = ("unsealed", "sealed") if r % 2 == 0 else ("sealed", "unsealed")
-                    for mode in order:
-                        job = f"j{r}{mode[0]}"
-                        payloads = frames(a.mb, a.chunk_mb, job)
-                        tx = buses["d1"] if mode == "unsealed" else sec["d1"]
-                        rx = buses["d2"] if mode == "unsealed" else sec["d2"]
-                        dt = one_run(tx, rx, job, payloads)
-                        rows.append({"mode": mode, "repeat": r, "mb": a.mb,
-                                     "chunk_mb": a.chunk_mb, "seconds": round(dt, 4),
-                                     "mb_per_s": round(a.mb / dt, 2)})
-                        print(f"  {mode:9s} run {r}: {a.mb / dt:7.1f} MB/s", file=sys.stderr)
+                links = [0.0] + ([a.link_mbps * 1e6] if a.link_mbps else [])
+                for link in links:
+                    for r in range(a.repeats):
+                        order = ("unsealed", "sealed") if r % 2 == 0 else ("sealed", "unsealed")
+                        for mode in order:
+                            job = f"j{r}{mode[0]}{int(link)}"
+                            payloads = frames(a.mb, a.chunk_mb, job)
+                            tx = buses["d1"] if mode == "unsealed" else sec["d1"]
+                            rx = buses["d2"] if mode == "unsealed" else sec["d2"]
+                            dt = one_run(tx, rx, job, payloads, link)
+                            rows.append({"link_mbps": link / 1e6, "mode": mode, "repeat": r,
+                                         "mb": a.mb, "chunk_mb": a.chunk_mb,
+                                         "seconds": round(dt, 4),
+                                         "mb_per_s": round(a.mb / dt, 2)})
+                            print(f"  link {link / 1e6 or 'unlimited'} {mode:9s} run {r}: "
+                                  f"{a.mb / dt:7.1f} MB/s", file=sys.stderr)
                 opened = sec["d2"].sealed_in
             finally:
                 for bus in buses.values():
                     bus.close()
-    med = {m: statistics.median(x["mb_per_s"] for x in rows if x["mode"] == m)
-           for m in ("unsealed", "sealed")}
-    ratio = med["sealed"] / med["unsealed"]
     print(f"\n### Transport: sealed vs unsealed pieces ({a.mb} MB in {a.chunk_mb:g} MB frames, "
           f"median of {a.repeats}, TLS broker by `meshdl broker`)\n")
-    print("| mode | MB/s |\n|---|---|")
-    print(f"| unsealed (TLS to broker only) | {med['unsealed']:.1f} |")
-    print(f"| sealed (AES-256-GCM end to end) | {med['sealed']:.1f} |")
-    print(f"\nsealed / unsealed = **{ratio:.2f}** (target >= 0.90); frames opened by d2: "
-          f"{opened}")
+    print("| link | unsealed MB/s (TLS to broker only) | sealed MB/s (AES-256-GCM end to end) "
+          "| sealed / unsealed |\n|---|---|---|---|")
+    for link in sorted({x["link_mbps"] for x in rows}):
+        med = {m: statistics.median(x["mb_per_s"] for x in rows
+                                    if x["mode"] == m and x["link_mbps"] == link)
+               for m in ("unsealed", "sealed")}
+        name = f"{link:g} Mbit/s" if link else "loopback, unpaced (CPU-bound)"
+        print(f"| {name} | {med['unsealed']:.1f} | {med['sealed']:.1f} | "
+              f"**{med['sealed'] / med['unsealed']:.2f}** |")
+    print(f"\ntarget: sealed >= 0.90 x unsealed; frames opened by d2: {opened}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench_transport.csv", "w", newline="") as f:
