@@ -180,3 +180,12 @@ def test_a_new_leader_needs_its_winning_claim(auth):
     v = _signed_admit(adm, b["d2"], topics.leader("sec"), LeaderInfo("d2", 4))
     assert not v.ok and "d1" in v.reason
     assert _signed_admit(adm, b["d1"], topics.leader("sec"), LeaderInfo("d1", 4)).ok
+
+
+def test_no_bundle_on_a_remote_broker_warns_loudly(caplog):
+    from meshdl.security.securebus import warn_if_exposed
+    with caplog.at_level("WARNING"):
+        assert not warn_if_exposed("mqtt://127.0.0.1:1883", "node")
+        assert not warn_if_exposed("mqtt://localhost:1883", "client")
+        assert warn_if_exposed("mqtt://hub.local:1883", "node")
+    assert "INSECURE" in caplog.text and "hub.local" in caplog.text
