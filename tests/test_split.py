@@ -61,6 +61,20 @@ class RandomNet(nn.Module):
                                                 count_include_pad=cip))
             elif kind == "pad":
                 self.layers.append(nn.ZeroPad2d(spec[1]))
+            elif kind == "inplace":       # in-place activations, x.add_(), x += ...
+                self.layers.append(nn.ModuleList([
+                    nn.Conv2d(c, c, 3, padding=1),
+                    [nn.LeakyReLU(0.1, inplace=True), nn.Identity(),
+                     nn.Hardswish(inplace=True)][spec[1]]]))
+            elif kind == "split":         # tuple ops along channels
+                self.layers.append(nn.Conv2d(c // 2, c // 2, 3, padding=1))
+                c += 1
+            elif kind == "shuffle":
+                self.layers.append(nn.Identity())
+            elif kind == "se":            # squeeze-and-excitation (avg or max, two gates)
+                sq = max(1, c // 2)
+                self.layers.append(nn.Sequential(nn.Conv2d(c, sq, 1), nn.ReLU(inplace=True),
+                                                 nn.Conv2d(sq, c, 1)))
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-1, 1)
@@ -76,17 +90,51 @@ class RandomNet(nn.Module):
                 x = torch.cat([x, layer(x)], dim=1)
             elif kind == "conv":
                 x = F.relu6(layer(x))
+            elif kind == "inplace":
+                conv, act = layer
+                z = conv(x)                   # reads x before it is mutated
+                if spec[1] == 1:
+                    x.add_(1.0)
+                    x = F.leaky_relu(x, 0.2, inplace=True)
+                else:
+                    x = act(x)
+                    x += 0.5
+                x = x + z
+            elif kind == "split":
+                c = x.shape[1]
+                a, b = x.split([c // 2, c - c // 2], dim=1)
+                v, _ = torch.max(x, 1, keepdim=True)
+                x = torch.cat([b, layer(a), v], 1)
+            elif kind == "shuffle":
+                n, c, h, w = x.size()
+                x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+            elif kind == "se":
+                pooled = (F.adaptive_avg_pool2d(x, 1) if spec[1] == 0
+                          else x.amax(dim=(2, 3), keepdim=True))
+                gate = layer(pooled)
+                x = x * (torch.sigmoid(gate) if spec[1] == 0 else F.hardsigmoid(gate))
             else:
                 x = layer(x)
         return x
 
 
+EXTRA_KINDS = ["inplace", "split", "shuffle", "se"]
+
+
 @st.composite
-def random_net(draw):
+def random_net(draw, extra: bool = False):
     h, w = draw(st.integers(9, 30)), draw(st.integers(9, 30))
     specs, c = [], 3
+    kinds = ["conv", "res", "cat", "max", "avg", "pad"] + (EXTRA_KINDS * 2 if extra else [])
     for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["conv", "res", "cat", "max", "avg", "pad"]))
+        kind = draw(st.sampled_from(kinds))
+        if kind in EXTRA_KINDS:
+            if (kind == "split" and c < 2) or (kind == "shuffle" and c % 2):
+                continue
+            spec = (kind, draw(st.integers(0, 2 if kind == "inplace" else 1)))
+            specs.append(spec)
+            c = c + 1 if kind == "split" else c
+            continue
         if kind == "conv":
             k, s, d = draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
             p = draw(st.integers(0, (d * (k - 1)) // 2 + 1))
@@ -114,6 +162,35 @@ def random_net(draw):
         c = spec[1] * spec[6] if kind == "conv" else c + 2 if kind == "cat" else c
     assume(specs)
     return specs
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=random_net(extra=True), data=st.data())
+def test_random_net_with_inplace_tuple_shuffle_se_equals_unsplit(specs, data):
+    """In-place activations, tuple ops, channel shuffles and SE blocks (reduce points)
+    tile end to end and stay exact under any grid, row ratios and cuts."""
+    torch.manual_seed(0)
+    net = RandomNet(specs, 3)
+    shape = (1, 3, data.draw(st.integers(9, 30)), data.draw(st.integers(9, 30)))
+    x = torch.randn(shape)
+    try:
+        ref = net(x.clone())
+    except RuntimeError:
+        assume(False)
+    g = meshdl.trace(net, shape)
+    assert g.spatial_runs == [(0, len(g.ops))], specs        # nothing runs whole
+    cuts = sorted(data.draw(st.sets(st.integers(0, max(0, len(g.cut_points) - 1)),
+                                    max_size=2))) if g.cut_points else []
+    bounds = [0, *(g.cut_points[c] for c in cuts), len(g.ops)]
+    if data.draw(st.booleans()):
+        spec = dict(grids=[data.draw(tiles_for(g.tensor_shape(b))) for b in bounds[1:]])
+    else:
+        spec = dict(row_ratios=[data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=4)
+                                          .filter(any)) for _ in bounds[1:]])
+    plan = meshdl.manual_plan(g, cuts=cuts, **spec)
+    y = meshdl.execute(plan, g, x.clone())
+    assert y.shape == ref.shape
+    assert close(y, ref), (specs, cuts, spec, (y - ref).abs().max().item())
 
 
 @st.composite

@@ -9,13 +9,21 @@
     - per-resolution: a stage per feature-map resolution, each tiled;
     - fused: the whole spatial run as one tiled stage (DeepThings-style, no exchange).
 
+(c) squeeze-and-excitation models (``--se-models``): the share of FLOPs a single-stage
+    plan tiles (reduce points split as per-tile partials), the share without them (each
+    SE pool ending the run, as before issue 9), the halo recompute, and the partial-sum
+    traffic of the all-to-all exchanges vs the feature-map pieces. CSV in results/.
+
     python tools/bench_split.py [--models vgg16_bn,resnet18,mobilenet_v2] [--repeat 5]
+        [--se-models mobilenet_v3_small,mobilenet_v3_large,efficientnet_b0]
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -90,10 +98,69 @@ def bench_model(name: str, repeat: int) -> list[dict]:
     return rows
 
 
+def share_without_reduce_points(g) -> float:
+    """Tiled FLOP share if every global reduction ended the spatial run."""
+    pos = [p for p in g.positions if len(g.tensor_shape(p)) == 4 or p in (0, len(g.ops))]
+    tiled = sum(g.flops_between(a, b) for a, b in zip(pos, pos[1:])
+                if g.is_spatial(a, b) and not g.reduce_ops(a, b))
+    return tiled / g.flops
+
+
+def bench_se(name: str, repeat: int) -> list[dict]:
+    model = meshdl.models.build(name)
+    g = meshdl.trace(model, (1, 3, 224, 224), name=name)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+    rows = []
+    for n, grid in GRIDS.items():
+        plan = meshdl.manual_plan(g, grids=[grid])
+        tiled = [s for s in plan.stages if s.tiled]
+        stage_flops = sum(g.flops_between(s.start, s.end) for s in tiled)
+        task_flops = sum(t.flops for s in tiled for t in s.tasks)
+        partial_bytes = sum(r.nbytes * len(s.tasks) * (len(s.tasks) - 1)
+                            for s in tiled for r in s.reduces)
+        piece_bytes = sum(g.tensor_bytes(s.start) + g.tensor_bytes(s.end) for s in tiled)
+        t = interleaved({"forward": lambda: model(x), "split": lambda: meshdl.execute(plan, g, x)},
+                        max(2, repeat // 2))
+        y = meshdl.execute(plan, g, x)
+        rows.append({"model": name, "tiles": n, "tiled_share": stage_flops / g.flops,
+                     "share_without": share_without_reduce_points(g),
+                     "halo_overhead": task_flops / max(stage_flops, 1.0) - 1.0,
+                     "reduce_points": sum(len(s.reduces) for s in tiled),
+                     "partial_bytes": partial_bytes, "map_bytes": piece_bytes,
+                     "time_ratio": t["split"] / t["forward"],
+                     "rel_diff": ((y - ref).abs().max() / ref.abs().max()).item()})
+    return rows
+
+
+def se_table(names: list[str], repeat: int) -> None:
+    print("\n| SE model | tiles | tiled FLOP share (1 stage) | share if SE ended runs | "
+          "halo FLOPs overhead | reduce points | partial-sum bytes (all-to-all) | stage "
+          "in+out map bytes | time ratio | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in names:
+        for r in bench_se(name, repeat):
+            rows.append(r)
+            print(f"| {r['model']} | {r['tiles']} | {100 * r['tiled_share']:.1f}% | "
+                  f"{100 * r['share_without']:.1f}% | {100 * r['halo_overhead']:.1f}% | "
+                  f"{r['reduce_points']} | {r['partial_bytes']} | {r['map_bytes']} | "
+                  f"{r['time_ratio']:.2f} | {r['rel_diff']:.1e} |", flush=True)
+    out = Path("results")
+    out.mkdir(exist_ok=True)
+    with open(out / "bench_split_se.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="vgg16_bn,resnet18,mobilenet_v2")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--se-models", default="mobilenet_v3_small,mobilenet_v3_large,efficientnet_b0",
+                    help="squeeze-excite models for table (c); empty to skip")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = ap.parse_args()
     if args.threads:
@@ -103,11 +170,14 @@ def main() -> None:
     print("| model | style | tiles | stages | task FLOPs / model FLOPs | time ratio | "
           "forward ms | split ms | max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.models.split(","):
-        for r in bench_model(name.strip(), args.repeat):
+    for name in [n.strip() for n in args.models.split(",") if n.strip()]:
+        for r in bench_model(name, args.repeat):
             print(f"| {r['model']} | {r['style']} | {r['tiles']} | {r.get('stages', 2)} | "
                   f"{r['flops_ratio']:.3f} | {r['time_ratio']:.3f} | {r['forward_ms']:.1f} | "
                   f"{r['split_ms']:.1f} | {r.get('rel_diff', 0.0):.1e} |", flush=True)
+    se = [n.strip() for n in args.se_models.split(",") if n.strip()]
+    if se:
+        se_table(se, args.repeat)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,12 @@ def models(ctx: click.Context, do_trace: bool) -> None:
             click.echo(f"[{k}/{len(names)}] tracing {name} ...", err=True)
             g = meshdl.trace(zoo.build(name), info.input_shape, name=name)
             extra = (f"  {flops_text(g.flops)}  {bytes_text(g.weight_bytes)}  "
-                     f"{len(g.ops):3d} ops  {len(g.cut_points):3d} cuts")
+                     f"{len(g.ops):3d} ops  {len(g.cut_points):3d} cuts  "
+                     f"tiled {100.0 * g.tiled_flops() / (g.flops or 1.0):5.1f}%")
+            enders = sorted({f"{op.kind} ({op.reason})" for op in g.run_enders()
+                             if op.reason != "global"})
+            if enders:
+                extra += "  whole: " + "; ".join(enders[:3])
         weights = "pretrained" if info.pretrained_available else "seeded init"
         rows.append(f"{name:20s} {str(tuple(info.input_shape)):18s} {weights:12s}{extra}"
                     f"  {info.description}")
@@ -93,3 +98,8 @@ def rm(model_id: str) -> None:
     if not removed:
         raise ModelError(f"no cached model id starts with {model_id!r}; see `meshdl models`")
     click.echo(f"removed {', '.join(removed)}; freed {freed / 2**20:.2f} MiB")
+
+
+from meshdl.cli.inspect_cmd import inspect as _inspect  # noqa: E402  (issue 9)
+
+models.add_command(_inspect)

@@ -138,8 +138,8 @@ def find_mutations(gm: fx.GraphModule) -> list[_Mutation]:
             else:
                 bound = _bind_inplace(fn, tuple(node.args), dict(node.kwargs))
                 if bound is not None:
-                    def rw(n, bound=bound):
-                        n.args, n.kwargs = bound
+                    def rw(n, fn=fn):       # from the args as rewired by earlier rewrites
+                        n.args, n.kwargs = _bind_inplace(fn, tuple(n.args), dict(n.kwargs))
                     out.append(_Mutation(node, first, rw))
         elif node.op == "call_module":
             m = modules.get(node.target)
@@ -223,8 +223,8 @@ def normalize(gm: fx.GraphModule, x: torch.Tensor) -> str | None:
         at = order[mut.node]
         same: list[fx.Node] = []
         for n, val in values.items():
-            if n.op == "output" or n is mut.node:
-                continue
+            if n.op == "output" or order[n] >= at:
+                continue        # tensors made after the mutation already read its result
             for t in _tensors(val):
                 if t.numel() == 0 or t.untyped_storage().data_ptr() != ptr:
                     continue
