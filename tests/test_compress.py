@@ -232,3 +232,17 @@ def test_simulator_predicts_compressed_pieces():
     m = mesh.with_bandwidth_cap(5)
     assert simulate(plan, g, m, wire=WireModel("auto", flat)).latency_s == \
         simulate(plan, g, m).latency_s
+
+
+def test_planner_scores_with_the_wire_model():
+    import meshdl
+    from meshdl.planner import simulate
+    from meshdl.planner.wiremodel import WireModel, measure_ratios, synthetic_input
+    g = meshdl.trace(meshdl.models.build("tiny_cnn"), (1, 3, 64, 64), name="tiny_cnn")
+    x = synthetic_input((1, 3, 64, 64))
+    assert x.shape == (1, 3, 64, 64) and bool((x == synthetic_input((1, 3, 64, 64))).all())
+    wire = WireModel("auto", measure_ratios(g, x, sample_bytes=4096))
+    mesh = meshdl.load_topology("home-4").with_bandwidth_cap(5)
+    plan = meshdl.plan(g, mesh, alpha=1.0, wire=wire)
+    assert plan.latency_s == pytest.approx(simulate(plan, g, mesh, wire=wire).latency_s)
+    assert plan.latency_s <= simulate(plan, g, mesh).latency_s

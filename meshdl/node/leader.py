@@ -100,8 +100,11 @@ class LeaderDuties:
                  live_mesh: Callable[[], Mesh], graphs: GraphCache,
                  defaults: list[StandingRequest], known_plans: Mapping[str, int],
                  link_threshold: float = 0.3, max_requests: int = 32,
-                 debounce: float = 0.15, confirm_s: float = 0.0) -> None:
+                 debounce: float = 0.15, confirm_s: float = 0.0,
+                 compression: str = "off") -> None:
         self.me, self.mesh_name, self.term, self._bus = me, mesh_name, term, bus
+        self._compression = compression        # how the nodes send pieces (cost model)
+        self._wires: dict[tuple, Any] = {}
         self._live_mesh, self._graphs = live_mesh, graphs
         self._defaults = list(dict.fromkeys(defaults))
         self._threshold, self._max, self._debounce = link_threshold, max_requests, debounce
@@ -247,10 +250,10 @@ class LeaderDuties:
         if not mesh.is_connected():
             comp = [c for c in _components(mesh) if source in c][0]
             mesh = mesh.subgraph(comp)
-        plan = meshdl.plan(self._graphs.get(req.model, req.input_shape), mesh,
-                           strategy=req.strategy,
+        g = self._graphs.get(req.model, req.input_shape)
+        plan = meshdl.plan(g, mesh, strategy=req.strategy,
                            source=source, sink=sink, alpha=req.alpha,
-                           objective=req.objective)
+                           objective=req.objective, **self._wire_option(g))
         plan.term = self.term
         plan.notes.extend(notes)
         plan.meta["leader"] = self.me
@@ -259,6 +262,23 @@ class LeaderDuties:
         if mesh.time_scale != 1.0:      # emulated K times slower: times / K are the real ones
             plan.meta["time_scale"] = mesh.time_scale
         return plan
+
+    def _wire_option(self, g) -> dict:
+        """{"wire": WireModel} when the nodes compress pieces (the graph's tensors'
+        ratios measured once on a synthetic frame), else {}."""
+        if self._compression == "off":
+            return {}
+        key = (g.name, tuple(g.input_shape))
+        wire = self._wires.get(key)
+        if wire is None:
+            from meshdl.planner.wiremodel import WireModel, measure_ratios, synthetic_input
+            try:
+                ratios = measure_ratios(g, synthetic_input(tuple(g.input_shape)))
+            except Exception as exc:             # a model we cannot run: plan raw
+                log.warning("cannot measure compression ratios of %s: %s", g.name, exc)
+                ratios = {}
+            wire = self._wires[key] = WireModel(self._compression, ratios)
+        return {"wire": wire}
 
     def _publish(self, plan) -> str:
         from meshdl.planner.throughput import replicas
@@ -330,7 +350,10 @@ def duties_for(agent, term: int, retained: Mapping[str, Mapping[str, Any]]) -> L
                      for p, d in retained.items()},
         link_threshold=cfg.link_threshold, max_requests=cfg.max_requests,
         debounce=cfg.timing.replan_debounce,
-        confirm_s=0.9 * cfg.timing.telemetry_period * max(0, cfg.link_confirm_periods - 1))
+        confirm_s=0.9 * cfg.timing.telemetry_period * max(0, cfg.link_confirm_periods - 1),
+        # emulated nodes compress on slow links ("auto"); real ones only when forced
+        compression=cfg.compression if cfg.emulate or cfg.compression not in ("auto",)
+        else "off")
     duties.adopt_requests(retained)
     return duties
 

@@ -50,7 +50,8 @@ def plan(graph, mesh, strategy: str = DEFAULT_STRATEGY, source: str | None = Non
 
     ``objective``: None (the alpha mix of latency and energy), "latency" (alpha 1),
     "energy" (alpha 0) or "throughput" (the steady-state frames/s of a stream, see
-    ``planner.throughput``; the strategy's plans are among the candidates)."""
+    ``planner.throughput``; the strategy's plans are among the candidates).
+    ``wire=WireModel(...)`` (an option): score pieces as the nodes compress them."""
     from meshdl.planner.throughput import check_objective, plan_throughput
     objective = check_objective(objective)
     if objective == "latency":
@@ -77,7 +78,7 @@ def plan(graph, mesh, strategy: str = DEFAULT_STRATEGY, source: str | None = Non
     result.strategy, result.alpha = strategy, req.alpha
     result.source, result.sink = req.source, req.sink
     fill_routes(result, graph, mesh)
-    score = simulate(result, graph, mesh)
+    score = simulate(result, graph, mesh, wire=options.get("wire"))
     result.latency_s, result.energy_j = score.latency_s, score.energy_j
     result.meta.setdefault("score", score.to_dict())
     result.plan_id = plan_id(result)

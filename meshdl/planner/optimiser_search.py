@@ -34,7 +34,7 @@ class Search(Moves):
     def __init__(self, g, mesh, req: PlanRequest, pool: Sequence[str] | None = None,
                  pool_size: int = 10, max_hops: int = 3) -> None:
         self.g, self.mesh, self.req = g, mesh, req
-        self.sim = Simulator(g, mesh)
+        self.sim = Simulator(g, mesh, req.options.get("wire"))   # wire: compressed pieces
         self.src = self.sim.dev(req.source)
         self.snk = self.sim.dev(req.sink)
         self.alpha = float(req.alpha)

@@ -44,10 +44,27 @@ class WireModel:
         return nbytes / r, nbytes / c.compress_bps + nbytes / c.decompress_bps
 
 
-def measure_ratios(graph: Any, x: Any, codecs: tuple[str, ...] | None = None
-                   ) -> dict[int, dict[str, float]]:
+def synthetic_input(shape: tuple[int, ...], seed: int = 0) -> Any:
+    """A deterministic stand-in for a camera frame (smooth shapes, mild noise,
+    ImageNet-normalised), for measuring ratios where no real frame is at hand."""
+    import torch
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    yy = torch.linspace(0, 6.0, h).view(h, 1)
+    xx = torch.linspace(0, 8.0, w).view(1, w)
+    chans = [0.5 + 0.35 * torch.sin(xx * (1 + k * 0.3) + k) * torch.cos(yy * (1.2 - k * 0.2))
+             for k in range(c)]
+    img = torch.stack(chans).unsqueeze(0).expand(n, c, h, w).clone()
+    img += 0.03 * torch.randn(img.shape, generator=g)
+    return (img.clamp(0, 1) - 0.45) / 0.225
+
+
+def measure_ratios(graph: Any, x: Any, codecs: tuple[str, ...] | None = None,
+                   sample_bytes: int = 1 << 18) -> dict[int, dict[str, float]]:
     """Compression ratio of every tensor a plan may send (the input, every cut point
-    and the output) for input ``x``, by codec: run the model range by range."""
+    and the output) for input ``x``, by codec: run the model range by range. Each
+    tensor's ratio is measured on its first ``sample_bytes`` (whole items; activations
+    are alike throughout, and a planner cannot wait for megabytes to compress)."""
     import numpy as np
     import torch
 
@@ -64,9 +81,10 @@ def measure_ratios(graph: Any, x: Any, codecs: tuple[str, ...] | None = None
             raw = memoryview(arr.reshape(-1).view(np.uint8))
             if len(raw) == 0:
                 continue
+            raw = raw[:max(arr.itemsize, sample_bytes - sample_bytes % arr.itemsize)]
             out[pos] = {n: len(raw) / max(1, len(compress(raw, arr.itemsize, n)))
                         for n in names}
     return out
 
 
-__all__ = ["WireModel", "measure_ratios"]
+__all__ = ["WireModel", "measure_ratios", "synthetic_input"]
