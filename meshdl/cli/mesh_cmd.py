@@ -70,7 +70,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
     if link_trace:
         from meshdl.node.linktrace import load_trace
         trace = load_trace(link_trace)
-    secure_broker = local = None
+    secure_broker = local = secure_reaper = None
     if secure:
         if broker is not None:
             raise click.UsageError("--secure starts its own `meshdl broker`; leave out --broker")
@@ -82,6 +82,10 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
                         authority_dir)
         secure_broker = SecureBroker(local.authority).start()
         broker = secure_broker.url
+        from meshdl.node.reaper import Reaper
+        secure_reaper = Reaper().start()        # gone with us even on SIGKILL
+        secure_reaper.add_process(secure_broker.proc.pid, group=True)
+        secure_reaper.add_dir(secure_broker.dir)
     launcher = MeshUp(topology, broker=broker, mesh=mesh_name,
                       models=model_list,
                       backend=backend, log_dir=log_dir, dataplane=not no_dataplane,
@@ -97,6 +101,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
     except BaseException:
         if secure_broker is not None:
             secure_broker.stop()
+            secure_reaper.close()
         raise
     try:
         login = f" --bundle {local.client}" if local else ""
@@ -149,6 +154,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
         launcher.stop()
         if secure_broker is not None:
             secure_broker.stop()
+            secure_reaper.close()
 
 
 @mesh.command("status")
