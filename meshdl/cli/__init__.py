@@ -67,10 +67,14 @@ class _Signals:
 
 
 def _exit_now(code: int) -> None:
-    """Everything this command started is stopped: in a real process, skip the
-    interpreter's slow teardown (torch's) so a signal returns at once; under a test
-    runner (captured stdout), exit normally."""
+    """Everything this command started is stopped: in a real process, run the atexit
+    handlers, then skip the interpreter's slow teardown (torch's) so a signal returns
+    at once; under a test runner (captured stdout), exit normally."""
     if sys.stdout is sys.__stdout__ and threading.current_thread() is threading.main_thread():
+        import atexit
+        run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+        if run_exitfuncs is not None:       # e.g. removing a bundle's temp TLS files
+            run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -67,6 +67,7 @@ class MeshUp:
         # the nodes watch for their parent's death themselves
         self._supervise = supervise
         self._reaper = None
+        self._child_tmp: Path | None = None
         self._stop_timeout = stop_timeout
         self._telemetry = telemetry_period
         self._verbose = verbose
@@ -108,6 +109,10 @@ class MeshUp:
             self._reaper = Reaper().start()
             if self._own_logs and os.environ.get("MESHDL_KEEP_LOGS") is None:
                 self._reaper.add_dir(self.log_dir)
+            # the nodes' own temp files (e.g. TLS material from a bundle) go in a dir of
+            # ours: removed even when a node is killed before it could clean up
+            self._child_tmp = Path(tempfile.mkdtemp(prefix="meshdl-nodes-tmp-"))
+            self._reaper.add_dir(self._child_tmp)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self._topology_arg is None or not _is_file_or_name(self._topology_arg):
             path = self.log_dir / "topology.yaml"
@@ -173,6 +178,8 @@ class MeshUp:
         if self._supervise:
             from meshdl.node.reaper import child_env
             env = child_env(env)
+            if self._child_tmp is not None:
+                env["TMPDIR"] = str(self._child_tmp)
         if self._password:
             env["MESHDL_PASSWORD"] = self._password
         with open(self.log_path(device), "ab") as logf:
@@ -242,6 +249,9 @@ class MeshUp:
         log.debug("broker stopped")
         if self._own_logs and os.environ.get("MESHDL_KEEP_LOGS") is None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+        if self._child_tmp is not None:
+            shutil.rmtree(self._child_tmp, ignore_errors=True)
+            self._child_tmp = None
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
             for p in self.procs.values():
