@@ -117,11 +117,11 @@ def test_the_readme_device_recipe_on_a_broker_in_a_network_namespace(netns, tmp_
             assert r.returncode == 0, r.stderr
             status = json.loads(r.stdout)
             online = {n for n, m in status["members"].items() if m["online"]}
-            if online == {"pi4-kitchen", "pi3-hall"} and status["leader"]:
+            if online == {"pi4-kitchen", "pi3-hall"} and status["leader"] and status["plans"]:
                 break
             time.sleep(1.0)
         else:
-            raise AssertionError(f"nodes did not join the mesh: {status}")
+            raise AssertionError(f"nodes did not join the mesh (and plan): {status}")
         live = tmp_path / "pics"
         live.mkdir()
         r = subprocess.run([sys.executable, "-m", "meshdl.cli", "plan", "show", "--broker", url,
