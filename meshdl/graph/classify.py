@@ -155,6 +155,10 @@ def classify_module(m: nn.Module, in_shapes, out_shape, call: Callable) -> OpInf
     if type(m).__name__ == "WholeModel" and hasattr(m, "reason"):
         return _not_spatial("whole_model", str(m.reason), 0.0, wbytes)
     x_shape = in_shapes[0] if in_shapes else None
+    spec = global_reduce(None, (), {}, x_shape or (), out_shape or (), module=m)
+    if spec is not None and len(in_shapes) == 1:
+        return _reduce(type(m).__name__.lower(), spec, x_shape)
+    x_shape = in_shapes[0] if in_shapes else None
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros":
             return _not_spatial("conv2d", f"conv with padding_mode={m.padding_mode!r}",
@@ -174,9 +178,6 @@ def classify_module(m: nn.Module, in_shapes, out_shape, call: Callable) -> OpInf
         rule = R.AvgPoolRule(x_shape, k, s, _pair(m.padding), m.ceil_mode,
                              m.count_include_pad, m.divisor_override)
         return OpInfo("avgpool2d", rule, float(_numel(out_shape) * k[0] * k[1]), 0)
-    spec = global_reduce(None, (), {}, x_shape or (), out_shape or (), module=m)
-    if spec is not None and len(in_shapes) == 1:
-        return _reduce(type(m).__name__.lower(), spec, x_shape)
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return _adaptive(m, x_shape, out_shape)
     if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
@@ -259,6 +260,9 @@ def classify_function(fn, args: tuple, kwargs: dict, in_shapes, out_shape,
         wb = sum(t.numel() * t.element_size() for t in (w, b) if is_tensor(t))
         return _conv(x_shape, out_shape, w, b, stride, padding, dilation, groups, int(wb))
     if fn in (F.max_pool2d, F.avg_pool2d):
+        spec = global_reduce(op_name(fn), args, kwargs, x_shape or (), out_shape or ())
+        if spec is not None and len(in_shapes) == 1:
+            return _reduce(op_name(fn), spec, x_shape)
         return _functional_pool(fn, args, kwargs, x_shape, out_shape)
     if fn is F.pad:
         pad = kwargs.get("pad", args[1] if len(args) > 1 else None)
