@@ -11,8 +11,9 @@ bottleneck period), so a stage replicated on two devices is two plans that share
 other stages' devices.
 
 Arrivals: frame i arrives at ``i / rate_fps`` (all at 0 with no rate); with a
-``window`` W (credit) frame i is also not sent before frame i - W is answered, found
-as a fixed point of the simulation (arrival_i = max(i / rate, done_{i-W})).
+``window`` W (credit) frame i is also not sent before frames 0..i-W are answered (the
+stream hands answers over in order), found as a fixed point of the simulation
+(arrival_i = max(i / rate, max_{j <= i-W} done_j)).
 
 ``bottleneck(plans, ...)`` is the analytic steady state: the busiest resource's work
 per frame (compute seconds per device, hop seconds per link, weighted by each
@@ -240,7 +241,13 @@ def simulate_stream(plans: Plan | Sequence[Plan], graph, mesh, n_frames: int = 3
     done = _done_times(sim, progs, assign, arrivals)
     if window is not None:
         for _ in range(200):                   # fixed point: credit returns on answers
-            nxt = [max(base[i], done[i - window]) if i >= window else base[i]
+            # answers are handed over in order, so frame i's credit comes back when
+            # every frame up to i - W is answered (a slow replica holds the window)
+            released, upto = [], 0.0
+            for d in done:
+                upto = max(upto, d)
+                released.append(upto)
+            nxt = [max(base[i], released[i - window]) if i >= window else base[i]
                    for i in range(n_frames)]
             if all(abs(a - b) <= 1e-9 for a, b in zip(nxt, arrivals)):
                 break
