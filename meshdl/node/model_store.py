@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -165,9 +165,11 @@ class _Want:
 class Fetcher:
     """Fetches manifests and tensors into ``store``; counters for tests and logs."""
 
-    def __init__(self, bus: Any, mesh: str, node_id: str, store: ModelStore) -> None:
+    def __init__(self, bus: Any, mesh: str, node_id: str, store: ModelStore,
+                 links: Callable[[], Any] | None = None) -> None:
         from meshdl.wire.reassembly import Reassembler
         self.bus, self.mesh, self.node_id, self.store = bus, mesh, node_id, store
+        self._links = links      # -> emulation.Links: chunks cross this node's downlink
         self._reasm = Reassembler(ttl_s=600.0)
         self._cv = threading.Condition()
         self._wants: dict[str, _Want] = {}
@@ -295,6 +297,14 @@ class Fetcher:
         return items
 
     def _on_data(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        links = self._links() if self._links is not None else None
+        if links is None:
+            self._handle(payload)
+            return
+        data = bytes(payload)      # an emulated star mesh: held for the downlink first
+        links.downlink(len(data), False, lambda: self._handle(data))
+
+    def _handle(self, payload: bytes) -> None:
         from meshdl.wire.codec import PieceFrame, decode_frame
         try:
             frame = decode_frame(payload)
@@ -362,10 +372,10 @@ class NodeModels:
     """A node's user models: manifest for planning, weights of its own stages only."""
 
     def __init__(self, bus: Any, mesh: str, node_id: str, root: str | Path | None = None,
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, links: Callable[[], Any] | None = None) -> None:
         self.node_id = node_id
         self.store = ModelStore(root or cache_root() / "nodes" / node_id)
-        self.fetcher = Fetcher(bus, mesh, node_id, self.store)
+        self.fetcher = Fetcher(bus, mesh, node_id, self.store, links)
         self.provider = Provider(bus, mesh, node_id, self.store).start()
         self.timeout = timeout
         self._locks: dict[str, threading.Lock] = {}
@@ -418,7 +428,9 @@ def attach(agent: Any) -> None:
     """Give a node agent's GraphCache the user-model source (called once the buses are
     up); bulk model traffic uses the data connection when there is one."""
     bus = getattr(agent, "data_bus", None) or agent.bus
-    agent.graphs.models = NodeModels(bus, agent.mesh_name, agent.node_id)
+    agent.graphs.models = NodeModels(
+        bus, agent.mesh_name, agent.node_id,
+        links=lambda: getattr(getattr(agent, "dataplane", None), "links", None))
 
 
 # ------------------------------------------------------------------ client side
