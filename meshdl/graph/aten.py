@@ -88,6 +88,9 @@ class _Rewriter:
                 self.env[node] = self.call(node)
             elif node.op == "output":
                 out = node.args[0]
+            elif node.op == "call_method":   # left by ExportedProgram.module() (views)
+                self.env[node] = self.graph.call_method(node.target, self.a(node.args),
+                                                        self.a(dict(node.kwargs)))
             elif node.op == "call_module" and not node.users:
                 continue                 # export's input guards (_guards_fn)
             else:

@@ -192,6 +192,38 @@ _REDUCE = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.
            "ReduceMin": torch.amin, "ReduceProd": None, "ReduceL2": None}
 
 
+@op("ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
+def _reduce_other(b, args, attrs, opset, node, **_):
+    x = args[0]
+    axes = _axes(b, args, attrs, opset)
+    keep = bool(attrs.get("keepdims", 1))
+    axes = tuple(sorted(a % rank(x) for a in (axes or range(rank(x)))))
+    kind = node.op_type
+    if kind == "ReduceProd":
+        y = x
+        for a in reversed(axes):
+            y = b.call(torch.prod, y, a, keepdim=keep)
+        return y
+    if kind == "ReduceLogSumExp":
+        return b.call(torch.logsumexp, x, axes, keepdim=keep)
+    if kind == "ReduceL1":
+        return b.call(torch.sum, b.call(torch.abs, x), axes, keepdim=keep)
+    sq = b.call(torch.sum, b.call(torch.mul, x, x), axes, keepdim=keep)
+    return sq if kind == "ReduceSumSquare" else b.call(torch.sqrt, sq)
+
+
+@op("GroupNormalization")
+def _group_norm(b, args, attrs, **_):
+    x, scale, bias = args
+    groups = int(attrs["num_groups"])
+    c = shape(x)[1]
+    s, t = example(scale), example(bias)
+    if s.numel() == groups and groups != c:      # opset 18: one scale per group
+        s = s.repeat_interleave(c // groups)
+        t = t.repeat_interleave(c // groups)
+    return b.call(F.group_norm, x, groups, s, t, float(attrs.get("epsilon", 1e-5)))
+
+
 @op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
 def _reduce(b, args, attrs, opset, node, **_):
     x = args[0]

@@ -319,6 +319,42 @@ def _variadic(b, args, attrs, node, **_):
     return acc
 
 
+@op("Mod")
+def _mod(b, args, attrs, **_):
+    fn = torch.fmod if attrs.get("fmod", 0) else torch.remainder
+    return b.call(fn, *args)
+
+
+@op("Einsum")
+def _einsum(b, args, attrs, **_):
+    return b.call(torch.einsum, attrs["equation"], *args)
+
+
+@op("Trilu")
+def _trilu(b, args, attrs, **_):
+    k = int(example(args[1]).item()) if len(args) > 1 and args[1] is not None else 0
+    return b.call(torch.triu if attrs.get("upper", 1) else torch.tril, args[0], k)
+
+
+@op("CumSum")
+def _cumsum(b, args, attrs, **_):
+    if attrs.get("exclusive", 0) or attrs.get("reverse", 0):
+        raise _fail(b, "CumSum with exclusive/reverse is not supported")
+    return b.call(torch.cumsum, args[0], int(example(args[1]).item()))
+
+
+@op("IsNaN", "IsInf")
+def _isnan(b, args, attrs, node, **_):
+    return b.call(torch.isnan if node.op_type == "IsNaN" else torch.isinf, args[0])
+
+
+@op("Celu", "ThresholdedRelu")
+def _celu(b, args, attrs, node, **_):
+    if node.op_type == "Celu":
+        return b.call(F.celu, args[0], float(attrs.get("alpha", 1.0)))
+    return b.call(F.threshold, args[0], float(attrs.get("alpha", 1.0)), 0.0)
+
+
 @op("Pow")
 def _pow(b, args, attrs, **_):
     x, y = args
@@ -336,7 +372,9 @@ _UNARY = {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": t
           "Log": torch.log, "Sqrt": torch.sqrt, "Abs": torch.abs, "Neg": torch.neg,
           "Erf": torch.erf, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
           "Ceil": torch.ceil, "Softsign": F.softsign, "Sin": torch.sin, "Cos": torch.cos,
-          "Round": torch.round, "Sign": torch.sign, "HardSwish": F.hardswish}
+          "Round": torch.round, "Sign": torch.sign, "HardSwish": F.hardswish,
+          "Tan": torch.tan, "Atan": torch.atan, "Asin": torch.asin, "Acos": torch.acos,
+          "Sinh": torch.sinh, "Cosh": torch.cosh}
 
 
 @op(*_UNARY)
