@@ -189,3 +189,55 @@ def test_pt2_and_zoo_weights_on_mesh(mesh, tmp_path):
                 strategy="modnn", timeout=120)      # tiny_cnn: no global reduction
     assert close(r.output, zoo(xz))
     assert not close(r.output, meshdl.models.build("tiny_cnn")(xz))
+
+
+@pytest.mark.slow
+def test_onnx_model_on_a_secure_mesh(tmp_path, onnx_model, monkeypatch):
+    """TLS identities, generated ACL, signed messages: the model's offer, requests and
+    chunks are signed and admitted, and each node caches its own stages' weights."""
+    from meshdl.mesh.loader import load_topology
+    from meshdl.node.launcher import MeshUp
+    from meshdl.security.authority import init_authority, write_bundle
+    from meshdl.security.broker import SecureBroker
+    model, path = onnx_model
+    a = init_authority("sm", tmp_path / "authority")
+    topo = load_topology("home-4")
+    bundles = {dev: write_bundle(a.issue(dev, "device", topo.devices[dev].profile),
+                                 tmp_path / f"{dev}.bundle") for dev in sorted(topo.devices)}
+    for name in ("watch", "alice"):
+        write_bundle(a.issue(name, "client"), tmp_path / f"{name}.bundle")
+    env = {k: v for k, v in os.environ.items() if k != "MESHDL_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "node-cache")
+    monkeypatch.setenv("MESHDL_CACHE_DIR", str(tmp_path / "client-cache"))
+    caches = tmp_path / "node-cache" / "meshdl" / "nodes"
+    answers: list = []
+    with SecureBroker(a) as br:
+        with MeshUp("home-4", broker=br.url, mesh="sm", model="tiny_chain",
+                    log_dir=tmp_path / "logs", verbose=False, bundles=bundles, env=env,
+                    watch_bundle=tmp_path / "watch.bundle") as up:
+            up.wait_ready(150)
+            with MeshClient(br.url, "sm", bundle=str(tmp_path / "alice.bundle")) as c:
+                x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+
+                def job():
+                    try:
+                        answers.append(c.infer(x, model=str(path), strategy=STRATEGY,
+                                               timeout=60, max_attempts=1))
+                    except Exception as exc:     # the job's fate is the data plane's
+                        answers.append(exc)
+                th = threading.Thread(target=job, daemon=True)
+                th.start()
+                deadline = time.monotonic() + 90
+                held: dict = {}
+                while time.monotonic() < deadline:
+                    held = {d: ModelStore(caches / d).bytes_held() for d in topo.devices}
+                    if sum(1 for v in held.values() if v) >= 4:
+                        break
+                    time.sleep(0.5)
+                th.join(90)
+    (model_id,) = ModelStore().ids()
+    manifest = ModelStore().manifest(model_id)
+    total = sum(i["bytes"] for i in manifest["tensors"].values())
+    assert all(held.values()) and min(held.values()) < total, held
+    if answers and not isinstance(answers[0], Exception):
+        assert close(answers[0].output, ort_run(path, x))

@@ -65,6 +65,20 @@ def _parse_want(payload: bytes) -> tuple[str, str, list]:
         raise WireError(f"malformed model request: {exc}") from None
 
 
+def sender_problem(kind: str | None, sender: str, body: bytes) -> str:
+    """Why a signed model message from ``sender`` is not admissible ("" if it is): a
+    request must be in the sender's own name; offers and chunks are checked against
+    their content hashes by the receiver, so any enrolled identity may send them."""
+    if kind == "want":
+        try:
+            node, _, _ = _parse_want(body)
+        except WireError as exc:
+            return str(exc)
+        if node != sender:
+            return f"asked for model chunks in the name of {node!r}"
+    return ""
+
+
 # ------------------------------------------------------------------ serving
 class Provider:
     """Answers chunk requests for tensors held in ``store`` (or pinned in memory), on

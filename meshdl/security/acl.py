@@ -45,7 +45,10 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
            f"pattern read {p}/plan/+",
            f"pattern read {p}/job/+/status",
            f"pattern read {p}/job/+/result",
-           f"pattern readwrite {p}/client/%u/key", ""]
+           f"pattern readwrite {p}/client/%u/key",
+           # user models (issue 13): offers, chunk requests and chunks; payloads are
+           # signed, manifests and tensors checked against their content hashes
+           f"pattern readwrite {p}/model/#", ""]
     for ident in sorted(roster):
         validate_id(ident, "enrolled id")
         role = roster[ident].get("role")

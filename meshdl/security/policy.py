@@ -67,6 +67,10 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
           retained: bool = False) -> Verdict:
     from meshdl.wire.control import decode_control
     who = f"{e.role} {sanitise(e.id)}"
+    if p.kind == "model":       # user models (issue 13): content-addressed, hash-checked
+        from meshdl.node.model_store import sender_problem
+        problem = sender_problem(p.job_kind, e.id, body)
+        return no(f"{who}: {problem}") if problem else YES
     if p.kind == "job" and p.job_kind == "request":
         if e.role not in ("client", "device"):
             return no(f"{who} may not request jobs")

@@ -154,7 +154,7 @@ def mesh_all(mesh: str) -> str:
 @dataclass(frozen=True)
 class ParsedTopic:
     """A meshdl topic taken apart. ``kind`` is one of: state, telemetry, election,
-    leader, plan, job, route. Only the fields of that kind are set."""
+    leader, plan, job, route, model. Only the fields of that kind are set."""
 
     kind: str
     mesh: str
@@ -190,6 +190,14 @@ def parse(topic: str) -> ParsedTopic:
         return ParsedTopic("plan", mesh, plan_id=validate_id(rest[0], "plan id"))
     if kind == "job" and len(rest) == 2 and rest[1] in JOB_KINDS:
         return ParsedTopic("job", mesh, job=validate_id(rest[0], "job id"), job_kind=rest[1])
+    if kind == "model" and len(rest) >= 2 and rest[1] in ("manifest", "want", "data"):
+        # user-model delivery (issue 13): job = the model id, job_kind = the message kind,
+        # node = the requester a data topic is for
+        if (rest[1] == "data") != (len(rest) == 3):
+            raise WireError(f"topic {topic[:120]!r} is not a meshdl/v1 model topic")
+        return ParsedTopic("model", mesh, job=validate_id(rest[0], "model id"),
+                           job_kind=rest[1],
+                           node=validate_id(rest[2], "node id") if len(rest) == 3 else None)
     if kind == "route":
         m, hops, j, p = parse_route(topic)
         return ParsedTopic("route", m, hops=hops, job=j, piece=p)
