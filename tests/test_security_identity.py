@@ -189,3 +189,24 @@ def test_no_bundle_on_a_remote_broker_warns_loudly(caplog):
         assert not warn_if_exposed("mqtt://localhost:1883", "client")
         assert warn_if_exposed("mqtt://hub.local:1883", "node")
     assert "INSECURE" in caplog.text and "hub.local" in caplog.text
+
+
+def test_a_revoked_bundle_is_refused_by_the_broker(tmp_path):
+    from meshdl.errors import TransportError
+    from meshdl.security.broker import SecureBroker
+    from meshdl.transport.broker import mosquitto_binary
+    from meshdl.transport.paho_bus import PahoBus
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto not installed")
+    a = init_authority("rv", tmp_path / "ca")
+    keep = Bundle.load(write_bundle(a.issue("keep", "device"), tmp_path / "keep"))
+    lost = Bundle.load(write_bundle(a.issue("lost", "device"), tmp_path / "lost"))
+    a.revoke("lost")
+    assert "user lost" not in acl_text("rv", a.active_roster())
+    with SecureBroker(a) as br:
+        with PahoBus(br.url, **keep.tls_files(), connect_timeout=5) as bus:
+            assert bus.connected
+        with pytest.raises(TransportError):
+            PahoBus(br.url, **lost.tls_files(), connect_timeout=3)
+    with pytest.raises(SecurityError, match="already revoked"):
+        a.revoke("lost")

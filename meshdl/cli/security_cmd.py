@@ -12,6 +12,7 @@ def register(main: click.Group, mesh: click.Group) -> None:
     mesh.add_command(init)
     mesh.add_command(add_device)
     mesh.add_command(add_client)
+    mesh.add_command(revoke)
     main.add_command(broker)
 
 
@@ -91,3 +92,18 @@ def broker(directory, mesh_name, bind, port):
         while not stop.wait(0.5):
             if b.proc is None or b.proc.poll() is not None:
                 raise click.ClickException("mosquitto exited: " + b.log_text()[-500:])
+
+
+@click.command("revoke")
+@click.argument("ident", metavar="ID")
+@click.option("--dir", "directory", default=None, type=click.Path(file_okay=False),
+              help="Mesh authority directory (default: the only one in the user config dir).")
+@click.option("--mesh", "mesh_name", default=None, help="Authority by mesh name.")
+def revoke(ident, directory, mesh_name):
+    """Revoke a device or client (a lost or stolen bundle): its certificate goes on the
+    broker's CRL and it leaves the ACL. Restart `meshdl broker` (or send it SIGHUP)."""
+    from meshdl.security.authority import find_authority
+    a = find_authority(directory, mesh_name)
+    a.revoke(ident)
+    click.echo(f"{ident} revoked in mesh {a.name}; restart `meshdl broker` (or kill -HUP it) "
+               "so the broker refuses its certificate")

@@ -169,7 +169,8 @@ class Authority:
         entry = Entry(self.name, ident, role, _raw_pub(sign_key), _raw_pub(seal_key),
                       prof_name, caps)
         se = sign_entry(self.mesh_key, entry)
-        roster[ident] = {"role": role, "profile": prof_name, "issued": _now().isoformat()}
+        roster[ident] = {"role": role, "profile": prof_name, "issued": _now().isoformat(),
+                         "serial": str(cert.serial_number)}
         self._save_roster(roster)
         return {"format": BUNDLE_FORMAT, "mesh": self.name, "id": ident, "role": role,
                 "profile": prof_name, "caps": caps,
@@ -177,6 +178,35 @@ class Authority:
                 "ca": _pem_cert(self.ca_cert).decode(), "mesh_pub": self.mesh_pub.hex(),
                 "sign_key": _raw_priv(sign_key).hex(), "seal_key": _raw_priv(seal_key).hex(),
                 "entry": se.raw.hex(), "entry_sig": se.sig.hex()}
+
+    def revoke(self, ident: str) -> dict:
+        """Revoke ``ident`` (a stolen or retired device or client): its certificate goes
+        on the CRL and it leaves the ACL; the id stays taken."""
+        roster = self.roster()
+        if ident not in roster:
+            raise SecurityError(f"{ident!r} is not enrolled in mesh {self.name}")
+        if roster[ident].get("revoked"):
+            raise SecurityError(f"{ident!r} is already revoked")
+        roster[ident]["revoked"] = _now().isoformat()
+        self._save_roster(roster)
+        return roster[ident]
+
+    def active_roster(self) -> dict[str, dict]:
+        return {k: v for k, v in self.roster().items() if not v.get("revoked")}
+
+    def crl_pem(self) -> bytes:
+        """The CA's certificate revocation list (every revoked identity)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization as ser
+        b = (x509.CertificateRevocationListBuilder().issuer_name(self.ca_cert.subject)
+             .last_update(_now() - datetime.timedelta(minutes=5))
+             .next_update(_now() + datetime.timedelta(days=CERT_DAYS)))
+        for v in self.roster().values():
+            if v.get("revoked") and v.get("serial"):
+                b = b.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder().serial_number(int(v["serial"]))
+                    .revocation_date(datetime.datetime.fromisoformat(v["revoked"])).build())
+        return b.sign(self.ca_key, hashes.SHA256()).public_bytes(ser.Encoding.PEM)
 
     def server_cert(self, names: tuple[str, ...]) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) of a broker reachable as ``names``."""

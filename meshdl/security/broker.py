@@ -38,6 +38,7 @@ def secure_config(d: Path, bind: str, port: int, user: str | None) -> str:
         f"cafile {d}/ca.crt",
         f"certfile {d}/server.crt",
         f"keyfile {d}/server.key",
+        f"crlfile {d}/crl.pem",
         "require_certificate true",
         "use_identity_as_username true",
         "tls_version tlsv1.2",
@@ -74,6 +75,7 @@ class SecureBroker:
         self.port = port or free_port(bind if bind not in ("0.0.0.0", "::") else "127.0.0.1")
         self.proc: subprocess.Popen | None = None
         self.dir: Path | None = None
+        self._owner: tuple[int, int] | None = None     # the user mosquitto runs as (root)
 
     @property
     def url(self) -> str:
@@ -93,7 +95,12 @@ class SecureBroker:
 
     def write_acl(self) -> None:
         assert self.dir is not None
-        write_private(self.dir / "acl", acl_text(self.authority.name, self.authority.roster()))
+        a = self.authority
+        for name, data in (("acl", acl_text(a.name, a.active_roster())),
+                           ("crl.pem", a.crl_pem())):
+            path = write_private(self.dir / name, data)
+            if self._owner is not None:
+                os.chown(path, *self._owner)
 
     def start(self, timeout: float = 10.0) -> "SecureBroker":
         binary = mosquitto_binary()
@@ -113,8 +120,9 @@ class SecureBroker:
         write_private(d / "mosquitto.conf", secure_config(d, self.bind, self.port, user))
         if user and user != "root":
             pw = pwd.getpwnam(user)
+            self._owner = (pw.pw_uid, pw.pw_gid)
             for p in [d, *d.iterdir()]:
-                os.chown(p, pw.pw_uid, pw.pw_gid)
+                os.chown(p, *self._owner)
         self._log = os.fdopen(os.open(d / "broker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                                       0o600), "ab")
         self.proc = subprocess.Popen([binary, "-c", str(d / "mosquitto.conf")],
