@@ -219,3 +219,29 @@ def test_models_lists_cached_user_models_and_rm_frees_them(tmp_path, monkeypatch
     assert ModelStore().entries() == [] and node.entries() == []
     res = runner.invoke(main, ["models", "rm", pkg.id[:8]])
     assert res.exit_code != 0 and "no cached model" in res.output
+
+
+def test_channels_last_onnx_and_trace_of_a_loaded_model(tmp_path):
+    """A TensorFlow-style N,H,W,C input: images are fed channels-last, sizes override H,W."""
+    class NHWC(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(F.relu(self.c(x.permute(0, 3, 1, 2))), 1).flatten(1)
+    model = NHWC().eval()
+    path = tmp_path / "nhwc.onnx"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 20, 24, 3),), str(path), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {1: "h", 2: "w"}})
+    lm = meshdl.models.load(path, input_size="30x26")
+    assert lm.input_shape == (1, 30, 26, 3) and len(lm.mean) == 3
+    from meshdl.cli.infer_cmd import sample_image
+    x = lm.image(sample_image())
+    assert tuple(x.shape) == (1, 30, 26, 3)
+    assert close(lm.module(x), ort_run(path, x)) and close(lm.module(x), model(x))
+    g = meshdl.trace(lm)                     # a LoadedModel traces at its own shape
+    assert g.input_shape == (1, 30, 26, 3)

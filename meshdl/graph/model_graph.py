@@ -445,7 +445,12 @@ def _merge(have: Region | None, add: Region) -> Region:
     return have if add.is_empty() else have.union(add)
 
 
-def trace(model: nn.Module, input_shape: Sequence[int] = (1, 3, 224, 224),
+def trace(model: nn.Module, input_shape: Sequence[int] | None = None,
           name: str | None = None) -> ModelGraph:
-    """Trace ``model`` (torch.fx + shape propagation) into a ModelGraph."""
-    return ModelGraph(model, input_shape, name=name)
+    """Trace ``model`` (torch.fx + shape propagation) into a ModelGraph. ``model`` may
+    also be a ``meshdl.models.LoadedModel`` (a model file): its own input shape is the
+    default; otherwise the default is (1, 3, 224, 224)."""
+    if not isinstance(model, nn.Module) and hasattr(model, "input_shape"):   # LoadedModel
+        model, input_shape, name = (model.module, input_shape or model.input_shape,
+                                    name or model.name)
+    return ModelGraph(model, input_shape or (1, 3, 224, 224), name=name)

@@ -100,8 +100,13 @@ def load(model: str | Path, *, weights: str | Path | None = None,
                    text, shape, meta, labels, mean, std)
 
 
+def channels_last(shape: Sequence[int]) -> bool:
+    """A 4-D image input laid out N, H, W, C (TensorFlow-converted models)."""
+    return len(shape) == 4 and shape[3] in (1, 3) and shape[1] not in (1, 3)
+
+
 def _finish(module, name, kind, source, shape, meta, labels, mean, std) -> LoadedModel:
-    channels = shape[1] if len(shape) == 4 else 3
+    channels = (shape[3] if channels_last(shape) else shape[1]) if len(shape) == 4 else 3
     m = _floats(mean if mean is not None else meta.get("mean"), "mean", source) \
         or IMAGENET_MEAN
     s = _floats(std if std is not None else meta.get("std"), "std", source) or IMAGENET_STD
@@ -287,7 +292,9 @@ def prepare_image(source: Any, shape: Sequence[int], mean: Sequence[float],
     if len(shape) != 4:
         raise ImageError(f"the model takes a {len(shape)}-D input {tuple(shape)}, not an "
                          "image; pass a tensor")
-    _, c, h, w = (int(v) for v in shape)
+    nhwc = channels_last(shape)
+    _, c, h, w = (int(v) for v in ((shape[0], shape[3], shape[1], shape[2]) if nhwc
+                                   else shape))
     if c not in (1, 3):
         raise ImageError(f"the model takes {c} channels; images have 1 or 3: pass a tensor")
     img = imaging.open_image(source)
@@ -305,4 +312,6 @@ def prepare_image(source: Any, shape: Sequence[int], mean: Sequence[float],
     if arr.ndim == 2:
         arr = arr[:, :, None]
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    if nhwc:
+        return torch.from_numpy(np.ascontiguousarray(arr))[None]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]

@@ -190,7 +190,10 @@ def _input_shape(value_info, override, source: str) -> tuple[int, ...]:
     if override is not None:
         override = tuple(int(v) for v in override)
         if len(override) == 2 and len(shape) == 4:       # H x W
-            shape = [shape[0], shape[1], *override]
+            if shape[3] in (1, 3) and shape[1] not in (1, 3):    # N, H, W, C
+                shape = [shape[0], *override, shape[3]]
+            else:
+                shape = [shape[0], shape[1], *override]
         elif len(override) == len(shape):
             shape = list(override)
         else:
