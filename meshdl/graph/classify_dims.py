@@ -190,6 +190,12 @@ class ReduceSpec:
         fn = torch.amax if self.how == "amax" else torch.amin
         return fn(x, dim=self.dims, keepdim=True)
 
+    def identity(self, in_shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """The partial of a tile that owns no part of the map (0, -inf or +inf)."""
+        shape = [1 if d in self.dims else int(n) for d, n in enumerate(in_shape)]
+        fill = {"sum": 0.0, "mean": 0.0, "amax": float("-inf"), "amin": float("inf")}
+        return like.new_full(shape, fill[self.how])
+
     def combine(self, partials: Sequence[torch.Tensor]) -> torch.Tensor:
         """The op's exact output from all tiles' partials (in tile order)."""
         acc = partials[0]

@@ -97,7 +97,7 @@ class TileRun:
                 s = op.inputs[0]
                 own = plan.owned[i]
                 if own.is_empty():
-                    partials[i] = None
+                    partials[i] = op.rule.reduce.identity(g._shape(s), self._proto)
                 else:
                     t, held = env[s]
                     partials[i] = op.rule.reduce.partial(crop(t, held, own))
@@ -149,6 +149,34 @@ def combine(g: ModelGraph, tiles_partials: Sequence[Partials]) -> dict[int, torc
     return out
 
 
+def pack(g: ModelGraph, ops: Sequence[int], partials: Partials) -> torch.Tensor:
+    """One exchange's partials as one flat tensor (ops in the given order): the piece a
+    task sends to each peer."""
+    return torch.cat([partials[i].reshape(-1) for i in ops]) if ops else torch.zeros(0)
+
+
+def unpack(g: ModelGraph, ops: Sequence[int], flat: torch.Tensor) -> Partials:
+    """The inverse of ``pack``; the sizes come from the graph, so a malformed piece is
+    refused (PlanError) rather than misread."""
+    out: Partials = {}
+    at = 0
+    for i in ops:
+        op = g.ops[i]
+        shape = [1 if d in op.rule.reduce.dims else int(n)
+                 for d, n in enumerate(g._shape(op.inputs[0]))]
+        n = 1
+        for v in shape:
+            n *= v
+        if at + n > flat.numel():
+            raise PlanError(f"a partials piece of {flat.numel()} values is too short for "
+                            f"reduce op {op.name}")
+        out[i] = flat.reshape(-1)[at:at + n].reshape(shape)
+        at += n
+    if at != flat.numel():
+        raise PlanError(f"a partials piece holds {flat.numel()} values, expected {at}")
+    return out
+
+
 def run_stage_phased(g: ModelGraph, a: int, b: int,
                      tiles: Sequence[tuple[torch.Tensor, Region | None, Region]]
                      ) -> list[torch.Tensor]:
@@ -162,4 +190,5 @@ def run_stage_phased(g: ModelGraph, a: int, b: int,
     return [r.step() for r in runs]
 
 
-__all__ = ["TileRun", "combine", "run_stage_phased", "MAP", "VECTOR", "REDUCE"]
+__all__ = ["TileRun", "combine", "pack", "unpack", "run_stage_phased", "MAP", "VECTOR",
+           "REDUCE"]

@@ -41,6 +41,7 @@ from meshdl.node.executor import (Worker, compute_task, tensor_to_wire, warm,
                                   wire_to_tensor)
 from meshdl.node.flow import Acker, ReceiveLog, ReliableSender, Transfer
 from meshdl.node.relay import Relay
+from meshdl.node.phases import PhaseRunner, parse_partial
 from meshdl.wire import topics
 from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_frames
 from meshdl.wire.compress import CodecPolicy
@@ -82,6 +83,10 @@ class DataPlane:
         self.jobs = J.JobTable(ttl_s=job_ttl_s)
         self.compute = Worker(f"compute-{self.node_id}")
         self.io = Worker(f"io-{self.node_id}")
+        self.phased = PhaseRunner(      # tasks of stages with reduce points (issue 9)
+            self.node_id, lambda job, plan, piece, dev, t, src, dst: self.send_piece(
+                job, plan, piece, dev, tensor_to_wire(t), src, dst),
+            self.compute.submit, self._finish_task, self._fail)
         self._nacked: dict[tuple[str, str], float] = {}
         self._waiting: dict[str, list[tuple[float, tuple, np.ndarray]]] = {}
         self._plans: dict[str, Plan] = {}
@@ -369,6 +374,8 @@ class DataPlane:
                 if plan.sink != self.node_id:
                     raise PlanError(f"output {piece} sent to {self.node_id}, not the sink")
                 self._on_output(st, src, arr)
+            elif parse_partial(piece) is not None:      # a reduce point's partials
+                self.phased.on_partial(st, src, dst, parse_partial(piece), wire_to_tensor(arr))
             else:
                 self._on_task_input(st, plan.task(dst), src, arr)
         except (MeshdlError, KeyError, ValueError) as exc:
@@ -423,6 +430,11 @@ class DataPlane:
         try:
             g = self.graphs.for_plan(plan)
             tensors = [(None if len(a.shape) != 4 else r, wire_to_tensor(a)) for r, a in pieces]
+            if plan.stages[task.stage].phases > 1:     # reduce points: phased (issue 9)
+                stage = plan.stages[task.stage]
+                self.phased.start(st, g, task, assemble(g.tensor_shape(stage.start),
+                                                        task.in_region, tensors))
+                return
             wall0, t0 = time.time(), time.monotonic()
             y = compute_task(g, plan, task, tensors)
             compute_s = time.monotonic() - t0
@@ -433,6 +445,20 @@ class DataPlane:
         except MeshdlError as exc:
             self._fail(st.job, plan, f"task {task.id} failed on {self.node_id}: {exc}")
             return
+        self._after_task(st, task, y, timing)
+
+    def _finish_task(self, st: J.JobState, task: Task, y: torch.Tensor, compute_s: float,
+                     t0: float) -> None:
+        """The last phase of a phased task is done (``meshdl.node.phases``)."""
+        wall0 = time.time() - (time.monotonic() - t0)
+        paced = pace(t0, task.flops, self.ctx.device().flops,
+                     f"{self.node_id} task {task.id}") if self.emulate else compute_s
+        self._after_task(st, task, y, J.TaskTiming(task.id, task.stage, self.node_id, wall0,
+                                                   time.time(), compute_s, paced))
+
+    def _after_task(self, st: J.JobState, task: Task, y: torch.Tensor,
+                    timing: J.TaskTiming) -> None:
+        plan = st.plan
         self.stats["tasks"] += 1
         self._status(st.job, "task", json.dumps(timing.to_dict()), plan.term)
         held = task.out_region if task.out_region is not None else (
@@ -507,6 +533,7 @@ class DataPlane:
         elif self.jobs.ended(job):
             return
         log.warning("job %s failed on %s: %s", job, self.node_id, msg)
+        self.phased.forget(job)
         self.jobs.end(job)
         self.sender.cancel_job(job)
         self._status(job, "failed", msg, plan.term)
