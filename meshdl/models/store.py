@@ -198,10 +198,21 @@ def graph_spec(gm) -> tuple[list, dict[str, Any]]:
     return nodes, tensors
 
 
-_METHODS = frozenset({"reshape", "view", "permute", "transpose", "t", "flatten", "squeeze",
-                      "unsqueeze", "expand", "repeat", "to", "float", "contiguous", "mean",
-                      "sum", "softmax", "size", "clone", "__getitem__", "relu", "sigmoid",
-                      "tanh", "clamp", "add", "mul", "sub", "div", "abs", "neg", "exp"})
+_DUNDER_OK = frozenset({"__getitem__", "__add__", "__radd__", "__sub__", "__rsub__",
+                        "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__neg__",
+                        "__matmul__", "__pow__", "__and__", "__or__", "__invert__"})
+_METHOD_DENY = frozenset({"set_", "resize_", "resize_as_", "storage", "untyped_storage",
+                          "share_memory_", "data_ptr", "pin_memory", "record_stream",
+                          "cuda", "to_sparse", "backward", "register_hook", "retain_grad",
+                          "requires_grad_", "apply_", "map_", "map2_", "tolist", "numpy"})
+
+
+def _method_ok(name: str) -> bool:
+    """A Tensor method a shipped graph may call: public compute methods only."""
+    import torch
+    if name in _METHOD_DENY or not hasattr(torch.Tensor, name):
+        return False
+    return not name.startswith("_") or name in _DUNDER_OK
 
 
 def build_module(manifest: dict, tensors: dict[str, Any]):
@@ -233,7 +244,7 @@ def build_module(manifest: dict, tensors: dict[str, Any]):
             env[n["name"]] = graph.call_function(_resolve(n["target"], table),
                                                  _dec(n["args"], env), _dec(n["kwargs"], env))
         elif op == "call_method":
-            if n["target"] not in _METHODS:
+            if not _method_ok(str(n["target"])):
                 raise ModelError(f"model graph calls method .{n['target']}(), not on "
                                  "meshdl's allow-list")
             env[n["name"]] = graph.call_method(n["target"], _dec(n["args"], env),
@@ -305,6 +316,10 @@ def package(lm) -> Package:
         table[name] = {"dtype": dtype, "shape": [int(s) for s in t.shape], "sha256": h,
                        "bytes": len(data)}
         blobs[h] = data
+    for n in nodes:
+        if n["op"] == "call_method" and not _method_ok(n["target"]):
+            raise ModelError(f"{lm.source}: the graph calls .{n['target']}(), which meshdl "
+                             "does not ship to other devices")
     manifest = {"format": FORMAT, "graph": nodes, "tensors": table,
                 "input_shape": [int(v) for v in lm.input_shape],
                 "meta": {"name": lm.name, "kind": lm.kind, "origin": lm.source,
