@@ -103,3 +103,16 @@ def test_snapshot_agreement():
     assert s.agreed()
     s.telemetry["b"] = Telemetry("b", 0, extra={**view, "term": 1})
     assert not s.agreed() and s.agreed(["a"])
+
+
+def test_graph_cache_keeps_one_weight_copy_per_model():
+    """Every input shape of a model is traced from one built module: the weights exist
+    once per node, however many shapes clients ask for; the LRU bounds the graphs."""
+    from meshdl.node.graphs import GraphCache
+    gc = GraphCache(max_graphs=3)
+    graphs = [gc.get("tiny_cnn", (1, 3, s, s)) for s in (32, 40, 48, 56)]
+    assert len({id(g.module) for g in graphs}) == 1
+    ptrs = {p.data_ptr() for g in graphs for p in g.module.parameters()}
+    assert len(ptrs) == len(list(graphs[0].module.parameters()))
+    assert len(gc._graphs) == 3                     # LRU bound on traced graphs
+    assert graphs[1].input_shape == (1, 3, 40, 40) and graphs[3].input_shape == (1, 3, 56, 56)

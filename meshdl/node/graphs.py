@@ -1,5 +1,10 @@
 """Traced models on a node: built by name and traced once per (model, input shape) per
-process, shared by the leader's planner and the data plane. torch loads on first use."""
+process, shared by the leader's planner and the data plane. torch loads on first use.
+
+One weight copy per model per node: the module of a model is built once and every
+input shape is traced from that same module (a traced graph references the
+module's parameters, it does not copy them), so 24 input shapes of resnet18 cost
+one set of weights plus 24 small graphs, not 24 models."""
 from __future__ import annotations
 
 import logging
@@ -14,11 +19,18 @@ from meshdl.graph.plan import Plan
 log = logging.getLogger(__name__)
 
 
-def build_traced(model: str, input_shape: tuple[int, ...]):
-    """Build model ``model`` (pretrained when weights ship offline) and trace it."""
+def build_module(model: str):
+    """Build model ``model`` (pretrained when weights ship offline), in eval mode."""
     import meshdl
     info = meshdl.models.info(model)
     net = meshdl.models.build(model, pretrained=info.pretrained_available)
+    return net.eval()
+
+
+def build_traced(model: str, input_shape: tuple[int, ...], module=None):
+    """Trace ``module`` (default: a fresh build of ``model``) at ``input_shape``."""
+    import meshdl
+    net = module if module is not None else build_module(model)
     return meshdl.trace(net, tuple(input_shape), name=model)
 
 
@@ -27,9 +39,13 @@ class GraphCache:
     ``max_graphs`` kept (least recently used dropped: requested input shapes are
     bounded per request, not in number)."""
 
-    def __init__(self, builder: Callable = build_traced, max_graphs: int = 16) -> None:
+    def __init__(self, builder: Callable = build_traced, max_graphs: int = 16,
+                 max_models: int = 4) -> None:
         self._builder = builder
         self.max_graphs = max_graphs
+        self.max_models = max_models
+        self._modules: OrderedDict[str, object] = OrderedDict()   # model -> built module
+        self._module_lock = threading.Lock()
         self._graphs: OrderedDict[tuple, object] = OrderedDict()
         self._locks: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -58,7 +74,9 @@ class GraphCache:
                 g = self._graphs.get(key)
             if g is None:
                 t0 = time.perf_counter()
-                g = self.models.trace(*key) if self._user(model) else self._builder(*key)
+                g = (self.models.trace(*key) if self._user(model) else
+                     self._builder(*key, module=self._module(model))
+                     if self._builder is build_traced else self._builder(*key))
                 log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
                 with self._lock:
                     self._graphs[key] = g
@@ -67,6 +85,21 @@ class GraphCache:
                         self._locks.pop(old, None)
                         log.info("dropped the traced graph of %s at %s (cache full)", *old)
             return g
+
+    def _module(self, model: str):
+        """The one built module of ``model`` (weights shared by all its shapes); at most
+        ``max_models`` kept, least recently used dropped."""
+        with self._module_lock:
+            net = self._modules.get(model)
+            if net is None:
+                net = build_module(model)
+                self._modules[model] = net
+                while len(self._modules) > self.max_models:
+                    old, _ = self._modules.popitem(last=False)
+                    log.info("dropped the built module of %s (more than %d models)", old,
+                             self.max_models)
+            self._modules.move_to_end(model)
+            return net
 
     def for_plan(self, plan: Plan):
         g = self.get(plan.model, plan.input_shape)

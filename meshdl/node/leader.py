@@ -204,10 +204,10 @@ class LeaderDuties:
                 if again:
                     for plan in list(self._issued.values()):
                         self._publish(plan)
+                if job is not None:          # a waiting client first, then the rest
+                    self._answer(job)
                 if dirty:
                     self._refresh()
-                if job is not None:
-                    self._answer(job)
             except Exception:
                 log.exception("leader %s (term %d): planning failed; will retry on the next "
                               "change", self.me, self.term)
@@ -315,7 +315,18 @@ class LeaderDuties:
         try:
             req = StandingRequest.from_job(job, default)
             self._remember(req)
-            self._refresh()
+            mesh = self._live_mesh()
+            if self._planned_mesh is None or set(mesh.devices) != set(
+                    self._planned_mesh.devices):
+                # members changed (a fail-over, a device gone): answer the waiting job on
+                # the live mesh first; the other standing requests are re-planned next
+                pid = self._publish(self._plan(req, mesh))
+                self._current[req] = pid
+                with self._cv:
+                    if self._dirty_at is None:
+                        self._dirty_at = time.monotonic() - self._debounce
+            else:
+                self._refresh()
             pid = self._current.get(req)
             if pid is None:
                 pid = self._publish(self._plan(req, self._planned_mesh or self._live_mesh()))
