@@ -30,6 +30,7 @@ import numpy as np
 from meshdl.security.bounds import sanitise
 from meshdl.errors import JobError, MeshdlError, TransportError, WireError
 from meshdl.graph.plan import Plan
+from meshdl.node import jobproto as jp
 from meshdl.node import jobs as J
 from meshdl.node.emulation import Links
 from meshdl.node.flow import ReliableSender
@@ -84,6 +85,7 @@ class _Attempt:
         self.events: queue.Queue = queue.Queue()
         self.tasks: dict[str, dict] = {}
         self.input_at: float | None = None      # source's report: when it held the input
+        self.result: Any = None                  # the sink's JobResult
 
 
 class MeshClient:
@@ -287,6 +289,7 @@ class MeshClient:
             try:
                 t = json.loads(st.detail)
                 a.tasks[str(t["task"])] = t
+                a.events.put(("task", str(t["task"])))
             except (ValueError, KeyError, TypeError):
                 log.debug("malformed task report for %s", job)
             return
@@ -411,23 +414,6 @@ class MeshClient:
                     return d, now - at
         return None
 
-    def _stuck(self, a: _Attempt, plan: Plan, what: str) -> str:
-        """Name what a job that made no answer was waiting for."""
-        tasks = [t for s in plan.stages for t in s.tasks]
-        missing = sorted({t.device for t in tasks if t.id not in a.tasks})
-        return (f"job {a.job} (plan {plan.plan_id}): {what}; {len(a.tasks)}/{len(tasks)} tasks "
-                f"reported" + (f", waiting on {', '.join(missing)}" if missing else
-                               f", waiting on the sink {plan.sink}"))
-
-    def _wait(self, a: _Attempt, deadline: float, what: str) -> tuple[str, Any]:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Retry(f"deadline passed while waiting for {what}")
-        try:
-            return a.events.get(timeout=left)
-        except queue.Empty:
-            raise _Retry(f"no {what} before the deadline") from None
-
     def _run_attempt(self, a: _Attempt, x: Any, model: str, strategy: str, alpha: float,
                      source: str | None, sink: str | None, deadline: float,
                      objective: str | None = None) -> InferResult:
@@ -462,31 +448,13 @@ class MeshClient:
         t_send = time.time()
         self._sender.send(a.job, piece, plan.source, [self.client_id, plan.source], frames,
                           0.05, lambda msg: a.events.put(("failed", msg)))
-        t_wait = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise _Retry(self._stuck(a, plan, "no answer before the deadline"))
-            try:
-                kind, val = a.events.get(timeout=min(0.25, deadline - now))
-            except queue.Empty:
-                silent = self._silent(plan, t_wait)
-                if silent is not None:
-                    raise _Retry(f"device {silent[0]} of plan {pid} stopped responding (no "
-                                 f"heartbeat for {silent[1]:.1f} s) during job {a.job}")
-                continue
-            if kind == "result":
-                break
-            if kind == "offline" and val in plan.devices():
-                raise _Retry(f"device {val} of plan {pid} went offline during job {a.job}")
-            if kind == "cleared" and val == pid and not a.tasks:
-                raise _Retry(f"the leader superseded plan {pid} before job {a.job} started "
-                             "(the members or links changed)")
-            if kind == "failed":
-                raise _Retry(val.detail if isinstance(val, JobStatus) else str(val))
+        st = jp.Attempt(a.job, time.monotonic(), deadline, jp.Params(RESEND_S, NO_MESH_S),
+                        phase=jp.PLANNED, plan_id=pid)
+        st, effects = jp.step(st, jp.InputSent(tuple(plan.devices()),
+                                               sum(len(s.tasks) for s in plan.stages)))
+        self._drive(a, st, effects, plan=plan)
+        val = a.result
         t_done = time.time()
-        if not val.ok:
-            raise _Retry(val.error or "the sink reported a failure")
         output = _tensor(val.result)
         want = sum(len(s.tasks) for s in plan.stages)
         grace = time.monotonic() + 0.5          # task reports may trail the answer
@@ -503,40 +471,81 @@ class MeshClient:
 
     def _request(self, a: _Attempt, model: str, strategy: str, opts: dict,
                  deadline: float) -> str:
-        """Publish the request until the leader answers; re-send it after RESEND_S
-        without a "planned" and at once when the leader changes (a request sent
-        during a fail-over reaches nobody). Returns the plan id."""
+        """Publish the request until the leader answers (``jobproto``: re-sent every
+        RESEND_S without a "planned" and at once when the leader changes). Returns the
+        plan id; raises JobError if the job cannot run, _Retry for a fresh attempt."""
         topic = topics.job(self.mesh, a.job, "request")
-        t0 = time.monotonic()
-        sent = 0
-        next_send = t0
+
+        def send() -> None:
+            req = JobRequest(a.job, self.client_id, model, strategy,
+                             deadline_s=max(0.0, deadline - time.monotonic()), options=opts)
+            self.bus.publish(topic, encode_control(req), qos=1)
+        with self._lock:
+            leader = self._leader[0] if self._leader else None
+        st, effects = jp.start(a.job, time.monotonic(), deadline, leader,
+                               jp.Params(RESEND_S, NO_MESH_S))
+        _, pid = self._drive(a, st, effects, send)
+        return pid
+
+    def _drive(self, a: _Attempt, st: "jp.Attempt", effects: list, send=None,
+               plan: Plan | None = None) -> tuple["jp.Attempt", str]:
+        """Run the attempt's state machine on what the client sees until it asks to
+        send the input (returns its plan id) or finishes (done: returns "")."""
+        t_wait = time.monotonic()
         while True:
+            for eff in effects:
+                if isinstance(eff, jp.SendRequest) and send is not None:
+                    send()
+                elif isinstance(eff, jp.StartInput):
+                    return st, eff.plan_id
+                elif isinstance(eff, jp.Finish):
+                    if eff.phase == jp.DONE:
+                        return st, ""
+                    if eff.phase == jp.FAILED:
+                        raise JobError(eff.reason)
+                    raise _Retry(eff.reason)
             now = time.monotonic()
-            if now >= next_send:
-                req = JobRequest(a.job, self.client_id, model, strategy,
-                                 deadline_s=max(0.0, deadline - now), options=opts)
-                self.bus.publish(topic, encode_control(req), qos=1)
-                sent += 1
-                next_send = now + RESEND_S
-            why = self._no_mesh()
-            if why is not None and now - t0 >= NO_MESH_S:
-                raise JobError(why)
-            if now >= deadline:
-                with self._lock:
-                    leader = self._leader
-                who = f"{leader[0]} of term {leader[1]}" if leader else "none known"
-                raise _Retry(f"no answer from the leader ({who}) to {sent} request(s)")
             try:
-                kind, val = a.events.get(timeout=max(0.0, min(next_send, deadline, now + 0.25)
-                                                     - now))
+                kind, val = a.events.get(timeout=max(0.0, min(0.25, st.deadline - now)))
+                ev = self._event(a, st, kind, val)
             except queue.Empty:
-                continue
-            if kind == "planned":
-                return val.detail
-            if kind == "failed":
-                raise JobError(f"the leader refused job {a.job}: {val.detail}")
-            if kind == "leader":
-                next_send = time.monotonic()       # a new leader: ask it now
+                ev = None
+            now = time.monotonic()
+            evs = [] if ev is None else [ev]
+            if st.phase == jp.REQUESTING and now - st.started >= NO_MESH_S:
+                why = self._no_mesh()
+                if why is not None:
+                    evs.append(jp.NoMesh(why))
+            if st.phase == jp.RUNNING and plan is not None:
+                silent = self._silent(plan, t_wait)
+                if silent is not None:
+                    evs.append(jp.Silent(*silent))
+            evs.append(jp.Tick(now))
+            effects = []
+            for ev in evs:
+                st, more = jp.step(st, ev)
+                effects += more
+
+    def _event(self, a: _Attempt, st: "jp.Attempt", kind: str, val: Any):
+        """What the client saw, as a job protocol event (None: nothing for it)."""
+        if kind == "planned":
+            return jp.JobPlanned(val.detail, val.term)
+        if kind == "failed":
+            if isinstance(val, JobStatus):
+                return jp.JobFailed(val.detail, by_leader=st.phase == jp.REQUESTING)
+            return jp.JobFailed(str(val))
+        if kind == "leader":
+            return jp.LeaderSeen(val[0], val[1]) if val else jp.LeaderSeen(None)
+        if kind == "offline":
+            return jp.Offline(val)
+        if kind == "cleared":
+            return jp.PlanCleared(val)
+        if kind == "task":
+            return jp.TaskReport(val)
+        if kind == "result":
+            a.result = val
+            return jp.Result(bool(val.ok), val.error or "")
+        return None
 
     # ------------------------------------------------------------ streams
     def stream(self, frames: Any, model: str = "efficientnet_lite0", *,

@@ -100,6 +100,11 @@ class DataPlane:
         self.stats = {"pieces_in": 0, "dropped": 0, "fenced": 0, "tasks": 0}
         self.slow_handler_s = 0.0      # tests: make this node a slow consumer
 
+    def _bump(self, counter: str) -> None:
+        """Counters are bumped from the dispatcher and the worker threads: locked."""
+        with self._lock:
+            self.stats[counter] += 1
+
     # ================================================================ hooks
     def start(self) -> None:
         if self.emulate and self._set_threads:
@@ -224,14 +229,14 @@ class DataPlane:
         try:
             step = topics.next_hop(topic, self.node_id)
         except WireError as exc:
-            self.stats["dropped"] += 1
+            self._bump("dropped")
             log.warning("%s dropped a message on %r: %s", self.node_id, topic[:120], exc)
             return
         if not step.consume:
             why = relay_refusal(topics.parse_route(topic)[1], set(self._live_mesh().devices),
                                 {s.job for s in self.jobs.active()}, step.job)
             if why is not None:                  # bounded relaying (meshdl.security)
-                self.stats["dropped"] += 1
+                self._bump("dropped")
                 log.warning("%s refused to relay %s/%s: %s", self.node_id,
                             sanitise(step.job), sanitise(step.piece), why)
                 return
@@ -243,7 +248,7 @@ class DataPlane:
                 raise WireError(f"frame names {frame.job}/{frame.piece} but came on the topic "
                                 f"of {step.job}/{step.piece}")
         except WireError as exc:
-            self.stats["dropped"] += 1
+            self._bump("dropped")
             log.warning("%s dropped a frame on %s: %s", self.node_id, topic[:120], exc)
             return
         if frame.term < self.ctx.term():
@@ -256,7 +261,7 @@ class DataPlane:
             self.links.downlink(len(payload), frame.chunk == 0, lambda: self._on_piece(frame))
 
     def _fenced(self, frame) -> None:
-        self.stats["fenced"] += 1
+        self._bump("fenced")
         log.info("%s dropped %s/%s of term %d (current term %d)", self.node_id, frame.job,
                  frame.piece, frame.term, self.ctx.term())
         st = self.jobs.peek(frame.job)
@@ -277,19 +282,19 @@ class DataPlane:
         try:
             arr = self.reasm.add(frame)
         except WireError as exc:
-            self.stats["dropped"] += 1
+            self._bump("dropped")
             log.warning("%s dropped a chunk of %s/%s: %s", self.node_id, *key, exc)
             return
         if arr is None:
             return
-        self.stats["pieces_in"] += 1
+        self._bump("pieces_in")
         meta = (frame.job, frame.piece, frame.src_task, frame.dst_task, frame.term)
         plan = self._plan(J.plan_of_piece(frame.piece))
         if plan is None:
             with self._lock:        # bounded: pieces for plans not (yet) adopted
                 held = sum(a.nbytes for w in self._waiting.values() for _, _, a in w)
                 if held + arr.nbytes > MAX_WAITING_BYTES:
-                    self.stats["dropped"] += 1
+                    self._bump("dropped")
                     log.warning("%s dropped %s/%s for unknown plan %s: already holding %d "
                                 "bytes for plans not adopted", self.node_id,
                                 sanitise(frame.job), sanitise(frame.piece),
@@ -379,7 +384,7 @@ class DataPlane:
             else:
                 self._on_task_input(st, plan.task(dst), src, arr)
         except (MeshdlError, KeyError, ValueError) as exc:
-            self.stats["dropped"] += 1
+            self._bump("dropped")
             log.warning("%s dropped piece %s/%s: %s", self.node_id, job, piece, exc)
 
     # ================================================================ roles
@@ -459,7 +464,7 @@ class DataPlane:
     def _after_task(self, st: J.JobState, task: Task, y: torch.Tensor,
                     timing: J.TaskTiming) -> None:
         plan = st.plan
-        self.stats["tasks"] += 1
+        self._bump("tasks")
         self._status(st.job, "task", json.dumps(timing.to_dict()), plan.term)
         held = task.out_region if task.out_region is not None else (
             Region.full(y.shape) if y.dim() == 4 else None)

@@ -34,6 +34,12 @@ def build_traced(model: str, input_shape: tuple[int, ...], module=None):
     return meshdl.trace(net, tuple(input_shape), name=model)
 
 
+# torch.fx patches torch.nn.Module.__call__ process-wide while it traces: two traces at
+# once (the leader planning, the data plane warming) corrupt each other and can leave a
+# shared module unusable, so a process traces one graph at a time
+_TRACING = threading.Lock()
+
+
 class GraphCache:
     """(model, input shape) -> ModelGraph, built once per process, thread-safe; at most
     ``max_graphs`` kept (least recently used dropped: requested input shapes are
@@ -74,9 +80,10 @@ class GraphCache:
                 g = self._graphs.get(key)
             if g is None:
                 t0 = time.perf_counter()
-                g = (self.models.trace(*key) if self._user(model) else
-                     self._builder(*key, module=self._module(model))
-                     if self._builder is build_traced else self._builder(*key))
+                with _TRACING:
+                    g = (self.models.trace(*key) if self._user(model) else
+                         self._builder(*key, module=self._module(model))
+                         if self._builder is build_traced else self._builder(*key))
                 log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
                 with self._lock:
                     self._graphs[key] = g
