@@ -375,8 +375,10 @@ def main_netns(args) -> None:
     out = Path(args.out)
     topologies = args.topologies.split(",") if args.topologies else TOPOLOGIES
     models = args.models.split(",") if args.models else MODELS
-    rows = bench_star(topologies, models, args.runs, out, max_k=args.max_time_scale)
-    print(write_star(out, rows, " ".join(["python tools/bench_mesh.py", *sys.argv[1:]])))
+    cmd = " ".join(["python tools/bench_mesh.py", *sys.argv[1:]])
+    rows = bench_star(topologies, models, args.runs, out, max_k=args.max_time_scale,
+                      on_rows=lambda r: write_star(out, r, cmd))
+    print(write_star(out, rows, cmd))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
              log_dir: Path) -> dict:
     """{model: (measured_s list in real units, plan)} for one mesh."""
     import torch
+    import meshdl
     from meshdl.client import MeshClient
     from meshdl.node.launcher import MeshUp
     from meshdl.node.netns import in_netns
@@ -124,10 +125,14 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
         try:
             x = torch.randn(1, 3, 224, 224)
             for model in models:
-                c.infer(x, model=model, alpha=1.0, timeout=1200)       # warm-up
+                try:
+                    c.infer(x, model=model, alpha=1.0, timeout=300)     # warm-up
+                except meshdl.MeshdlError as exc:                      # once more
+                    log.warning("%s %s warm-up failed (%s); again", mode, model, exc)
+                    c.infer(x, model=model, alpha=1.0, timeout=300)
                 for f in log_dir.glob("*.log"):       # count the timed jobs' warnings only
                     f.with_suffix(".warm").write_text(f.read_text(errors="replace"))
-                res = [c.infer(x, model=model, alpha=1.0, timeout=1200) for _ in range(runs)]
+                res = [c.infer(x, model=model, alpha=1.0, timeout=300) for _ in range(runs)]
                 meas = [(r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s)
                         / k for r in res]
                 out[model] = (meas, res[-1].plan, {r.plan.plan_id for r in res})
@@ -139,7 +144,7 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
 
 def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                modes: tuple[str, ...] = ("netns", "emulator"),
-               max_k: float = 1e4) -> list[dict]:
+               max_k: float = 1e4, on_rows=None) -> list[dict]:
     import meshdl
     rows = []
     real = {m: real_forward_s(m) for m in models}
@@ -192,6 +197,8 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                     "pacing_warnings_mesh": results[mode]["_pacing"],
                     "k_wanted": want})
                 log.info("%s", rows[-1])
+            if on_rows is not None:
+                on_rows(rows)            # partial results survive an interrupted run
     return rows
 
 
