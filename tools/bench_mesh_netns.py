@@ -236,8 +236,8 @@ def write_star(out: Path, rows: list[dict], cmd: str) -> str:
         lines.append(f"| {mesh} | {model} | {a['time_scale']:g} | {a['plan']} | "
                      f"{f(n, 'measured_s')} | {f(e, 'measured_s')} | {a['predicted_s']} | "
                      f"{f(n, 'ratio')} | {f(e, 'ratio')} | {a['best_single']} "
-                     f"({a['best_single_pred_s']}) | {f(n, 'speedup_measured')} | "
-                     f"{f(e, 'speedup_measured')} | {f(n, 'share_of_ideal')} | "
+                     f"({a['best_single_pred_s']}) | {f(n, 'vs_best_single')} | "
+                     f"{f(e, 'vs_best_single')} | {f(n, 'share_of_ideal')} | "
                      f"{f(n, 'pacing_warnings_mesh')}/{f(e, 'pacing_warnings_mesh')} |")
     if rows:
         for mode in ("netns", "emulator"):
