@@ -80,7 +80,10 @@ def start(broker, mesh_name, username, password, password_file, tls_ca, bundle, 
                      strategy=strategy, alpha=alpha, state_dir=state_dir,
                      compression=compression, time_scale=time_scale,
                      shaped_links=shaped_links,
-                     timing=replace(Timing(), telemetry_period=telemetry_period))
+                     timing=replace(Timing(), telemetry_period=telemetry_period,
+                                    # a mesh K times slower: liveness waits K times longer
+                                    stall_after=Timing().stall_after * (
+                                        max(1.0, time_scale) if emulate else 1.0)))
     agent = NodeAgent(cfg, dataplane=not no_dataplane)
     stop = threading.Event()
 

@@ -214,6 +214,12 @@ class Namespaces:
                 self._add_ns(port.namespace)
                 run(["ip", "link", "add", port.veth_broker, "netns", br, "type", "veth",
                      "peer", "name", port.veth_device, "netns", port.namespace])
+                # no GSO/TSO: a 64 KB super-packet would pass htb at once after idle
+                # (a short probe then saw the link far faster than its rate)
+                for ns_, dev_ in ((br, port.veth_broker),
+                                  (port.namespace, port.veth_device)):
+                    run(["ip", "-n", ns_, "link", "set", dev_, "gso_max_size", "1500",
+                         "gso_max_segs", "1"])
                 run(["ip", "-n", br, "link", "set", port.veth_broker, "master", "br0"])
                 run(["ip", "-n", br, "link", "set", port.veth_broker, "up"])
                 run(["ip", "-n", port.namespace, "addr", "add", f"{port.address}/16", "dev",

@@ -36,8 +36,8 @@ BIG_PAD = 64 << 10
 PROBE_TIMEOUT = 1.0
 MIN_EXTRA_S = 0.002        # the probe cannot resolve a rate whose extra time is below this
 BIG_TIMEOUT = 3.0          # a padded probe slower than this: the link is at most pad/this
-MIN_PAD = 4 << 10
-TARGET_EXTRA_S = 0.1       # padding sized so a probe adds ~this much on the last rate
+MIN_PAD = 16 << 10
+TARGET_EXTRA_S = 0.05      # padding sized so a probe adds ~this much on the last rate
 SAMPLES = 3                # median of the last probes per peer
 BROKER = "@broker"
 
