@@ -216,3 +216,32 @@ def test_simulator_costs_the_partials_exchange_as_transfers():
             if tr["dst"] == f"s0t{i}#p1" and tr["hops"]:
                 assert start >= tr["hops"][-1][3] - 1e-12
         assert start >= max(names[f"s0t{j}"][2] for j in range(4)) - 1e-12
+
+
+def norm_global(x):
+    return x / x.abs().amax()
+
+
+torch.fx.wrap("norm_global")
+
+
+def test_unknown_elementwise_ops_and_spatial_slices_tile_exactly():
+    class Exotic(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.c = nn.Conv2d(3, 8, 3, padding=1)
+            s.p = nn.ZeroPad2d((1, 0, 1, 0))
+            s.d = nn.Conv2d(8, 8, 3, stride=2)
+
+        def forward(s, x):
+            x = torch.erfinv(torch.tanh(s.c(x)) * 0.5)        # probed: elementwise
+            y = s.d(s.p(x))[:, :, 1:, 1:]                       # NASNet-style crop
+            z = F.avg_pool2d(x[..., 2:, 2:], 2, 2)
+            return norm_global(z + y)                           # global: runs whole
+
+    with pytest.warns(meshdl.SplitWarning, match="norm_global"):
+        err, g = worst_error(Exotic(), shape=(1, 3, 20, 20))
+    assert err <= 1e-6
+    kinds = {op.name: op.kind for op in g.ops}
+    assert kinds["getitem"] == "slice" and g.roles[[o.name for o in g.ops].index("erfinv")] == "map"
+    assert g.tiled_flops() / g.flops > 0.9

@@ -318,10 +318,39 @@ def _reduces(name: str, args) -> bool:
     return name in ("max", "min") and not (len(args) > 1 and isinstance(args[1], torch.Tensor))
 
 
+def _spatial_slice(index, in_shape) -> tuple[int, int, int, int] | None:
+    """``x[..., h0:h1, w0:w1]`` (steps of 1, other dims whole) as (top, bottom, left,
+    right) rows/columns cut off: a crop, i.e. padding by negative amounts."""
+    if not isinstance(index, tuple) or len(in_shape) < 3:
+        return None
+    full = slice(None, None, None)
+    items = list(index)
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        items = [full] * (len(in_shape) - (len(items) - 1)) + items[k + 1:] \
+            if k == 0 else items[:k] + [full] * (len(in_shape) - len(items) + 1) + items[k + 1:]
+    if len(items) != len(in_shape) or any(i != full for i in items[:-2]):
+        return None
+    out = []
+    for sl, n in zip(items[-2:], in_shape[-2:]):
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            return None
+        start, stop, _ = sl.indices(int(n))
+        if stop <= start:
+            return None
+        out += [start, int(n) - stop]
+    return out[0], out[1], out[2], out[3]
+
+
 def _dims_op(kind, pname, args, kwargs, in_shape, in_shapes, out_shape, call) -> OpInfo | None:
     """Channel-only ops and global reductions, decided by the dims they touch."""
     if out_shape is None:
         return None
+    if pname == "getitem" and len(in_shapes) == 1 and len(args) > 1:
+        cut = _spatial_slice(args[1], in_shape)
+        if cut is not None and cut != (0, 0, 0, 0):
+            top, bottom, left, right = cut
+            return OpInfo("slice", R.PadRule(in_shape, -left, -right, -top, -bottom), 0.0, 0)
     spec = global_reduce(pname, args, kwargs, in_shape, out_shape)
     if spec is not None and len(in_shapes) == 1:
         return _reduce(kind, spec, in_shape)
