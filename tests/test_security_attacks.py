@@ -334,3 +334,48 @@ def test_fuzzing_long(secure):
     alive(up)
     growth = {d: _rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
     assert max(growth.values()) < 150_000, growth
+
+
+def test_relays_cannot_read_the_pieces_they_carry(tmp_path):
+    """a-b-c-d line, source a, sink d: b and c relay the answer, sealed to d; b's own
+    keys (a relay's, or a thief's who stole b) do not open it, and the job is exact."""
+    from meshdl.client import MeshClient
+    from meshdl.mesh.loader import load_topology
+    from meshdl.node.launcher import MeshUp
+    from tests.test_dataplane import LINE_YAML
+    topo = tmp_path / "line.yaml"
+    topo.write_text(LINE_YAML)
+    mesh = load_topology(topo)
+    a = init_authority("line", tmp_path / "ca")
+    bundles = {d: write_bundle(a.issue(d, "device", mesh.devices[d].profile),
+                               tmp_path / f"{d}.bundle") for d in sorted(mesh.devices)}
+    for cl in ("w", "u"):
+        write_bundle(a.issue(cl, "client"), tmp_path / f"{cl}.bundle")
+    relay = Bundle.load(bundles["b"])
+    model = meshdl.models.build("tiny_cnn")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    got: list[tuple[str, bytes]] = []
+    with SecureBroker(a) as br:
+        with MeshUp(topo, broker=br.url, mesh="line", model="tiny_cnn", log_dir=tmp_path / "l",
+                    verbose=False, bundles=bundles, watch_bundle=tmp_path / "w.bundle") as up:
+            up.wait_ready(120)
+            with PahoBus(br.url, **relay.tls_files()) as spy, \
+                    MeshClient(br.url, "line", bundle=str(tmp_path / "u.bundle")) as c:
+                spy.subscribe("meshdl/v1/line/route/b/#",
+                              lambda t, p, r: got.append((t, bytes(p))), qos=1)
+                time.sleep(1.0)
+                r = c.infer(x, model="tiny_cnn", strategy="local", source="a", sink="d",
+                            timeout=90)
+    ref = model(x)
+    assert (r.output - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert r.plan.route(r.plan.stages[-1].tasks[0].device, "d") == ["a", "b", "c", "d"]
+    carried = [(t, p) for t, p in got if len(topics.parse_route(t)[1]) > 1 and p
+               and F.is_sealed(p) and F.peek(p).type == "piece"]
+    assert carried, f"b relayed no piece: {[t for t, _ in got]}"
+    cache = F.EntryCache(relay.mesh_pub, "line")
+    ring = F.KeyRing("line", "b", relay.seal_key)
+    for t, p in carried:
+        assert F.is_sealed(p)
+        _, hops, job, piece = topics.parse_route(t)
+        with pytest.raises(SecurityError, match="does not open"):
+            F.open_sealed(ring, cache, job, piece, p)

@@ -107,6 +107,8 @@ class SecureBus:
         return dataclasses.replace(will, payload=self.signed(will.topic, will.payload))
 
     def wrap(self, topic: str, payload: Any) -> bytes:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            payload = bytes(payload)               # e.g. a codec OutFrame
         if not len(payload):
             return payload                                # a clear of a retained record
         p = topics.parse(topic)
@@ -124,16 +126,18 @@ class SecureBus:
             return self.peers.get(ident)
 
     def _seal_route(self, p: topics.ParsedTopic, payload: Any) -> bytes:
-        from meshdl.wire.codec import decode_frame
+        from meshdl.wire.codec import _read_header      # the header only: no decompression
         dst = p.hops[-1]
         peer = self._peer(dst)
         if peer is None:
             raise SecurityError(f"cannot seal a piece for {dst!r}: no verified key of it yet "
                                 "(it has not announced itself on this mesh)")
-        data = bytes(payload)
-        fr = decode_frame(data, verify_crc=False)
-        pk = F.Peek(fr.TYPE, int(getattr(fr, "term", 0)), int(getattr(fr, "seq", 0)),
-                    int(getattr(fr, "chunk", 0)), int(getattr(fr, "nchunks", 1)))
+        data = payload if isinstance(payload, (bytes, bytearray)) else bytes(payload)
+        head = _read_header(data)[0]
+        chunk = head.get("chunk")
+        i, n = chunk if isinstance(chunk, list) and len(chunk) == 2 else (0, 1)
+        pk = F.Peek(str(head.get("type", "")), int(head.get("term") or 0),
+                    int(head.get("seq") or 0), int(i), int(n))
         self.sealed_out += 1
         return F.seal(self.ring, self._raw, self._sig, peer, p.job, p.piece, data, pk)
 
