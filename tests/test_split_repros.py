@@ -245,3 +245,30 @@ def test_unknown_elementwise_ops_and_spatial_slices_tile_exactly():
     kinds = {op.name: op.kind for op in g.ops}
     assert kinds["getitem"] == "slice" and g.roles[[o.name for o in g.ops].index("erfinv")] == "map"
     assert g.tiled_flops() / g.flops > 0.9
+
+
+def test_inspect_names_the_tiled_share_and_what_ends_each_run():
+    from click.testing import CliRunner
+    from meshdl.cli.inspect_cmd import inspect
+    res = CliRunner().invoke(inspect, ["tiny_cnn"])
+    assert res.exit_code == 0, res.output
+    assert "tileable share of FLOPs" in res.output and "ended by" in res.output
+
+
+def test_one_warning_for_each_op_ending_a_run_method_forms_included():
+    class Transposed(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.c = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(s, x):
+            a = s.c(x)
+            y = a.transpose(2, 3)                      # swaps H and W: ends the run
+            z = a.reshape(1, 4, -1).softmax(-1).view_as(a)   # spatial softmax
+            return a * z + y.transpose(2, 3)
+
+    with pytest.warns(meshdl.SplitWarning) as rec:
+        err, g = worst_error(Transposed())
+    msgs = [str(r.message) for r in rec]
+    assert any(".transpose()" in m for m in msgs) and any(".reshape()" in m for m in msgs)
+    assert err <= 1e-6

@@ -104,7 +104,10 @@ def _pointwise(kind: str, fn: Callable, in_shapes, out_shape, flops_per=1.0, wby
         s is not None and _broadcasts(s, out_shape) for s in in_shapes)
     flops = flops_per * _numel(out_shape) if out_shape else 0.0
     if not ok:
-        return _not_spatial(kind, "global", flops, wbytes)
+        reason = "global"
+        if out_shape is not None and len(out_shape) >= 3:
+            reason = f"{kind} of tensors that do not broadcast tile by tile over H, W"
+        return _not_spatial(kind, reason, flops, wbytes)
     return OpInfo(kind, R.PointwiseRule(fn, [s or () for s in in_shapes], out_shape),
                   flops, wbytes)
 
