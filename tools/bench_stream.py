@@ -14,8 +14,9 @@
    - RSS of every node process sampled through the stream (first tenth vs last tenth).
 2. Wire (in-process emulated data planes, links capped at 10, 20 and 50 Mbit/s), per
    model: bytes on the wire per inference and mesh latency with compression off and
-   auto, measured and predicted (``WireModel``), and whether the answers are
-   bit-identical.
+   auto on the same latency plan, measured and predicted (``WireModel``), whether the
+   answers are bit-identical, and a plan made counting on compression (what the
+   leader of an emulated mesh plans).
 
 Prints markdown tables, writes stream.csv and wire.csv under --out. Honest pacing needs
 this machine to compute faster than the emulated devices; on a loaded machine measured
@@ -217,21 +218,29 @@ def bench_wire(models, topology, caps, out_rows, repeats: int = 4, k: float = 1.
             for cap in caps:
                 mesh = base.with_bandwidth_cap(cap)
                 plan = meshdl.plan(g, mesh, alpha=1.0)       # a latency plan for the link
+                aware = meshdl.plan(g, mesh, alpha=1.0,      # one that counts on compression
+                                    wire=WireModel("auto", ratios))
                 if k != 1.0:
                     mesh = mesh.dilated(k)
                 finish_plan(plan, g, mesh, 1)
+                finish_plan(aware, g, mesh, 1)
+                modes = {"off": (plan, "off"), "auto": (plan, "auto"), "aware": (aware, "auto")}
                 name = f"w{m[:5]}{int(cap)}"
                 res = {}
                 with InProcessMesh(broker.url, mesh, mesh_name=name, emulate=True,
                                    fixed={m: plan}) as im:
                     with MeshClient(broker.url, name) as c:
-                        c.infer(x, model=m, timeout=300)               # warm
+                        for warm in (aware, plan):
+                            im.leader.fixed[m] = warm
+                            c.infer(x, model=m, timeout=300)           # warm both plans
                         runs = {mode: {"lat": [], "out": None, "raw": 0, "wire": 0}
-                                for mode in ("off", "auto")}
-                        for rep in range(repeats):       # interleaved: load hits both alike
-                            for mode in (("off", "auto") if rep % 2 == 0 else ("auto", "off")):
+                                for mode in modes}
+                        for rep in range(repeats):       # interleaved: load hits all alike
+                            order = list(modes) if rep % 2 == 0 else list(modes)[::-1]
+                            for mode in order:
+                                im.leader.fixed[m] = modes[mode][0]
                                 for p in im.planes.values():
-                                    p.codecs = CodecPolicy(mode)
+                                    p.codecs = CodecPolicy(modes[mode][1])
                                 r = c.infer(x, model=m, timeout=300)
                                 got = runs[mode]
                                 got["lat"].append(r.mesh_latency_s or r.latency_s)
@@ -242,8 +251,8 @@ def bench_wire(models, topology, caps, out_rows, repeats: int = 4, k: float = 1.
                                 got["wire"] += sum(p.codecs.wire_bytes
                                                    for p in im.planes.values())
                         for mode, got in runs.items():
-                            pred = simulate(plan, g, mesh,
-                                            wire=WireModel(mode, ratios)).latency_s
+                            pred = simulate(modes[mode][0], g, mesh,
+                                            wire=WireModel(modes[mode][1], ratios)).latency_s
                             res[mode] = (got["raw"] / repeats, got["wire"] / repeats,
                                          statistics.median(got["lat"]) / k, pred / k,
                                          got["out"], min(got["lat"]) / k, got["same"])
@@ -253,6 +262,9 @@ def bench_wire(models, topology, caps, out_rows, repeats: int = 4, k: float = 1.
                        "ratio": res["off"][1] / max(1.0, res["auto"][1]),
                        "latency_off_s": res["off"][2], "latency_auto_s": res["auto"][2],
                        "min_off_s": res["off"][5], "min_auto_s": res["auto"][5],
+                       "wire_bytes_aware": res["aware"][1], "latency_aware_s": res["aware"][2],
+                       "min_aware_s": res["aware"][5], "pred_aware_s": res["aware"][3],
+                       "aware_devices": len(aware.devices()),
                        "pred_off_s": res["off"][3], "pred_auto_s": res["auto"][3],
                        "bit_identical": res["off"][4] == res["auto"][4] and res["off"][6]
                        and res["auto"][6]}
@@ -263,14 +275,17 @@ def bench_wire(models, topology, caps, out_rows, repeats: int = 4, k: float = 1.
 def print_wire_rows(rows, header=True):
     if header:
         print("| model | Mbit/s | stages | wire KiB/inference off -> auto | ratio | mesh "
-              "latency s off -> auto: median (best) | predicted | bit-identical |")
-        print("|---|---|---|---|---|---|---|---|")
+              "latency s off -> auto: median (best) | predicted | bit-identical | plan "
+              "counting on compression: KiB, latency median (best), predicted |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['cap_mbps']:g} | {r['stages']} | "
               f"{r['wire_bytes_off'] / 1024:.0f} -> {r['wire_bytes_auto'] / 1024:.0f} | "
               f"{r['ratio']:.2f} | {r['latency_off_s']:.3f} ({r['min_off_s']:.3f}) -> "
               f"{r['latency_auto_s']:.3f} ({r['min_auto_s']:.3f}) | "
-              f"{r['pred_off_s']:.3f} -> {r['pred_auto_s']:.3f} | {r['bit_identical']} |")
+              f"{r['pred_off_s']:.3f} -> {r['pred_auto_s']:.3f} | {r['bit_identical']} | "
+              f"{r['wire_bytes_aware'] / 1024:.0f}, {r['latency_aware_s']:.3f} "
+              f"({r['min_aware_s']:.3f}), {r['pred_aware_s']:.3f} |")
 
 
 def write_csv(path: Path, rows) -> None:
