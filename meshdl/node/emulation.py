@@ -160,11 +160,16 @@ class Links:
             latency = self._star_latency(hop) if star is not False else self.hop_figures(hop)[1]
             assert self._delayer is not None
 
+            # the kernel holds the bytes until they crossed: the sender's retransmission
+            # timer starts once they could have (else a slow link resends everything)
+            bps = self.hop_figures(hop)[0]
+            wire_s = sum(len(p) for _, p in frames) * 8.0 / bps if bps > 0 else 0.0
+
             def go() -> None:
                 for topic, payload in frames:
                     self._publish(topic, payload)
                 if on_sent is not None:
-                    on_sent()
+                    self._delayer.after(wire_s, on_sent)
             self._delayer.after(latency, go)
             return
         if star is not False:
