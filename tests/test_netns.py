@@ -175,7 +175,8 @@ def test_mesh_up_netns_cli_answers_from_a_device_namespace_and_tears_down(tmp_pa
         assert set(_mine(prefix)) == set(names.values())
         assert names["pi5"] == f"{prefix}-br"        # the broker runs on pi5
         cls = subprocess.run(["tc", "-n", names["zero"], "class", "show", "dev",
-                              _dev_in(names["zero"])], capture_output=True, text=True).stdout
+                              _dev_in(names["zero"]), "classid", "1:1"], capture_output=True,
+                             text=True).stdout
         rate = float(re.search(r"rate (\d+(?:\.\d+)?)([KM])bit", cls).group(1))
         assert 6.0 <= rate <= 7.0 or rate >= 6000       # 20 Mbit/s / 3 (Mbit or Kbit)
         from meshdl.cli.infer_cmd import sample_image

@@ -241,11 +241,21 @@ class Namespaces:
 
     @staticmethod
     def _qdisc(ns: str, dev: str, bps: float) -> None:
+        """htb: class 1:1 at the link's rate; under it small packets (IP length < 512:
+        heartbeats, votes, acks, TCP acks) in 1:10 before bulk data in 1:20, both
+        borrowing up to the full rate, as a Wi-Fi voice/video queue would (a megabyte
+        piece on a slow link must not starve a heartbeat past its liveness timeout)."""
         rate, burst = htb_rate(bps)
-        run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb",
-             "default", "1"])
-        run(["tc", "-n", ns, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1",
-             "htb", "rate", rate, "ceil", rate, "burst", burst, "cburst", burst])
+        tc = ["tc", "-n", ns]
+        run(tc + ["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"])
+        run(tc + ["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
+                  "rate", rate, "ceil", rate, "burst", burst, "cburst", burst])
+        for cid, prio in (("1:10", "0"), ("1:20", "1")):
+            run(tc + ["class", "add", "dev", dev, "parent", "1:1", "classid", cid, "htb",
+                      "rate", htb_rate(bps / 2)[0], "ceil", rate, "burst", burst,
+                      "cburst", burst, "prio", prio])
+        run(tc + ["filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
+                  "u32", "match", "u16", "0x0000", "0xfe00", "at", "2", "flowid", "1:10"])
 
     def shape(self, device: str, up_bps: float | None = None,
               down_bps: float | None = None) -> None:
@@ -265,6 +275,10 @@ class Namespaces:
             rate, burst = htb_rate(bps)
             run(["tc", "-n", ns, "class", "change", "dev", dev, "parent", "1:", "classid",
                  "1:1", "htb", "rate", rate, "ceil", rate, "burst", burst, "cburst", burst])
+            for cid in ("1:10", "1:20"):
+                run(["tc", "-n", ns, "class", "change", "dev", dev, "parent", "1:1",
+                     "classid", cid, "htb", "rate", htb_rate(bps / 2)[0], "ceil", rate,
+                     "burst", burst, "cburst", burst])
         cur = self._access.get(device, (0.0, 0.0))
         self._access[device] = (up_bps or cur[0], down_bps or cur[1])
 
@@ -287,7 +301,7 @@ class Namespaces:
 
 
 def _read_rate(ns: str, dev: str) -> float:
-    out = run(["tc", "-n", ns, "class", "show", "dev", dev])
+    out = run(["tc", "-n", ns, "class", "show", "dev", dev, "classid", "1:1"])
     m = re.search(r"rate (\d+(?:\.\d+)?)([KMG]?)bit", out)
     if m is None:
         raise NetnsError(f"no htb class on {dev} in {ns}: {out.strip()[:200]}")
