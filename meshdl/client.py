@@ -332,6 +332,11 @@ class MeshClient:
         with self._lock:
             return {n for n, on in self._online.items() if on}
 
+    def offline(self) -> set[str]:
+        """Members last announced offline (not merely unheard of)."""
+        with self._lock:
+            return {n for n, on in self._online.items() if not on}
+
     def infer(self, x: Any, model: str = "efficientnet_lite0", strategy: str = "meshdl",
               alpha: float = 0.5, timeout: float = 60.0, source: str | None = None,
               sink: str | None = None, max_attempts: int = 4,

@@ -85,9 +85,9 @@ class _PlanBook:
         with self._lock:
             if self.shape is None:
                 self.shape = tuple(shape)       # the stream's frame shape: the first one's
-            online = self.client.online()
-            if self._plans and any(d not in online for p in self._plans for d in p.devices()):
-                self._plans = []                 # the mesh changed under us
+            gone = self.client.offline()
+            if self._plans and any(d in gone for p in self._plans for d in p.devices()):
+                self._plans = []                 # a device of the plan went offline
             if not self._plans:
                 self._fetch()
             total = sum(self._weights)

@@ -61,6 +61,24 @@ def test_stream_answers_every_frame_once_in_order(mesh2):
     src = Counting(xs)
     seen = []
     concurrent = []
+    asked = []
+    real = c.request_plan
+
+    def counting_request(*a, **kw):                    # count the real requests
+        asked.append(1)
+        return real(*a, **kw)
+    c.request_plan = counting_request
+    try:
+        results = list(_consume(c, src, concurrent, seen, xs, model, plan))
+    finally:
+        del c.request_plan
+    assert len(results) == 24 and len(asked) == 1      # the plan is fetched once
+    assert seen == list(range(24))                     # in order, each once
+    assert src.ahead <= 3                              # the window is the credit
+    assert max(concurrent) <= 3
+
+
+def _consume(c, src, concurrent, seen, xs, model, plan):
     for r in c.stream(src, model="tiny_cnn", window=3):
         with src.lock:
             src.yielded += 1
@@ -70,9 +88,7 @@ def test_stream_answers_every_frame_once_in_order(mesh2):
         assert r.error is None, r.error
         assert r.plan.plan_id == plan.plan_id
         close_enough(r.output, model(xs[r.index]))
-    assert seen == list(range(24))                     # in order, each once
-    assert src.ahead <= 3                              # the window is the credit
-    assert max(concurrent) <= 3
+        yield r
 
 
 def test_a_bad_frame_fails_alone(mesh2, tmp_path):
