@@ -80,6 +80,9 @@ def start(broker, mesh_name, username, password, password_file, tls_ca, bundle, 
                      strategy=strategy, alpha=alpha, state_dir=state_dir,
                      compression=compression, time_scale=time_scale,
                      shaped_links=shaped_links,
+                     # measured links are noisier than declared ones: a larger change
+                     # must persist before a re-plan
+                     link_threshold=0.5 if shaped_links else 0.3,
                      timing=replace(Timing(), telemetry_period=telemetry_period,
                                     # a mesh K times slower: liveness waits K times longer
                                     stall_after=Timing().stall_after * (

@@ -10,8 +10,9 @@ Nodes on shaped links (``mesh up --netns``) measure their own access link: a pin
 to themselves crosses the uplink and the downlink (through the broker) and the pong
 does again; it is reported as the link to ``@broker`` (throughput = the series rate
 ``1 / (1/up + 1/down)``; latency = the latency the node adds itself, since a veth
-adds next to none and a ping queued behind data would overstate it). Figures are the median of the last ``SAMPLES`` probes; a probe
-whose padded ping is not measurably slower than the small one (a fast link, e.g.
+adds next to none and a ping queued behind data would overstate it). Figures are
+the median of the last ``SAMPLES`` probes (on shaped links the leader re-plans on a
+50% change); a probe whose padded ping is not measurably slower than the small one (a fast link, e.g.
 loopback) is reported at the probe's resolution ``2 * pad / MIN_EXTRA_S`` instead
 of dividing by almost nothing (the 1,047,552 Mbit/s figures of hand-started nodes).
 """
@@ -38,7 +39,7 @@ MIN_EXTRA_S = 0.002        # the probe cannot resolve a rate whose extra time is
 BIG_TIMEOUT = 3.0          # a padded probe slower than this: the link is at most pad/this
 MIN_PAD = 16 << 10
 TARGET_EXTRA_S = 0.05      # padding sized so a probe adds ~this much on the last rate
-SAMPLES = 3                # median of the last probes per peer
+SAMPLES = 5                # median of the last probes per peer
 BROKER = "@broker"
 
 
