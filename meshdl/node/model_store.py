@@ -18,6 +18,7 @@ torch is imported lazily (a node's control plane stays torch-free).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -432,7 +433,9 @@ class NodeModels:
             self.fetcher.fetch(plan.model, manifest, names - held, self.timeout)
             keep = held | names
             gm = build_module(manifest, self.store.load_tensors(manifest, keep))
-            g2 = meshdl.trace(gm, tuple(manifest["input_shape"]), name=plan.model)
+            from meshdl.node import graphs   # fx patches globally: one trace at a time
+            with getattr(graphs, "_TRACING", None) or contextlib.nullcontext():
+                g2 = meshdl.trace(gm, tuple(manifest["input_shape"]), name=plan.model)
             if len(g2.ops) != len(g.ops):
                 raise ModelError(f"model {plan.model[:12]}... traced to {len(g2.ops)} ops "
                                  f"with its weights, {len(g.ops)} without")
