@@ -7,7 +7,8 @@ import threading
 
 import click
 
-from meshdl.cli.options import DEFAULT_BROKER, broker_options, bundle_identity, bundle_option, connection, fail_fast_if_refused
+from meshdl.cli.options import (DEFAULT_BROKER, broker_options, bundle_identity, bundle_option,
+                                 connection, fail_fast_if_refused, wait_ready_or_stop)
 
 
 @click.group()
@@ -113,28 +114,15 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
         click.echo(f"broker: {launcher.url}   mesh: {mesh_name}   nodes: "
                    f"{len(launcher.devices)}   logs: {launcher.log_dir}")
         click.echo(f"waiting up to {timeout:g} s for members, a leader and a plan...")
-        ready = threading.Event()
-        result = {}
-
-        def wait() -> None:
-            try:
-                result["snap"] = launcher.wait_ready(timeout)
-            except Exception as exc:      # shown below; Ctrl-C must still work
-                result["error"] = exc
-            ready.set()
-        threading.Thread(target=wait, daemon=True).start()
-        while not stop.is_set() and not ready.wait(0.2):
-            pass
-        if "error" in result:
-            raise result["error"]
-        if "snap" in result:
-            click.echo(render_status(result["snap"].to_dict()))
+        snap = wait_ready_or_stop(launcher, timeout, stop)
+        if snap is not None:
+            click.echo(render_status(snap.to_dict()))
             click.echo(f"\nmesh is up. Try: meshdl mesh status --broker {launcher.url} "
                        f"--mesh {mesh_name}{login}   (Ctrl-C stops everything)")
             if local:
                 click.echo(f"secure mesh: meshdl infer sample --broker {launcher.url} "
                            f"--bundle {local.client}   (authority: {local.authority.dir})")
-        if trace is not None and "snap" in result:      # emulated links: set_link probes
+        if trace is not None and snap is not None:      # emulated links: set_link probes
             from meshdl.node.linktrace import TracePlayer, emulator_apply
             trace.check(launcher.mesh_obj)
             player = TracePlayer(trace, emulator_apply(launcher._watch_bus, mesh_name,

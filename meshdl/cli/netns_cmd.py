@@ -13,6 +13,8 @@ import threading
 
 import click
 
+from meshdl.cli.options import wait_ready_or_stop
+
 
 def run_netns_up(topology: str, *, mesh_name: str, models: list[str], timeout: float,
                  log_dir: str | None, dataplane: bool, time_scale: float,
@@ -37,20 +39,7 @@ def run_netns_up(topology: str, *, mesh_name: str, models: list[str], timeout: f
         click.echo(f"(time scale {time_scale:g}: devices and links run {time_scale:g}x "
                    "slower; divide measured times by it)" if time_scale != 1 else
                    "(links shaped to the topology's access links)", err=True)
-        ready = threading.Event()
-        result: dict = {}
-
-        def wait() -> None:
-            try:
-                result["snap"] = launcher.wait_ready(timeout)
-            except Exception as exc:          # shown below; Ctrl-C must still work
-                result["error"] = exc
-            ready.set()
-        threading.Thread(target=wait, daemon=True).start()
-        while not stop.is_set() and not ready.wait(0.2):
-            pass
-        if "error" in result:
-            raise result["error"]
+        wait_ready_or_stop(launcher, timeout, stop)
         if stop.is_set():
             return
         click.echo("ready", nl=True)

@@ -9,6 +9,7 @@ shipped ``topologies/``), so a new strategy or topology shows up without a CLI e
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -237,3 +238,24 @@ def require_live_mesh(conn: Connection, mesh_name: str, wait: float = 1.0,
     raise JobError(f"no live members on mesh {mesh_name!r} at {where}: {members}. Start nodes "
                    f"(`meshdl node start --broker {where} --mesh {mesh_name}` on each device), "
                    "check --mesh, or leave out --broker to use the embedded default")
+
+
+def wait_ready_or_stop(launcher, timeout: float, stop: threading.Event):
+    """``launcher.wait_ready(timeout)`` in a thread, so that ``stop`` (set on Ctrl-C or
+    a signal) ends the wait at once. Returns the snapshot, or None when stopped first;
+    an error of the wait is raised here."""
+    ready = threading.Event()
+    result: dict = {}
+
+    def wait() -> None:
+        try:
+            result["snap"] = launcher.wait_ready(timeout)
+        except Exception as exc:          # raised below; Ctrl-C must still work
+            result["error"] = exc
+        ready.set()
+    threading.Thread(target=wait, daemon=True).start()
+    while not stop.is_set() and not ready.wait(0.2):
+        pass
+    if "error" in result:
+        raise result["error"]
+    return result.get("snap")
