@@ -8,7 +8,8 @@ import threading
 import click
 
 from meshdl.cli.options import (DEFAULT_BROKER, broker_options, bundle_identity, bundle_option,
-                                 connection, fail_fast_if_refused, wait_ready_or_stop)
+                                 connection, fail_fast_if_refused, wait_ready_or_stop,
+                                 watch_until_stopped)
 
 
 @click.group()
@@ -130,13 +131,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
                                  time_scale=time_scale, latency=True,
                                  on_event=lambda e: click.echo(f"link trace: {e}", err=True))
             player.start()
-        while not stop.is_set():
-            stop.wait(0.2)
-            dead = [d for d, p in launcher.procs.items() if p.poll() is not None]
-            if dead and not stop.is_set():
-                click.secho(f"node(s) exited: {', '.join(dead)}; see {launcher.log_dir}",
-                            fg="yellow", err=True)
-                launcher.procs = {d: p for d, p in launcher.procs.items() if d not in dead}
+        watch_until_stopped(launcher, stop, 0.2)
     finally:
         click.echo("stopping nodes and broker...", err=True)
         launcher.stop()

@@ -13,7 +13,7 @@ import threading
 
 import click
 
-from meshdl.cli.options import wait_ready_or_stop
+from meshdl.cli.options import wait_ready_or_stop, watch_until_stopped
 
 
 def run_netns_up(topology: str, *, mesh_name: str, models: list[str], timeout: float,
@@ -52,13 +52,7 @@ def run_netns_up(topology: str, *, mesh_name: str, models: list[str], timeout: f
             player = TracePlayer(trace, launcher.shape, time_scale=time_scale,
                                  on_event=lambda e: click.echo(f"link trace: {e}", err=True))
             player.start()
-        while not stop.is_set():
-            stop.wait(0.5)
-            dead = [d for d, p in launcher.procs.items() if p.poll() is not None]
-            if dead and not stop.is_set():
-                click.secho(f"node(s) exited: {', '.join(dead)}; see {launcher.log_dir}",
-                            fg="yellow", err=True)
-                launcher.procs = {d: p for d, p in launcher.procs.items() if d not in dead}
+        watch_until_stopped(launcher, stop, 0.5)
     finally:
         if player is not None:
             player.stop()

@@ -6,6 +6,9 @@
 
 Strategy and topology help is built from the registries (``meshdl.planner`` and the
 shipped ``topologies/``), so a new strategy or topology shows up without a CLI edit.
+
+Also the two waits of a command that launches a mesh (``mesh up``, its ``--netns``
+form): ``wait_ready_or_stop`` and ``watch_until_stopped``.
 """
 from __future__ import annotations
 
@@ -259,3 +262,15 @@ def wait_ready_or_stop(launcher, timeout: float, stop: threading.Event):
     if "error" in result:
         raise result["error"]
     return result.get("snap")
+
+
+def watch_until_stopped(launcher, stop: threading.Event, interval: float) -> None:
+    """Until ``stop`` is set, check every ``interval`` s for launched nodes that exited;
+    name them once (with the log dir) and stop watching them."""
+    while not stop.is_set():
+        stop.wait(interval)
+        dead = [d for d, p in launcher.procs.items() if p.poll() is not None]
+        if dead and not stop.is_set():
+            click.secho(f"node(s) exited: {', '.join(dead)}; see {launcher.log_dir}",
+                        fg="yellow", err=True)
+            launcher.procs = {d: p for d, p in launcher.procs.items() if d not in dead}
