@@ -35,7 +35,8 @@ from meshdl.node import jobs as J
 from meshdl.node.emulation import Links
 from meshdl.node.flow import ReliableSender
 from meshdl.wire import topics
-from meshdl.wire.codec import AckFrame, decode_frame, encode_chunks
+from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack, encode_chunks
+from meshdl.wire.reassembly import Reassembler
 from meshdl.wire.control import (Campaign, JobRequest, JobResult, JobStatus, LeaderInfo,
                                  NodeState, PlanMessage, decode_control, encode_control)
 
@@ -86,6 +87,9 @@ class _Attempt:
         self.tasks: dict[str, dict] = {}
         self.input_at: float | None = None      # source's report: when it held the input
         self.result: Any = None                  # the sink's JobResult
+        self.sink: str | None = None             # the plan's sink, once the input is sent
+        self.answer: Any = None                  # a big answer, reassembled from pieces
+        self.answer_piece = ""
 
 
 class MeshClient:
@@ -141,6 +145,7 @@ class MeshClient:
                                       lambda tr, frames, done: self._links.send(tr.path[1],
                                                                                 frames, done),
                                       rto_min_s=0.5, max_retries=8)
+        self._reasm = Reassembler()
         self._probe = threading.Event()
         self._probe_ctl = threading.Event()
         try:
@@ -326,6 +331,30 @@ class MeshClient:
         if isinstance(frame, AckFrame):
             for piece in frame.pieces:
                 self._sender.on_ack(frame.job, piece, frame.ok, frame.chunks)
+        elif isinstance(frame, PieceFrame):
+            self._on_result_piece(frame)
+
+    def _on_result_piece(self, frame: PieceFrame) -> None:
+        """A chunk of a big answer from the sink: reassemble, ack it end to end."""
+        a = self._attempt_for(frame.job)
+        if a is None or a.sink is None:
+            return                       # not ours any more: the sink gives up in time
+        try:
+            arr = self._reasm.add(frame)
+        except WireError as exc:
+            log.warning("client dropped a chunk of %s/%s: %s", frame.job, frame.piece, exc)
+            return
+        if arr is None and not (a.answer is not None and frame.piece == a.answer_piece):
+            return
+        if arr is not None:
+            a.answer, a.answer_piece = arr, frame.piece
+            a.events.put(("answer", frame.piece))
+        try:                              # ack (again, for a retransmitted duplicate)
+            topic = topics.route_topic(self.mesh, [a.sink], frame.job, frame.piece)
+            self._links.send_small(a.sink, topic, encode_ack(AckFrame(
+                frame.job, frame.piece, self.client_id, frame.term, frame.seq)))
+        except MeshdlError as exc:
+            log.debug("ack of %s/%s not sent: %s", frame.job, frame.piece, exc)
 
     # ------------------------------------------------------------ API
     def online(self) -> set[str]:
@@ -408,6 +437,7 @@ class MeshClient:
             with self._lock:
                 self._attempts.pop(job, None)
             self._sender.cancel_job(job)
+            self._reasm.expire()
 
     def _silent(self, plan: Plan, since: float) -> tuple[str, float] | None:
         """A device of ``plan`` unheard for STALL_S (counting from ``since``)."""
@@ -457,10 +487,14 @@ class MeshClient:
                         phase=jp.PLANNED, plan_id=pid)
         st, effects = jp.step(st, jp.InputSent(tuple(plan.devices()),
                                                sum(len(s.tasks) for s in plan.stages)))
+        a.sink = plan.sink
         self._drive(a, st, effects, plan=plan)
         val = a.result
+        piece = (val.result or {}).get("piece") if isinstance(val.result, dict) else None
+        if piece:
+            self._await_answer(a, piece, deadline)
         t_done = time.time()
-        output = _tensor(val.result)
+        output = _tensor(val.result, a.answer)
         want = sum(len(s.tasks) for s in plan.stages)
         grace = time.monotonic() + 0.5          # task reports may trail the answer
         while (len(a.tasks) < want or a.input_at is None) and time.monotonic() < grace:
@@ -530,6 +564,20 @@ class MeshClient:
             for ev in evs:
                 st, more = jp.step(st, ev)
                 effects += more
+
+    def _await_answer(self, a: _Attempt, piece: str, deadline: float) -> None:
+        """The result said the answer travels as ``piece``: wait for it."""
+        while a.answer is None or a.answer_piece != piece:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Retry(f"job {a.job}: the sink announced its answer as piece {piece} "
+                             "but it did not arrive before the deadline")
+            try:
+                kind, val = a.events.get(timeout=min(left, 0.25))
+            except queue.Empty:
+                continue
+            if kind == "failed":
+                raise _Retry(val.detail if isinstance(val, JobStatus) else str(val))
 
     def _event(self, a: _Attempt, st: "jp.Attempt", kind: str, val: Any):
         """What the client saw, as a job protocol event (None: nothing for it)."""
@@ -603,6 +651,7 @@ class MeshClient:
             with self._lock:
                 self._attempts.pop(job, None)
             self._sender.cancel_job(job)
+            self._reasm.expire()
 
     def _get_plan(self, pid: str, deadline: float) -> Plan:
         with self._plan_cv:
@@ -642,12 +691,13 @@ class _Retry(MeshdlError):
 RetryableJobError = _Retry
 
 
-def _tensor(result: dict) -> Any:
+def _tensor(result: dict, answer: Any = None) -> Any:
     import torch
     try:
         dtype = np.dtype(str(result["dtype"]))
         shape = tuple(int(v) for v in result["shape"])
-        data = np.frombuffer(result["data"], dtype=dtype.newbyteorder("<")).reshape(shape)
+        data = (np.asarray(answer).reshape(shape) if result.get("piece") else
+                np.frombuffer(result["data"], dtype=dtype.newbyteorder("<")).reshape(shape))
     except (KeyError, TypeError, ValueError) as exc:
         raise JobError(f"the sink sent a malformed answer: {exc}") from exc
     return torch.from_numpy(data.astype(dtype, copy=True))

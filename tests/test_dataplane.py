@@ -393,3 +393,27 @@ def test_simulator_schedule_names_every_task_and_hop(home, tiny):
     for tr in s.schedule["transfers"]:
         for (_, v, _, e), (u2, _, s2, _) in zip(tr["hops"], tr["hops"][1:]):
             assert v == u2 and s2 >= e - 1e-12               # store and forward
+
+
+def test_big_answer_travels_as_pieces_to_the_client(home, tiny):
+    """An answer over the inline limit goes from the sink to the client as a piece
+    (chunked, CRC'd, acked end to end), not as one control message: any size works."""
+    m, c = home
+    model, _ = tiny
+    for plane in m.planes.values():
+        plane.inline_result_max = 0
+        plane.chunk_bytes = 16          # the 10-class answer spans several chunks
+    try:
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+        r = c.infer(x, model="tiny_cnn", strategy="local", timeout=30)
+    finally:
+        for plane in m.planes.values():
+            plane.inline_result_max = 1 << 20
+            plane.chunk_bytes = 1 << 20
+    close_enough(r.output, model(x))
+    sink = m.planes[r.plan.sink]
+    assert sink.stats["result_pieces"] >= 1
+    deadline = time.monotonic() + 10                 # the client acks the answer piece
+    while sink.sender.pending() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sink.sender.pending() and sink.sender.acks >= 1

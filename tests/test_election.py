@@ -214,9 +214,9 @@ FAST = Timing(dup_window=0.1, settle=0.15, claim_window=0.15, rank_step=0.2,
               leader_grace=0.5, telemetry_period=0.5, replan_debounce=0.05)
 
 
-def mem_agent(broker, node_id, flops, mesh="m", models=("tiny_cnn",)):
+def mem_agent(broker, node_id, flops, mesh="m", models=("tiny_cnn",), timing=FAST):
     dev = Device(node_id, "generic", flops, 1 << 30, Power(3.0, 1.0, 1.0, 0.5))
-    cfg = NodeConfig(node_id=node_id, mesh=mesh, emulate=True, models=models, timing=FAST)
+    cfg = NodeConfig(node_id=node_id, mesh=mesh, emulate=True, models=models, timing=timing)
     return NodeAgent(cfg, device=dev, base=None,
                      bus_factory=lambda cid, will: broker.bus(cid, will), dataplane=False)
 
@@ -238,7 +238,14 @@ def membroker():
 
 
 def test_memory_agents_elect_the_best_and_fail_over(membroker):
-    agents = {n: mem_agent(membroker, n, f).start()
+    # started one after the other: a settle long enough for every birth to arrive
+    # before the first claim, however loaded the machine (the best must win term 1)
+    # (torch imported first: a leader importing it while planning starves this thread)
+    import dataclasses
+    import meshdl
+    meshdl.trace(meshdl.models.build("tiny_cnn"), (1, 3, 32, 32))
+    settled = dataclasses.replace(FAST, settle=1.5)
+    agents = {n: mem_agent(membroker, n, f, timing=settled).start()
               for n, f in (("a", 1e9), ("b", 3e9), ("c", 2e9))}
     watch = MeshWatcher(membroker.bus("watch"), "m")
     try:
@@ -320,3 +327,23 @@ def test_memory_old_term_plans_are_fenced(membroker):
 def el_leader(node, term):
     from meshdl.wire.control import LeaderInfo
     return LeaderInfo(node, term)
+
+
+def test_two_leaders_of_one_term_resolve_by_rank():
+    """Claims crossed under load and both nodes lead term 2 without having recorded
+    the other's claim: on seeing each other's record, the worse steps down and the
+    better re-asserts, on both sides (no endless flapping of the leader record)."""
+    from meshdl.node import election as el
+    good, bad = ("n1", 3e9), ("n2", 1e9)
+    states = {}
+    for me, other in ((good, bad), (bad, good)):
+        s = el.initial(me[0], me[1], 0.0)
+        s, _ = el.step(s, el.Members({me[0]: me[1], other[0]: other[1]}), 0.0)
+        s = el.ElectionState(**{**s.__dict__, "role": el.LEADER, "leader": me[0],
+                                "term": 2, "leader_term": 2, "best": {}})
+        states[me[0]] = s
+    g, acts_g = el.step(states["n1"], el.LeaderSeen("n2", 2), 1.0)
+    b, acts_b = el.step(states["n2"], el.LeaderSeen("n1", 2), 1.0)
+    assert g.is_leader and any(isinstance(a, el.AssertLeader) for a in acts_g)
+    assert not b.is_leader and b.leader == "n1"
+    assert any(isinstance(a, el.StepDown) for a in acts_b)

@@ -106,6 +106,7 @@ class NodeAgent:
         self._connects = 0             # bus.connects at the last (re-)announcement
         self._reassert_at: float | None = None   # leader: re-publish its record then
         self._early_jobs: list[tuple[float, JobRequest]] = []   # asked while leaderless
+        self._job_clients: dict[str, str] = {}                  # job -> client (bounded)
         self._warmed = False
         self.dataplane: Any = None
 
@@ -477,6 +478,17 @@ class NodeAgent:
     def job_request(self, job: JobRequest) -> None:
         if self._duties is not None:
             self._duties.job_request(job)
+
+    def note_client(self, job: str, client: str) -> None:
+        """Remember who asked for ``job`` (bounded, oldest dropped)."""
+        with self._lock:
+            self._job_clients[job] = client
+            while len(self._job_clients) > 1024:
+                self._job_clients.pop(next(iter(self._job_clients)))
+
+    def job_client(self, job: str) -> str | None:
+        with self._lock:
+            return self._job_clients.get(job)
 
     def early_job(self, job: JobRequest) -> None:
         """A request that reached no leader (fail-over under way): keep it a few

@@ -51,6 +51,7 @@ from meshdl.wire.reassembly import Reassembler
 log = logging.getLogger(__name__)
 
 PIECE_QOS = 1
+INLINE_RESULT = 1 << 20     # larger answers go to the client as a piece, not inline
 LOOPBACK_BPS = 2e9          # what a hop costs when not emulated (rto estimate only)
 
 
@@ -97,8 +98,14 @@ class DataPlane:
         self._stop = threading.Event()
         self._house = threading.Thread(target=self._housekeeping, daemon=True,
                                        name=f"dataplane-{self.node_id}")
-        self.stats = {"pieces_in": 0, "dropped": 0, "fenced": 0, "tasks": 0}
+        self.stats = {"pieces_in": 0, "dropped": 0, "fenced": 0, "tasks": 0, "result_pieces": 0}
         self.slow_handler_s = 0.0      # tests: make this node a slow consumer
+        self.inline_result_max = INLINE_RESULT
+
+    def _client_of(self, job: str) -> str | None:
+        """The client that asked for ``job`` (the agent notes every request it sees)."""
+        f = getattr(self.ctx, "job_client", None)
+        return f(job) if callable(f) else None
 
     def _bump(self, counter: str) -> None:
         """Counters are bumped from the dispatcher and the worker threads: locked."""
@@ -493,15 +500,39 @@ class DataPlane:
             g = self.graphs.for_plan(plan)
             y = stitch(g, plan, {k: wire_to_tensor(v) for k, v in st.outputs.items()})
             data = tensor_to_wire(y)
-            res = JobResult(st.job, True, result={
-                "dtype": data.dtype.name, "shape": list(data.shape), "data": data.tobytes(),
-                "plan_id": plan.plan_id, "sink": self.node_id},
+            meta = {"dtype": data.dtype.name, "shape": list(data.shape),
+                    "plan_id": plan.plan_id, "sink": self.node_id}
+            client = self._client_of(st.job)
+            if data.nbytes > self.inline_result_max and client:
+                # a big answer travels as a piece to the client (chunked, CRC'd, acked,
+                # retransmitted); the result message only describes it
+                piece = J.result_piece(plan.plan_id)
+                topic = topics.route_topic(self.mesh_name, [client], st.job, piece)
+                frames = [(topic, f) for f in encode_frames(
+                    st.job, piece, data, src_task="", dst_task=J.CLIENT_PREFIX + client,
+                    term=plan.term, chunk_bytes=self.chunk_bytes)]
+                self.sender.send(st.job, piece, client, [self.node_id, client], frames,
+                                 self._expected_s([self.node_id, client], data.nbytes),
+                                 lambda msg: self._status(st.job, "failed", msg, plan.term))
+                meta.update(piece=piece, bytes=int(data.nbytes))
+                self._bump("result_pieces")
+            elif data.nbytes > self.inline_result_max * 4:
+                raise PlanError(f"the answer has {data.nbytes} bytes and job {st.job}'s "
+                                "client is unknown here (its request never reached this "
+                                "node), so it cannot be sent as pieces")
+            else:
+                meta["data"] = data.tobytes()
+            res = JobResult(st.job, True, result=meta,
                             timings={"done": time.time(), "held": st.held_at})
         except (MeshdlError, KeyError) as exc:
             res = JobResult(st.job, False, error=f"sink {self.node_id} could not stitch the "
                                                  f"answer: {exc}")
-        self.data_bus.publish(topics.job(self.mesh_name, st.job, "result"), encode_control(res),
-                             qos=1)
+        try:
+            self.data_bus.publish(topics.job(self.mesh_name, st.job, "result"),
+                                  encode_control(res), qos=1)
+        except MeshdlError as exc:
+            self._fail(st.job, plan, f"sink {self.node_id} could not publish the answer of "
+                                     f"job {st.job}: {exc}")
         st.outputs.clear()
         self._maybe_done(st)
 

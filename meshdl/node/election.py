@@ -136,10 +136,12 @@ class ElectionState:
     members: Mapping[str, float] = field(default_factory=dict)
     best: Mapping[int, tuple[str, float]] = field(default_factory=dict)  # term -> best claim
     leaderless_since: float | None = None
+    ranks: Mapping[str, float] = field(default_factory=dict)  # FLOP/s of every node seen
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", MappingProxyType(dict(self.members)))
         object.__setattr__(self, "best", MappingProxyType(dict(self.best)))
+        object.__setattr__(self, "ranks", MappingProxyType(dict(self.ranks)))
 
     @property
     def is_leader(self) -> bool:
@@ -150,6 +152,17 @@ def initial(me: str, flops: float, now: float, params: Params | None = None,
             term: int = 0) -> ElectionState:
     return ElectionState(me=me, flops=float(flops), started=now, params=params or Params(),
                          term=term, members={me: float(flops)})
+
+
+def _ranks(s: "ElectionState", seen: Mapping[str, float]) -> dict[str, float]:
+    """FLOP/s of every node seen (bounded: members plus the last 256 others)."""
+    out = dict(s.ranks)
+    out.update({n: float(f) for n, f in seen.items() if f > 0})
+    if len(out) > 256:
+        keep = set(s.members) | set(seen)
+        for n in [n for n in out if n not in keep][:len(out) - 256]:
+            del out[n]
+    return out
 
 
 def _better(a: tuple[str, float], b: tuple[str, float]) -> bool:
@@ -179,7 +192,7 @@ def step(s: ElectionState, event: Event, now: float) -> tuple[ElectionState, lis
     if isinstance(event, Members):
         online = dict(event.online)
         online[s.me] = s.flops
-        s = replace(s, members=online)
+        s = replace(s, members=online, ranks=_ranks(s, online))
     elif isinstance(event, TermSeen):
         if event.term > s.term:
             if s.role == FOLLOWER:       # keep the leader: its record of this term follows
@@ -188,6 +201,8 @@ def step(s: ElectionState, event: Event, now: float) -> tuple[ElectionState, lis
                 s, acts = _higher_term(s, event.term, None, now)
     elif isinstance(event, ClaimSeen):
         s = _record_claim(s, event.node, event.term, event.flops)
+        if event.flops > 0 and s.ranks.get(event.node) != event.flops:
+            s = replace(s, ranks=_ranks(s, {event.node: event.flops}))
         s, acts = _on_claim(s, event, now)
     elif isinstance(event, LeaderSeen):
         s, acts = _on_leader(s, event, now)
@@ -251,7 +266,11 @@ def _on_leader(s: ElectionState, e: LeaderSeen, now: float) -> tuple[ElectionSta
     theirs = (e.node, s.members.get(e.node, claimant[1] if claimant and claimant[0] == e.node
                                     else 0.0))
     if s.role == LEADER:
-        if claimant is not None and claimant[0] == e.node:
+        # two leaders of one term (claims crossed under load): the better-ranked one
+        # keeps it on both sides, whoever recorded which claim
+        theirs = (e.node, s.ranks.get(e.node, theirs[1]))
+        if (claimant is not None and claimant[0] == e.node) or _better(theirs,
+                                                                       (s.me, s.flops)):
             return replace(s, role=FOLLOWER, leader=e.node, leader_seen_at=now), [
                 StepDown(s.term, f"{e.node} holds a better claim to term {e.term}"),
                 LeaderChanged(e.node, e.term)]

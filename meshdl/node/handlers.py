@@ -101,11 +101,15 @@ def on_plan(agent, topic: str, payload: Any, retained: bool) -> None:
 
 def on_job(agent, topic: str, payload: Any, retained: bool) -> None:
     p = _parse(agent, topic, "job")
-    if not agent.is_leader and agent.leader is not None:
-        return                                  # the leader answers it
     job = decode_control(payload, JobRequest)
     if job.job != p.job:
         raise WireError(f"job {job.job!r} requested on job/{p.job}")
+    try:                                        # a sink sends a big answer to it
+        agent.note_client(job.job, topics.validate_id(job.client, "client id"))
+    except WireError:
+        pass
+    if not agent.is_leader and agent.leader is not None:
+        return                                  # the leader answers it
     limiter = getattr(agent, "job_limiter", None)
     if limiter is None:                          # one per agent, made on first use
         limiter = agent.job_limiter = RateLimiter()

@@ -34,6 +34,7 @@ class PlanBook:
     """Plans adopted by the in-process mesh (shared by every context)."""
 
     plans: dict[str, Plan] = field(default_factory=dict)
+    clients: dict[str, str] = field(default_factory=dict)     # job -> client
     term: int = 1
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,6 +60,10 @@ class HarnessContext:
 
     def term(self) -> int:
         return self._book.term
+
+    def job_client(self, job: str) -> str | None:
+        with self._book.lock:
+            return self._book.clients.get(job)
 
 
 def finish_plan(plan: Plan, g: Any, mesh: Any, term: int) -> Plan:
@@ -95,6 +100,8 @@ class MiniLeader:
         except MeshdlError as exc:
             log.warning("mini leader dropped a request on %s: %s", topic, exc)
             return
+        with self.book.lock:
+            self.book.clients[req.job] = req.client
         with self._cv:
             self._work.append(req)
             self._cv.notify()

@@ -7,6 +7,7 @@ piece with nothing but the plan (``ctx.plan(plan_id)``)::
     {plan_id}.src.{task}      plan.source -> task        the task's input region
     {plan_id}.{ptask}.{ctask} producer -> consumer       the overlap (halo included)
     {plan_id}.{task}.out      last-stage task -> sink    the task's output tile
+    {plan_id}.res             plan.sink -> client        the answer (when over INLINE_RESULT)
 
 The frame's ``src``/``dst`` fields carry the task ids (``@{client}`` for the
 client, empty for the source or the sink role).
@@ -25,6 +26,7 @@ from meshdl.graph.plan import Plan
 INPUT = "in"
 SOURCE = "src"
 OUTPUT = "out"
+RESULT = "res"
 CLIENT_PREFIX = "@"
 
 
@@ -42,6 +44,11 @@ def halo_piece(plan_id: str, producer: str, consumer: str) -> str:
 
 def output_piece(plan_id: str, task_id: str) -> str:
     return f"{plan_id}.{task_id}.{OUTPUT}"
+
+
+def result_piece(plan_id: str) -> str:
+    """sink -> client: the whole answer, when it is too big for one control message."""
+    return f"{plan_id}.{RESULT}"
 
 
 def plan_of_piece(piece: str) -> str:
