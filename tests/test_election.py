@@ -99,8 +99,9 @@ def test_leader_counter_claims_a_stale_worse_claim():
     s, _ = run(s, [(0.0, el.Members({"z": 1e9})), (0.5, el.Tick()), (0.9, el.Tick())])
     assert s.is_leader and s.term == 1
     s, acts = run(s, [(2.0, el.ClaimSeen("z", 2, 1e9)), (2.1, el.Tick()), (2.35, el.Tick())])
-    assert [a for _, a in acts] == [el.StepDown(1, "re-claiming term 2"), el.Claim(2),
-                                    el.BecomeLeader(2), el.LeaderChanged("a", 2)]
+    assert [a for _, a in acts] == [
+        el.StepDown(1, "re-claiming leadership over z's term 2 with term 3"), el.Claim(3),
+        el.BecomeLeader(3), el.LeaderChanged("a", 3)]
 
 
 def test_cleared_leader_record_is_reasserted_by_the_leader():

@@ -370,7 +370,14 @@ class DataPlane:
         """A whole piece for this node: ack it, then act on it by role."""
         try:
             if term != plan.term:
-                raise PlanError(f"piece term {term} differs from plan term {plan.term}")
+                # plan ids are content hashes: a later term may re-issue the same id
+                fresh = self.ctx.plan(plan.plan_id)
+                if fresh is not None and fresh.term == term:
+                    with self._lock:
+                        self._plans[plan.plan_id] = fresh
+                    plan = fresh
+                else:
+                    raise PlanError(f"piece term {term} differs from plan term {plan.term}")
             self._ack(plan, job, piece, src, term)
             st = self.jobs.get(job, plan)
             if st is None:
@@ -392,7 +399,10 @@ class DataPlane:
                 self._on_task_input(st, plan.task(dst), src, arr)
         except (MeshdlError, KeyError, ValueError) as exc:
             self._bump("dropped")
-            log.warning("%s dropped piece %s/%s: %s", self.node_id, job, piece, exc)
+            # the job cannot finish without this piece: say so now (the client retries
+            # on a fresh plan) rather than let it wait out its deadline
+            self._fail(job, plan, f"{self.node_id} could not use piece {piece} of job {job}: "
+                                  f"{exc}")
 
     # ================================================================ roles
     def _dispatch_input(self, st: J.JobState, x: np.ndarray, held: float) -> None:

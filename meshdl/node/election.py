@@ -238,10 +238,14 @@ def _on_claim(s: ElectionState, c: ClaimSeen, now: float) -> tuple[ElectionState
     mine = (s.me, s.flops)
     if c.term > s.term:
         if s.role == LEADER and _better(mine, (c.node, c.flops)):
-            # a worse node with a stale view: contest its term rather than yield to it
-            s = replace(s, term=c.term, claim_term=c.term, claim_at=now, role=CANDIDATE)
-            s = _record_claim(s, s.me, c.term, s.flops)
-            return s, [StepDown(s.leader_term, f"re-claiming term {c.term}"), Claim(c.term)]
+            # a worse node with a stale view (or that took over while we were frozen):
+            # claim the term after its term rather than yield to it, so that two leaders
+            # never share a term and its plans are fenced off as older
+            t = c.term + 1
+            s = replace(s, term=t, claim_term=t, claim_at=now, role=CANDIDATE)
+            s = _record_claim(s, s.me, t, s.flops)
+            return s, [StepDown(s.leader_term, f"re-claiming leadership over {c.node}'s "
+                                               f"term {c.term} with term {t}"), Claim(t)]
         return _higher_term(s, c.term, None, now)
     if c.term == s.term and s.role == CANDIDATE and s.claim_term == c.term \
             and _better((c.node, c.flops), mine):
