@@ -157,3 +157,32 @@ def test_no_live_mesh_fails_fast_naming_it(chaos4):
     assert "nosuchmesh" in msg and "no live members" in msg
     assert "ever announced" in msg and "c4" in msg, msg   # other live mesh named
     assert "meshdl mesh up" in msg or "node start" in msg
+
+
+@pytest.mark.slow
+def test_chaos_scenarios_meet_their_targets(tmp_path):
+    """The chaos benchmark's scenarios (concurrent clients, SIGKILL churn of workers,
+    a frozen worker, a killed and a frozen leader, a broker restart), each job checked
+    against the local model: 0 wrong, 0 past deadline, >= 98% exact under churn, every
+    job sent during a fail-over answered, first good job <= 5 s after a restart, a
+    stalled node out of plans <= 3 s (loose x2 bounds: the machine may be loaded)."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_chaos.py"
+    spec = importlib.util.spec_from_file_location("bench_chaos", path)
+    bench = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules.setdefault("bench_chaos", bench)      # its dataclasses look it up
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(quick=True, topology="home-4", jobs=6, deadline=30.0,
+                              out=str(tmp_path), keep=False)
+    scs = {sc.name: sc for sc in bench.run(args)}
+    for sc in scs.values():
+        assert sc.count("wrong") == 0 and sc.count("late") == 0, sc
+        assert all(o.reason for o in sc.outcomes if o.kind == "failed"), sc
+    churn = scs["worker-churn"]
+    assert churn.count("exact") >= 0.98 * len(churn.outcomes), churn
+    assert scs["leader-kill"].timing["failover_answered_pct"] == 100.0
+    assert scs["broker-restart"].timing["restart_to_first_good_s"] <= 10.0
+    assert scs["worker-stall"].timing["stall_to_dropped_s"] <= 6.0
