@@ -18,6 +18,7 @@ from meshdl.graph.classify import (POINTWISE_NAMES, OpInfo, classify_function, c
                                    classify_method, classify_module)
 from meshdl.graph.classify_dims import op_name
 from meshdl.graph.fxnormalize import normalize, whole_graph
+from meshdl.graph import layout as L
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Op:
     reason: str = ""                         # why not spatial ("global", "unsupported ...")
     target: str = ""                         # module path or function name
     node: Any = field(default=None, repr=False, compare=False)   # the fx node
+    hw: tuple[int, int] | None = None        # axes of H, W in the output (graph.layout)
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -165,6 +167,7 @@ class _Builder:
         self.op_index: dict[fx.Node, int] = {}
         self.virtual: dict[fx.Node, list[fx.Node]] = {}
         self.ops: list[Op] = []
+        self.in_hw = L.standard(tuple(x.shape))
 
     def build(self) -> tuple[list[Op], tuple[int, ...]]:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -235,8 +238,20 @@ class _Builder:
         slots = deps + consts
         call = self._make_call(node, slots)
         in_shapes = [tuple(self.values[n].shape) for n in slots]
+        dep_hws = [self._hw(n) for n in deps]
+        dep_shapes = [tuple(self.values[n].shape) for n in deps]
         info = self._classify(node, args, kwargs, in_shapes, out_shape, call)
-        if not info.rule.spatial and info.rule.reduce is None and \
+        out_hw = L.standard(out_shape)
+        moved = self._moved(node, deps, dep_hws, consts, call)
+        if moved is not None:
+            info = OpInfo(info.kind, L.AxisRule(call, in_shapes, dep_hws, out_shape, moved),
+                          0.0, 0)
+            out_hw = moved
+        elif any(h is not None and not L.is_standard(s, h)
+                 for s, h in zip(dep_shapes, dep_hws)):
+            info, out_hw = self._on_layout(node, args, kwargs, deps, dep_hws, consts, info,
+                                           in_shapes, out_shape, call)
+        elif not info.rule.spatial and info.rule.reduce is None and \
                 getattr(info.rule, "reason", "").startswith("unsupported") and \
                 len(slots) == 1 and _probe_local(call, self.values[slots[0]], value):
             info = OpInfo(info.kind, R.PointwiseRule(call, in_shapes, out_shape), info.flops,
@@ -249,7 +264,56 @@ class _Builder:
             out_bytes=int(value.numel() * value.element_size()),
             inputs=[self.op_index[n] for n in deps] + const_ops, rule=info.rule, call=call,
             reason=getattr(info.rule, "reason", ""),
-            target=str(getattr(node.target, "__name__", node.target)), node=node))
+            target=str(getattr(node.target, "__name__", node.target)), node=node,
+            hw=out_hw if len(out_shape) >= 3 else None))
+
+    def _hw(self, n: fx.Node) -> tuple[int, int] | None:
+        i = self.op_index[n]
+        return self.in_hw if i == INPUT else self.ops[i].hw
+
+    def _reads_virtual(self, node: fx.Node) -> bool:
+        return any(n in self.virtual for n in node.all_input_nodes)
+
+    def _moved(self, node, deps, dep_hws, consts, call) -> tuple[int, int] | None:
+        """Output H, W axes of a pure axis move (permute, transpose, ...) of a map."""
+        if node.op == "call_module" or len(deps) != 1 or consts or dep_hws[0] is None \
+                or self._reads_virtual(node):
+            return None
+        name = node.target if node.op == "call_method" else op_name(node.target)
+        if name not in L.MOVES:
+            return None
+        return L.moved_axes(call, self.values[deps[0]], dep_hws[0])
+
+    def _on_layout(self, node, args, kwargs, deps, dep_hws, consts, info, in_shapes,
+                   out_shape, call) -> tuple[OpInfo, tuple[int, int] | None]:
+        """An op reading a map whose H, W are not its last two dims (channels-last):
+        tileable when it provably leaves the tracked axes alone, else run whole."""
+        nd = len(out_shape)
+        k = next((i for i, h in enumerate(dep_hws) if h is not None), 0)
+        first = tuple(self.values[deps[k]].shape)
+        hw = dep_hws[k]
+        why = "moves, merges or reads across the spatial dims H, W of a channels-last map"
+        ok = hw is not None and len(first) == nd and not self._reads_virtual(node)
+        for n, h in zip(deps, dep_hws):
+            shape = tuple(self.values[n].shape)
+            if h is None:
+                ok = ok and hw is not None and L.broadcasts_off(shape, out_shape, hw)
+            else:
+                off = nd - len(shape)
+                ok = ok and (h[0] + off, h[1] + off) == hw
+        for n in node.all_input_nodes:   # constants: must broadcast over H, W
+            v = self.values.get(n)
+            if n not in self.op_index and n not in self.virtual and _is_tensor(v):
+                ok = ok and hw is not None and L.broadcasts_off(tuple(v.shape), out_shape, hw)
+        if ok:
+            module = self.modules[node.target] if node.op == "call_module" else None
+            fn = None if module is not None else node.target
+            ok = L.local_axes(module, fn, args, kwargs, first, out_shape, hw)
+        if not ok:
+            return OpInfo(info.kind, R.NotSpatial(why), info.flops, info.weight_bytes), \
+                L.standard(out_shape)
+        rule = L.AxisRule(call, in_shapes, dep_hws + [None] * len(consts), out_shape, hw)
+        return OpInfo(info.kind, rule, info.flops, info.weight_bytes), hw
 
     def _const_op(self, n: fx.Node) -> int:
         """A leaf op holding constant ``n``, cropped to a tile like any input."""

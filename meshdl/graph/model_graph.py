@@ -14,6 +14,7 @@ from meshdl.errors import PlanError, SplitWarning
 from meshdl.graph.plan import Region
 from meshdl.graph.compiled import compile_range
 from meshdl.graph.fxtrace import INPUT, Op, build_ops
+from meshdl.graph.layout import empty_tile, full_region, is_standard, standard
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,20 @@ class ModelGraph:
     def _shape(self, producer: int) -> tuple[int, ...]:
         return self.input_shape if producer == INPUT else self.ops[producer].out_shape
 
+    def _hw(self, producer: int) -> tuple[int, int] | None:
+        return standard(self.input_shape) if producer == INPUT else self.ops[producer].hw
+
+    def _full(self, producer: int) -> Region:
+        return full_region(self._shape(producer), self._hw(producer))
+
+    def is_map(self, position: int) -> bool:
+        """Is the tensor at ``position`` a 4-D map laid out (N, C, H, W)? Only such
+        tensors are tiled across a stage boundary (a channels-last map inside a block
+        is tiled along its tracked axes, never handed between stages)."""
+        p = self.producer(position)
+        shape = self._shape(p)
+        return len(shape) == 4 and is_standard(shape, self._hw(p))
+
     def tensor_bytes(self, position: int, region: Region | None = None) -> int:
         shape = self.tensor_shape(position)
         n = math.prod(shape) * 4
@@ -118,7 +133,7 @@ class ModelGraph:
         """True when ops [a, b) can be tiled: both end tensors are feature maps, the last
         op is a map op, and every op is a map op, a global reduction of a map (a reduce
         point) or a small op on reduced values (computed whole by every tile)."""
-        return (b > a and len(self.tensor_shape(a)) == 4 and len(self.tensor_shape(b)) == 4
+        return (b > a and self.is_map(a) and self.is_map(b)
                 and self.roles[b - 1] == MAP
                 and all(self.roles[i] != GLOBAL for i in range(a, b)))
 
@@ -281,7 +296,7 @@ class ModelGraph:
             r = need.get(i)
             if r is None:
                 continue
-            full_i = Region.full(op.out_shape)
+            full_i = self._full(i)
             f = op.flops * r.area / max(1, full_i.area)
             flops += f
             if reduces:
@@ -323,7 +338,7 @@ class ModelGraph:
     def _map_positions(self, a: int, b: int) -> list[int]:
         """Positions in [a, b) usable as tile boundaries (a 4-D map is live there; a
         5-D channel-shuffle view is not), plus both ends."""
-        inner = [p for p in self.positions if a < p < b and len(self.tensor_shape(p)) == 4]
+        inner = [p for p in self.positions if a < p < b and self.is_map(p)]
         return [a, *inner, b]
 
     def why_not_spatial(self, a: int, b: int) -> str:
@@ -367,12 +382,11 @@ class ModelGraph:
                 continue
             op = self.ops[i]
             if r.is_empty():
-                env[i] = (x.new_empty((*op.out_shape[:-2], max(0, r.rows), max(0, r.cols))), r)
+                env[i] = (empty_tile(x, op.out_shape, op.hw, r), r)
                 continue
             inputs = [env[s] for s in op.inputs]
-            full_i = Region.full(op.out_shape)
-            if r == full_i and all(h == Region.full(self._shape(s))
-                                   for s, (_, h) in zip(op.inputs, inputs)):
+            full_i = self._full(i)
+            if r == full_i and all(h == self._full(s) for s, (_, h) in zip(op.inputs, inputs)):
                 y = op.call(*(t for t, _ in inputs))      # whole map: the native op
             else:
                 y = op.rule.compute(inputs, r)

@@ -26,6 +26,7 @@ import torch
 from meshdl.errors import PlanError
 from meshdl.graph.model_graph import MAP, REDUCE, VECTOR, ModelGraph
 from meshdl.graph.plan import Region
+from meshdl.graph.layout import empty_tile
 from meshdl.graph.regions import crop
 
 Partials = dict[int, "torch.Tensor | None"]   # reduce op index -> partial (None: owns none)
@@ -109,8 +110,7 @@ class TileRun:
             else:
                 r = plan.need[i]
                 if r.is_empty():
-                    y = self._proto.new_empty(
-                        (*op.out_shape[:-2], max(0, r.rows), max(0, r.cols)))
+                    y = empty_tile(self._proto, op.out_shape, op.hw, r)
                 else:
                     y = op.rule.compute([env[s] for s in op.inputs], r)
                 env[i] = (y, r)
