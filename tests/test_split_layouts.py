@@ -181,3 +181,56 @@ def test_every_permutation_is_exact(perm):
     assert worst <= 1e-4, f"perm {perm}: {worst}"
     spatial_last = perm[-1] in (2, 3)        # LN/Linear read across H or W
     assert bool(warned) == spatial_last, (perm, [str(w.message) for w in warned])
+
+
+class AcrossHThenChannelBias(nn.Module):   # a whole op in NHWC, then a per-channel bias
+    def __init__(s):
+        super().__init__()
+        s.c1, s.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        s.b = nn.Parameter(torch.randn(8))
+
+    def forward(s, x):
+        y = torch.softmax(s.c1(x).permute(0, 2, 3, 1), dim=2)     # over W
+        return s.c2((F.gelu(y) + s.b).permute(0, 3, 1, 2))
+
+
+class WidthVector(nn.Module):              # NCHW times a 1-D constant along W
+    def __init__(s):
+        super().__init__()
+        s.c1, s.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        s.v = nn.Parameter(torch.randn(SHAPE[-1]))
+
+    def forward(s, x):
+        return s.c2(s.c1(x) * s.v)
+
+
+@pytest.mark.parametrize("cls", [AcrossHThenChannelBias, WidthVector],
+                         ids=lambda c: c.__name__)
+def test_constants_along_moved_or_spatial_axes_are_exact(cls):
+    torch.manual_seed(2)
+    worst, g, warned = worst_error(cls())
+    assert worst <= 1e-4, f"{cls.__name__}: {worst}"
+    assert warned
+    assert g.ops[0].spatial and g.ops[-1].spatial      # both convs still tile
+
+
+@pytest.mark.parametrize("cls", [HandLayerNormNHWC, LayerNormNHWC, ConvNeXtBlock,
+                                 TransposeNWHC], ids=lambda c: c.__name__)
+def test_channels_last_onnx_below_opset_17_tiles_exactly(cls, tmp_path):
+    """LayerNorm exported at opset < 17 is decomposed (ReduceMean, Sub, Pow, ...)."""
+    from model_zoo_user import export_onnx
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(SHAPE)
+    path = tmp_path / "nhwc.onnx"
+    export_onnx(model, x, path, opset=13)
+    lm = meshdl.models.load(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = lm.trace()
+    assert not [w for w in caught if issubclass(w.category, SplitWarning)]
+    with torch.no_grad():
+        ref = model(x)
+    for spec in _plans(g):
+        y = meshdl.execute(meshdl.manual_plan(g, **spec), g, x)
+        assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), spec

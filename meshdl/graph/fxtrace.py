@@ -168,6 +168,7 @@ class _Builder:
         self.virtual: dict[fx.Node, list[fx.Node]] = {}
         self.ops: list[Op] = []
         self.in_hw = L.standard(tuple(x.shape))
+        self.in_read = False     # has an op read the input with in_hw as its H, W?
 
     def build(self) -> tuple[list[Op], tuple[int, ...]]:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -239,10 +240,12 @@ class _Builder:
         call = self._make_call(node, slots)
         in_shapes = [tuple(self.values[n].shape) for n in slots]
         dep_hws = [self._hw(n) for n in deps]
+        in_read = self.in_read or any(self.op_index[n] == INPUT for n in deps)
         dep_shapes = [tuple(self.values[n].shape) for n in deps]
         info = self._classify(node, args, kwargs, in_shapes, out_shape, call)
         out_hw = L.standard(out_shape)
         moved = self._moved(node, deps, dep_hws, consts, call)
+        dep_hws = [self._hw(n) for n in deps]     # the move may have read the input's
         if moved is not None:
             info = OpInfo(info.kind, L.AxisRule(call, in_shapes, dep_hws, out_shape, moved),
                           0.0, 0)
@@ -256,6 +259,14 @@ class _Builder:
                 len(slots) == 1 and _probe_local(call, self.values[slots[0]], value):
             info = OpInfo(info.kind, R.PointwiseRule(call, in_shapes, out_shape), info.flops,
                           info.weight_bytes)
+        if isinstance(info.rule, R.PointwiseRule) and not self._consts_broadcast(
+                node, consts, out_shape, out_hw):
+            info = OpInfo(info.kind, R.NotSpatial(
+                f"{info.kind} with a constant that does not broadcast over H, W"),
+                info.flops, info.weight_bytes)
+        if not info.rule.spatial and info.rule.reduce is None:
+            out_hw = self._kept_frame(deps, out_shape, out_hw)
+        self.in_read = in_read
         index = len(self.ops)
         self.op_index[node] = index
         self.ops.append(Op(
@@ -266,6 +277,30 @@ class _Builder:
             reason=getattr(info.rule, "reason", ""),
             target=str(getattr(node.target, "__name__", node.target)), node=node,
             hw=out_hw if len(out_shape) >= 3 else None))
+
+    def _consts_broadcast(self, node, consts, out_shape, hw) -> bool:
+        """Tensor constants baked into an elementwise op (not cropped per tile) must be
+        size 1 along the output's H and W."""
+        if hw is None:
+            return True
+        for n in node.all_input_nodes:
+            v = self.values.get(n)
+            if n not in self.op_index and n not in self.virtual and n not in consts and \
+                    _is_tensor(v) and not L.broadcasts_off(tuple(v.shape), out_shape, hw):
+                return False
+        return True
+
+    def _kept_frame(self, deps, out_shape, out_hw):
+        """H, W of an op run whole: any choice is exact (tiled ranges start only at
+        (N, C, H, W) positions); keeping its input's axes when they survive lets a
+        channels-last block run whole up to its permute back, which then tiles."""
+        for n in deps:
+            h = self._hw(n)
+            shape = tuple(self.values[n].shape)
+            if h is not None and len(shape) == len(out_shape) and all(
+                    int(shape[a]) == int(out_shape[a]) for a in h):
+                return h
+        return out_hw
 
     def _hw(self, n: fx.Node) -> tuple[int, int] | None:
         i = self.op_index[n]
@@ -282,7 +317,13 @@ class _Builder:
         name = node.target if node.op == "call_method" else op_name(node.target)
         if name not in L.MOVES:
             return None
-        return L.moved_axes(call, self.values[deps[0]], dep_hws[0])
+        x = self.values[deps[0]]
+        out = L.moved_axes(call, x, dep_hws[0])
+        if self.op_index[deps[0]] == INPUT and not self.in_read and x.dim() == 4 and \
+                out != (2, 3) and L.moved_axes(call, x, (1, 2)) == (2, 3):
+            self.in_hw = (1, 2)        # a channels-last (N, H, W, C) model input
+            return (2, 3)
+        return out
 
     def _on_layout(self, node, args, kwargs, deps, dep_hws, consts, info, in_shapes,
                    out_shape, call) -> tuple[OpInfo, tuple[int, int] | None]:
@@ -301,13 +342,17 @@ class _Builder:
             else:
                 off = nd - len(shape)
                 ok = ok and (h[0] + off, h[1] + off) == hw
-        for n in node.all_input_nodes:   # constants: must broadcast over H, W
-            v = self.values.get(n)
-            if n not in self.op_index and n not in self.virtual and _is_tensor(v):
-                ok = ok and hw is not None and L.broadcasts_off(tuple(v.shape), out_shape, hw)
+        module = self.modules[node.target] if node.op == "call_module" else None
+        fn = None if module is not None else node.target
+        name = node.target if node.op == "call_method" else op_name(node.target) \
+            if module is None else None
+        if name == "matmul":     # x @ W with a constant W: a Linear over the last dim
+            w = args[1] if len(args) > 1 else None
+            ok = ok and len(deps) == 1 and node.args[0] is deps[0] and _is_tensor(w) \
+                and w.dim() == 2
+        elif L.layer_kind(module, fn) != "linear":    # constants must broadcast over H, W
+            ok = ok and hw is not None and self._consts_broadcast(node, (), out_shape, hw)
         if ok:
-            module = self.modules[node.target] if node.op == "call_module" else None
-            fn = None if module is not None else node.target
             ok = L.local_axes(module, fn, args, kwargs, first, out_shape, hw)
         if not ok:
             return OpInfo(info.kind, R.NotSpatial(why), info.flops, info.weight_bytes), \
@@ -384,6 +429,7 @@ class Traced:
     input_node: fx.Node
     constants: dict[fx.Node, Any]      # folded non-tensor values (x.size(0), shapes)
     virtual: dict[fx.Node, list[fx.Node]] = field(default_factory=dict)  # tuples of tensors
+    in_hw: tuple[int, int] | None = None     # axes of H, W in the model input
 
 
 def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
@@ -408,4 +454,4 @@ def build_ops(model: nn.Module, input_shape: tuple[int, ...]) -> Traced:
                  if n not in builder.op_index and n not in builder.virtual
                  and n.op not in ("get_attr", "placeholder") and not _contains_tensor(v)}
     input_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    return Traced(ops, out_shape, gm, input_node, constants, builder.virtual)
+    return Traced(ops, out_shape, gm, input_node, constants, builder.virtual, builder.in_hw)

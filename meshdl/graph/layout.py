@@ -97,6 +97,11 @@ def broadcasts_off(shape: Sequence[int], out_shape: Sequence[int], hw: tuple[int
     return all(_aligned(shape, len(out_shape), a) in (None, 1) for a in hw)
 
 
+def layer_kind(module: nn.Module | None, fn: Any) -> str | None:
+    name = fn if isinstance(fn, str) else op_name(fn) if fn is not None else None
+    return _kind(module, fn, name)
+
+
 def _kind(module: nn.Module | None, fn: Any, name: str | None) -> str | None:
     """'pointwise', 'layernorm', 'linear', 'dims', or None (not known layout-free)."""
     from meshdl.graph.classify import _ACT_FUNCTIONS, _BINARY, POINTWISE_NAMES
@@ -112,7 +117,7 @@ def _kind(module: nn.Module | None, fn: Any, name: str | None) -> str | None:
         return None
     if fn is F.layer_norm or name == "layer_norm":
         return "layernorm"
-    if fn is F.linear or name == "linear":
+    if fn is F.linear or name in ("linear", "matmul"):
         return "linear"
     if fn in _BINARY or fn in _ACT_FUNCTIONS or name in POINTWISE_NAMES or \
             fn in (operator.pow, operator.neg):

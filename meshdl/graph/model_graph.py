@@ -103,7 +103,7 @@ class ModelGraph:
         return self.input_shape if producer == INPUT else self.ops[producer].out_shape
 
     def _hw(self, producer: int) -> tuple[int, int] | None:
-        return standard(self.input_shape) if producer == INPUT else self.ops[producer].hw
+        return self._traced.in_hw if producer == INPUT else self.ops[producer].hw
 
     def _full(self, producer: int) -> Region:
         return full_region(self._shape(producer), self._hw(producer))
