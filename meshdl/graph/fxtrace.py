@@ -259,7 +259,8 @@ class _Builder:
                 len(slots) == 1 and _probe_local(call, self.values[slots[0]], value):
             info = OpInfo(info.kind, R.PointwiseRule(call, in_shapes, out_shape), info.flops,
                           info.weight_bytes)
-        if isinstance(info.rule, R.PointwiseRule) and not self._consts_broadcast(
+        if isinstance(info.rule, R.PointwiseRule) and _wants_const_inputs(node) and \
+                not self._consts_broadcast(
                 node, consts, out_shape, out_hw):
             info = OpInfo(info.kind, R.NotSpatial(
                 f"{info.kind} with a constant that does not broadcast over H, W"),
@@ -350,7 +351,7 @@ class _Builder:
             w = args[1] if len(args) > 1 else None
             ok = ok and len(deps) == 1 and node.args[0] is deps[0] and _is_tensor(w) \
                 and w.dim() == 2
-        elif L.layer_kind(module, fn) != "linear":    # constants must broadcast over H, W
+        elif _wants_const_inputs(node):     # elementwise constants must broadcast over H, W
             ok = ok and hw is not None and self._consts_broadcast(node, (), out_shape, hw)
         if ok:
             ok = L.local_axes(module, fn, args, kwargs, first, out_shape, hw)

@@ -97,11 +97,6 @@ def broadcasts_off(shape: Sequence[int], out_shape: Sequence[int], hw: tuple[int
     return all(_aligned(shape, len(out_shape), a) in (None, 1) for a in hw)
 
 
-def layer_kind(module: nn.Module | None, fn: Any) -> str | None:
-    name = fn if isinstance(fn, str) else op_name(fn) if fn is not None else None
-    return _kind(module, fn, name)
-
-
 def _kind(module: nn.Module | None, fn: Any, name: str | None) -> str | None:
     """'pointwise', 'layernorm', 'linear', 'dims', or None (not known layout-free)."""
     from meshdl.graph.classify import _ACT_FUNCTIONS, _BINARY, POINTWISE_NAMES

@@ -14,7 +14,7 @@ from meshdl.errors import PlanError, SplitWarning
 from meshdl.graph.plan import Region
 from meshdl.graph.compiled import compile_range
 from meshdl.graph.fxtrace import INPUT, Op, build_ops
-from meshdl.graph.layout import empty_tile, full_region, is_standard, standard
+from meshdl.graph.layout import empty_tile, full_region, is_standard
 
 
 @dataclass(frozen=True)
