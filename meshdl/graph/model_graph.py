@@ -346,7 +346,7 @@ class ModelGraph:
         for op in self.ops[a:b]:
             if not op.spatial:
                 return f"op {op.name} ({op.kind}) is {op.reason}"
-        return "its input or output is not a 4-D feature map"
+        return "its input or output is not a 4-D (N, C, H, W) feature map"
 
     # ----- execution ---------------------------------------------------------
     @torch.no_grad()
