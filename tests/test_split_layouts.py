@@ -234,3 +234,59 @@ def test_channels_last_onnx_below_opset_17_tiles_exactly(cls, tmp_path):
     for spec in _plans(g):
         y = meshdl.execute(meshdl.manual_plan(g, **spec), g, x)
         assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), spec
+
+
+def _block_ops(c):
+    """(name, reads across H or W in NHWC, module factory) of channels-last steps."""
+    return [
+        ("ln", False, lambda: nn.LayerNorm(c)),
+        ("fc", False, lambda: nn.Linear(c, c)),
+        ("gelu", False, lambda: nn.GELU()),
+        ("scale", False, lambda: _Fn(lambda s, y: y * s.p, torch.randn(c))),
+        ("softmax_c", False, lambda: _Fn(lambda s, y: torch.softmax(y, -1) + y)),
+        ("center_c", False, lambda: _Fn(lambda s, y: y - y.mean(-1, keepdim=True))),
+        ("softmax_h", True, lambda: _Fn(lambda s, y: torch.softmax(y, 1) * y)),
+        ("cumsum_w", True, lambda: _Fn(lambda s, y: y.cumsum(2))),
+    ]
+
+
+class _Fn(nn.Module):
+    def __init__(s, fn, p=None):
+        super().__init__()
+        s.fn = fn
+        s.p = nn.Parameter(p) if p is not None else None
+
+    def forward(s, y):
+        return s.fn(s, y)
+
+
+class RandomNHWCBlock(nn.Module):
+    def __init__(s, steps, c=6):
+        super().__init__()
+        table = {n: f for n, _, f in _block_ops(c)}
+        s.c1, s.c2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 4, 3, padding=1)
+        s.steps = nn.ModuleList(table[n]() for n in steps)
+
+    def forward(s, x):
+        y = s.c1(x).permute(0, 2, 3, 1)
+        for m in s.steps:
+            y = m(y)
+        return s.c2(y.permute(0, 3, 1, 2))
+
+
+def test_random_channels_last_blocks_are_exact():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    names = [n for n, _, _ in _block_ops(6)]
+    across = {n for n, a, _ in _block_ops(6) if a}
+
+    @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+    @hypothesis.given(st.lists(st.sampled_from(names), min_size=1, max_size=4))
+    def check(steps):
+        torch.manual_seed(len(steps))
+        plans = [dict(cuts=[], grids=[(2, 2)]), dict(cuts=[], grids=[(3, 1)])]
+        worst, g, warned = worst_error(RandomNHWCBlock(steps), shape=(1, 3, 11, 13),
+                                       plans=plans)
+        assert worst <= 1e-4, (steps, worst)
+        assert bool(warned) == bool(set(steps) & across), steps
+    check()
