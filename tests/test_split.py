@@ -214,7 +214,9 @@ def test_random_spatial_net_any_grid_equals_unsplit(specs, data):
     x = torch.randn(shape)
     ref = net(x)
     g = meshdl.trace(net, shape)
-    assert all(op.spatial for op in g.ops)
+    # a pool whose window covers its whole input map is a global reduction: it ends the
+    # spatial run (exactly) instead of tiling; every other op of these nets tiles
+    assert all(op.spatial or op.out_shape[-2:] == (1, 1) for op in g.ops)
     cuts = sorted(data.draw(st.sets(st.integers(0, max(0, len(g.cut_points) - 1)),
                                     max_size=2))) if g.cut_points else []
     bounds = [0, *(g.cut_points[c] for c in cuts), len(g.ops)]
