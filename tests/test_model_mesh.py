@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto no
 MESH = "um"
 SHAPE = (1, 3, 128, 128)
 # a tiled first stage on every device, the rest (with the SE block) on one: weights spread
-# unevenly. (Tiled stages that hold a global reduction run in phases: not in the runtime yet.)
+# unevenly. test_onnx_se_block_tiled_on_mesh tiles the SE block itself (phased tasks).
 STRATEGY = "deepthings"
 
 
@@ -117,6 +117,17 @@ def test_onnx_model_on_mesh_fetches_only_own_stages(mesh, onnx_model):
     r2 = c.infer(x, model=str(path), strategy=STRATEGY, timeout=60)
     assert close(r2.output, r.output) and r2.plan.model == r.plan.model
     assert not any(t >= t1 for t, _, _ in wants.log)           # warm: nothing fetched
+
+
+def test_onnx_se_block_tiled_on_mesh(mesh, onnx_model):
+    """modnn tiles every stage, the SE block's too: its global pool becomes a reduce point
+    whose partial sums cross the mesh, and the answer still equals onnxruntime's."""
+    up, c, caches, wants = mesh
+    model, path = onnx_model
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    r = c.infer(x, model=str(path), strategy="modnn", timeout=180)
+    assert any(s.reduces and len(s.tasks) > 1 for s in r.plan.stages), r.plan.stages
+    assert close(r.output, ort_run(path, x)) and close(r.output, model(x))
 
 
 def test_restarted_node_does_not_fetch_again(mesh, onnx_model):
