@@ -31,9 +31,11 @@ setup(
         "lz4",             # LZ4 compression of tensor pieces
         "isal",            # CRC-32 of tensor frames ~6x faster than zlib (falls back to zlib)
         "amqtt>=0.12",     # the embedded broker when the mosquitto binary is missing
+        "onnx",            # reading users' .onnx model files (meshdl's own converter to torch.fx)
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "test": ["pytest", "pytest-timeout", "hypothesis",
+                 "onnxruntime"],      # the reference answer for ONNX files in tests
     },
     entry_points={"console_scripts": ["meshdl=meshdl.cli:main"]},
 )
