@@ -131,7 +131,20 @@ class MergesHW(nn.Module):                # NHWC then a reshape merging H, W (to
         return s.c2(t.transpose(1, 2).reshape(n, c, h, w))
 
 
-TILE = [HandLayerNormNHWC, LayerNormNHWC, ConvNeXtBlock, TransposeNWHC]
+class CatAndSliceNHWC(nn.Module):         # concatenation and slicing along C in NHWC
+    def __init__(s):
+        super().__init__()
+        s.c1, s.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        s.fc = nn.Linear(8, 4)
+
+    def forward(s, x):
+        y = s.c1(x).permute(0, 2, 3, 1)
+        y = torch.cat([y[..., :4] * 2.0, F.gelu(s.fc(y))], dim=-1)
+        y = torch.cat((y[:, :, :, 4:], y[..., 0:4]), 3)
+        return s.c2(y.permute(0, 3, 1, 2))
+
+
+TILE = [HandLayerNormNHWC, LayerNormNHWC, ConvNeXtBlock, TransposeNWHC, CatAndSliceNHWC]
 
 
 @pytest.mark.parametrize("cls", TILE, ids=lambda c: c.__name__)
@@ -247,6 +260,8 @@ def _block_ops(c):
         ("center_c", False, lambda: _Fn(lambda s, y: y - y.mean(-1, keepdim=True))),
         ("softmax_h", True, lambda: _Fn(lambda s, y: torch.softmax(y, 1) * y)),
         ("cumsum_w", True, lambda: _Fn(lambda s, y: y.cumsum(2))),
+        ("cat_w", True, lambda: _Fn(lambda s, y: torch.cat([y[:, :, 1:], y[:, :, :1]], 2))),
+        ("roll_c", False, lambda: _Fn(lambda s, y: torch.cat([y[..., 1:], y[..., :1]], -1))),
     ]
 
 

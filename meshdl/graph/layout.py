@@ -144,10 +144,29 @@ def local_axes(module: nn.Module | None, fn: Any, args: Sequence, kwargs: dict,
         return all(a < nd - k for a in hw)
     if kind == "linear":
         return all(a < nd - 1 for a in hw)
+    if name in ("cat", "concat", "concatenate"):
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        return isinstance(dim, int) and dim % nd not in hw
+    if name in ("getitem", "__getitem__"):
+        return _slices_off(args[1] if len(args) > 1 else None, nd, hw)
     if kind == "dims" and name is not None:
         dims = touched_dims(name, args, kwargs, nd)
         return dims is not None and not (set(dims) & set(hw))
     return False
+
+
+def _slices_off(index: Any, nd: int, hw: tuple[int, int]) -> bool:
+    """A basic index of slices (and one Ellipsis) that keeps the rank and leaves the
+    axes ``hw`` whole (``y[..., :4]`` on a channels-last map)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if items.count(Ellipsis) > 1 or not all(i is Ellipsis or isinstance(i, slice)
+                                            for i in items):
+        return False
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        items = items[:k] + [slice(None)] * (nd - len(items) + 1) + items[k + 1:]
+    items += [slice(None)] * (nd - len(items))
+    return len(items) == nd and all(items[a] == slice(None) for a in hw)
 
 
 class AxisRule(R.Rule):
