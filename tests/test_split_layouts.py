@@ -305,3 +305,24 @@ def test_random_channels_last_blocks_are_exact():
         assert worst <= 1e-4, (steps, worst)
         assert bool(warned) == bool(set(steps) & across), steps
     check()
+
+
+@pytest.mark.parametrize("cls", [ConvNeXtBlock, TransposeNWHC], ids=lambda c: c.__name__)
+def test_every_strategy_plans_channels_last_models_exactly(cls):
+    """Planners choose cuts by themselves, channels-last positions included."""
+    from pathlib import Path
+    mesh = meshdl.load_topology(Path(__file__).resolve().parent.parent / "topologies"
+                                / "home-4.yaml")
+    torch.manual_seed(0)
+    model = cls().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = meshdl.trace(model, (1, 3, 48, 40))
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        ref = model(x)
+    for name in meshdl.strategies():
+        res = meshdl.plan(g, mesh, strategy=name)
+        plan = getattr(res, "plan", res)
+        y = meshdl.execute(plan, g, x)
+        assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), name
