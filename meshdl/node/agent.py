@@ -9,7 +9,6 @@ are dropped with a log line; no message can stop the node.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -22,43 +21,31 @@ from meshdl.errors import MeshdlError, WireError
 from meshdl.graph.plan import Plan
 from meshdl.mesh import Device, Mesh
 from meshdl.node import election as el
-from meshdl.node.config import DuplicateNodeError, NodeConfig, NodeError
+from meshdl.node.config import DuplicateNodeError, NodeConfig, NodeError  # noqa: F401
 from meshdl.node.graphs import GraphCache
-from meshdl.node.leader import LeaderDuties, duties_for
+from meshdl.node.leader import LeaderDuties
 from meshdl.node.liveness import HEARTBEAT, Liveness, LivenessParams
-from meshdl.node.membership import Membership, claim_verdict
-from meshdl.node.probe import Probe, decode_probe, encode_probe
-from meshdl.wire.topics import node_probe as probe_topic
+from meshdl.node.membership import Membership
+from meshdl.node.probe import Probe
 from meshdl.node.telemetry import (Periodic, Prober, access_latency, telemetry_message,
                                    topology_links)
 from meshdl.transport.bus import Will
 from meshdl.wire import topics
-from meshdl.wire.control import (Campaign, JobRequest, LeaderInfo, NodeState, PlanMessage,
+from meshdl.wire.control import (Campaign, JobRequest, NodeState, PlanMessage,
                                  decode_control, encode_control)
+# split by concern (re-exported): connection, id claim and probes in agent_join;
+# election effects and leader duties in agent_leader
+from meshdl.node.agent_join import DEFAULT_KEEPALIVE, _AgentJoin, keepalive_s
+from meshdl.node.agent_leader import _AgentLeader
+
+__all__ = ["NodeAgent", "BusFactory", "DEFAULT_KEEPALIVE", "keepalive_s"]
 
 log = logging.getLogger(__name__)
 
 BusFactory = Callable[[str, "Will | None"], Any]
-DEFAULT_KEEPALIVE = 10
 
 
-def keepalive_s() -> int:
-    """MQTT keepalive of node connections: MESHDL_KEEPALIVE (2-600 s), else 10 s. The
-    broker fires a silent node's will after 1.5x this."""
-    raw = os.environ.get("MESHDL_KEEPALIVE")
-    if raw is None:
-        return DEFAULT_KEEPALIVE
-    try:
-        v = int(raw)
-    except ValueError:
-        v = 0
-    if not 2 <= v <= 600:
-        raise NodeError(f"MESHDL_KEEPALIVE={raw!r} must be a whole number of seconds in "
-                        "[2, 600]; unset it for the default of 10")
-    return v
-
-
-class NodeAgent:
+class NodeAgent(_AgentJoin, _AgentLeader):
     """``start()`` joins the mesh (raises DuplicateNodeError / TransportError);
     ``stop()`` leaves cleanly; ``wait()`` blocks until stopped or superseded."""
 
@@ -143,22 +130,6 @@ class NodeAgent:
         return self._elect is not None and self._elect.is_leader
 
     # ------------------------------------------------------------ connect / join
-    def _paho(self, client_id: str, will: Will | None):
-        from meshdl.transport.paho_bus import PahoBus
-        c = self.config
-        if c.bundle:                                  # secure mesh: meshdl.security
-            from meshdl.security.securebus import SecureBus, secure_paho
-            first = getattr(self, "bus", None)
-            return secure_paho(c.broker, c.bundle, mesh=self.mesh_name, client_id=client_id,
-                               will=will, protocol=c.protocol, keepalive=keepalive_s(),
-                               reconnect_delay=(0.1, 1.0),
-                               share=first if isinstance(first, SecureBus) else None)
-        from meshdl.security.securebus import warn_if_exposed
-        warn_if_exposed(c.broker, "node")
-        return PahoBus(c.broker, client_id=client_id, username=c.username,
-                       password=c.password, tls_ca=c.tls_ca, will=will, protocol=c.protocol,
-                       keepalive=keepalive_s(), reconnect_delay=(0.1, 1.0))
-
     def _state(self, online: bool) -> NodeState:
         d = self._device
         return NodeState(self.node_id, online, self.session, d.profile, float(d.flops),
@@ -218,89 +189,6 @@ class NodeAgent:
         attach(self)        # user models: manifests and weights over MQTT (issue 13)
         threading.Thread(target=self._start_dataplane, daemon=True, name="dataplane-start").start()
         return self
-
-    def _check_duplicate(self) -> int:
-        """Claim the id; raise DuplicateNodeError if a live process holds it.
-        Returns a retained session that is not older than ours (0 if none)."""
-        me = self.node_id
-        self.bus.subscribe(topics.node_state(self.mesh_name, me), self._own_state, qos=1)
-        self.bus.subscribe(probe_topic(self.mesh_name, me), self._on_probe, qos=1)
-        self.bus.publish(probe_topic(self.mesh_name, me),
-                         encode_probe(Probe("claim", me, self.session, self._nonce,
-                                            time.time())), qos=1)
-        time.sleep(self.config.timing.dup_window)
-        with self._lock:
-            here = list(self._here)
-            rivals = [c for c in self._claims
-                      if not claim_verdict((self.session, self._nonce), (c.session, c.nonce))]
-            self._owner = not here and not rivals
-        if here or rivals:
-            other = (here or rivals)[0]
-            self.bus.close()
-            raise DuplicateNodeError(
-                f"node id {me!r} is already {'online' if here else 'starting'} in mesh "
-                f"{self.mesh_name!r} (session {other.session}); stop that process or pick "
-                "another --id")
-        own = self._retained_self
-        if own is not None and own.session >= self.session:
-            return own.session
-        return 0
-
-    def _own_state(self, topic: str, payload: Any, retained: bool) -> None:
-        try:
-            st = decode_control(payload, NodeState) if len(payload) else None
-        except WireError as exc:
-            log.warning("dropped a malformed state on %s: %s", sanitise(topic, 160), exc)
-            return
-        if st is None or st.node != self.node_id:
-            return
-        if not self._owner:
-            self._retained_self = st
-        elif not st.online and st.session == self.session and not self._closed:
-            # our will fired (the broker lost us: a stall past keepalive, a restart):
-            # we are alive, so say so again
-            self._q.put(("reconnected", "", b"", False))
-        elif st.online and st.session > self.session:
-            log.error("node id %s was taken over by a newer process (session %d); leaving "
-                      "without publishing", self.node_id, st.session)
-            self.exit_reason = "superseded"
-            self._stopped.set()
-
-    def _on_probe(self, topic: str, payload: Any, retained: bool) -> None:
-        """Runs on the dispatcher: probes are answered at once (RTT accuracy)."""
-        try:
-            p = decode_probe(payload)
-        except WireError as exc:
-            log.warning("dropped a malformed probe on %s: %s", sanitise(topic, 160), exc)
-            return
-        if p.kind == "claim" and not (p.session == self.session and p.nonce == self._nonce):
-            with self._lock:
-                owner = self._owner
-                if not owner:
-                    self._claims.append(p)
-            if not owner and claim_verdict((self.session, self._nonce), (p.session, p.nonce)):
-                # a rival that subscribed after our claim never saw it: claim again
-                self._send_probe(self.node_id, Probe("claim", self.node_id, self.session,
-                                                     self._nonce, time.time()))
-            elif owner and not self._stopped.is_set():
-                self._send_probe(self.node_id, Probe("here", self.node_id, self.session,
-                                                     p.nonce, time.time()))
-        elif p.kind == "here" and p.session != self.session:
-            with self._lock:
-                self._here.append(p)
-        elif p.kind == "ping" and self._owner:
-            self._send_probe(p.sender, Probe("pong", self.node_id, self.session, p.nonce,
-                                             time.time(), p.pad))
-        elif p.kind == "pong" and self._prober is not None:
-            self._prober.on_pong(p)
-        elif p.kind == "set_link":
-            self._q.put(("set_link", topic, p, False))
-
-    def _send_probe(self, node: str, p: Probe) -> None:
-        try:
-            self.bus.publish(probe_topic(self.mesh_name, node), encode_probe(p))
-        except MeshdlError as exc:
-            log.debug("probe %s to %s not sent: %s", p.kind, node, exc)
 
     def _enqueue(self, tag: str):
         def handler(topic: str, payload: Any, retained: bool) -> None:
@@ -379,26 +267,6 @@ class NodeAgent:
         with self._lock:
             self.liveness.heard(node, time.monotonic())
 
-    def _maybe_warm(self) -> None:
-        """The deputy (best non-leader) traces the default models ahead of time, so a
-        fail-over re-plans in milliseconds instead of paying torch's import."""
-        s = self._elect
-        if self._warmed or s.leader is None or s.is_leader:
-            return
-        ranked = [n for n in el.order(s.members) if n != s.leader]
-        if not ranked or ranked[0] != self.node_id:
-            return
-        self._warmed = True
-        from meshdl.node.leader import default_models
-
-        def warm() -> None:
-            for model in default_models(self):
-                try:
-                    self.graphs.get(model)
-                except Exception as exc:   # a bad model name shows when planning
-                    log.debug("warm-up of %s failed: %s", model, exc)
-        threading.Thread(target=warm, daemon=True, name="warm-graphs").start()
-
     def _check_connection(self) -> None:
         """After a reconnect (the broker restarted and lost its retained records, or
         dropped us after a stall and fired our will) announce ourselves again: the
@@ -464,21 +332,6 @@ class NodeAgent:
         from meshdl.node.handlers import adopt_plan
         adopt_plan(self, plan_id, msg)
 
-    def _raise_fence(self, term: int) -> None:
-        if term <= self._fence:
-            return
-        self._fence = term
-        with self._lock:
-            old = [p for p, plan in self._plans.items() if plan.term < term]
-            for p in old:
-                del self._plans[p]
-        if old:
-            log.info("term %d: dropped %d plan(s) of older terms", term, len(old))
-
-    def job_request(self, job: JobRequest) -> None:
-        if self._duties is not None:
-            self._duties.job_request(job)
-
     def note_client(self, job: str, client: str) -> None:
         """Remember who asked for ``job`` (bounded, oldest dropped)."""
         with self._lock:
@@ -489,86 +342,6 @@ class NodeAgent:
     def job_client(self, job: str) -> str | None:
         with self._lock:
             return self._job_clients.get(job)
-
-    def early_job(self, job: JobRequest) -> None:
-        """A request that reached no leader (fail-over under way): keep it a few
-        seconds; whoever of us wins the election answers it."""
-        now = time.monotonic()
-        self._early_jobs = [(t, j) for t, j in self._early_jobs if now - t < 5.0][-63:]
-        self._early_jobs.append((now, job))
-
-    # ------------------------------------------------------------ election effects
-    def _elect_step(self, event: Any) -> None:
-        s, actions = el.step(self._elect, event, time.monotonic())
-        self._elect = s
-        for a in actions:
-            self._act(a)
-
-    def _act(self, a: Any) -> None:
-        m = self.mesh_name
-        if isinstance(a, el.Claim):
-            log.info("%s claims term %d", self.node_id, a.term)
-            self.bus.publish(topics.election(m), encode_control(
-                Campaign(self.node_id, a.term, "campaign", float(self._device.flops), "",
-                         time.time())), qos=1)
-        elif isinstance(a, el.BecomeLeader):
-            log.info("%s is the leader of term %d", self.node_id, a.term)
-            self._raise_fence(a.term)
-            self._publish_leader(a.term)
-            self._open_leader_bus()
-            self._start_duties(a.term)
-            early, self._early_jobs = self._early_jobs, []
-            for t, job in early:
-                if time.monotonic() - t < 5.0:
-                    self._duties.job_request(job)
-        elif isinstance(a, el.AssertLeader):
-            self._publish_leader(a.term)
-        elif isinstance(a, el.StepDown):
-            log.info("%s steps down from term %d: %s", self.node_id, a.term, a.reason)
-            self._stop_duties()
-        elif isinstance(a, el.LeaderChanged):
-            log.info("leader is now %s (term %d)", a.node or "(none)", a.term)
-            if a.node is not None:
-                self._raise_fence(a.term)
-
-    def _publish_leader(self, term: int) -> None:
-        self.bus.publish(topics.leader(self.mesh_name),
-                         encode_control(LeaderInfo(self.node_id, term, time.time())),
-                         qos=1, retain=True)
-
-    def _open_leader_bus(self) -> None:
-        """A second connection whose only job is its will: clear the leader record
-        if this process dies."""
-        def connect() -> None:
-            try:
-                lb = self._bus_factory(f"meshdl-lead-{self.node_id[:32]}-{uuid.uuid4().hex[:6]}",
-                                       Will(topics.leader(self.mesh_name), b"", 1, True))
-            except MeshdlError as exc:
-                log.warning("leader will connection failed: %s", exc)
-                return
-            with self._lock:
-                if self.is_leader and self._leader_bus is None and not self._closed:
-                    self._leader_bus, lb = lb, None
-            if lb is not None:
-                lb.close()
-        threading.Thread(target=connect, daemon=True, name="leader-will").start()
-
-    def _start_duties(self, term: int) -> None:
-        self._stop_duties(close_bus=False)
-        with self._lock:
-            retained = dict(self._retained_plans)
-        self._duties = duties_for(self, term, retained)
-        self._duties.start()
-
-    def _stop_duties(self, close_bus: bool = True) -> None:
-        duties, self._duties = self._duties, None
-        if duties is not None:
-            duties.stop()
-        if close_bus:
-            with self._lock:
-                lb, self._leader_bus = self._leader_bus, None
-            if lb is not None:
-                lb.close()
 
     # ------------------------------------------------------------ telemetry
     def _probe_round(self) -> None:

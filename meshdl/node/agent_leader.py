@@ -1,0 +1,140 @@
+"""NodeAgent's election effects and leader hand-over (split from
+``meshdl.node.agent``): stepping the pure election state machine, acting on its
+actions (claim, become leader, assert, step down), the leader record and its will
+connection, starting/stopping ``LeaderDuties``, term fencing of the plan store,
+requests held while leaderless, and the deputy's graph warm-up.
+``_AgentLeader`` is a mixin of ``NodeAgent``; everything runs on the control thread."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from meshdl.errors import MeshdlError
+from meshdl.node import election as el
+from meshdl.node.leader import duties_for
+from meshdl.transport.bus import Will
+from meshdl.wire import topics
+from meshdl.wire.control import Campaign, JobRequest, LeaderInfo, encode_control
+
+log = logging.getLogger("meshdl.node.agent")
+
+
+class _AgentLeader:
+    """Election effects and leader duties of a ``NodeAgent`` (mixin)."""
+
+    def _maybe_warm(self) -> None:
+        """The deputy (best non-leader) traces the default models ahead of time, so a
+        fail-over re-plans in milliseconds instead of paying torch's import."""
+        s = self._elect
+        if self._warmed or s.leader is None or s.is_leader:
+            return
+        ranked = [n for n in el.order(s.members) if n != s.leader]
+        if not ranked or ranked[0] != self.node_id:
+            return
+        self._warmed = True
+        from meshdl.node.leader import default_models
+
+        def warm() -> None:
+            for model in default_models(self):
+                try:
+                    self.graphs.get(model)
+                except Exception as exc:   # a bad model name shows when planning
+                    log.debug("warm-up of %s failed: %s", model, exc)
+        threading.Thread(target=warm, daemon=True, name="warm-graphs").start()
+
+    def _raise_fence(self, term: int) -> None:
+        if term <= self._fence:
+            return
+        self._fence = term
+        with self._lock:
+            old = [p for p, plan in self._plans.items() if plan.term < term]
+            for p in old:
+                del self._plans[p]
+        if old:
+            log.info("term %d: dropped %d plan(s) of older terms", term, len(old))
+
+    def job_request(self, job: JobRequest) -> None:
+        if self._duties is not None:
+            self._duties.job_request(job)
+
+    def early_job(self, job: JobRequest) -> None:
+        """A request that reached no leader (fail-over under way): keep it a few
+        seconds; whoever of us wins the election answers it."""
+        now = time.monotonic()
+        self._early_jobs = [(t, j) for t, j in self._early_jobs if now - t < 5.0][-63:]
+        self._early_jobs.append((now, job))
+
+    def _elect_step(self, event: Any) -> None:
+        s, actions = el.step(self._elect, event, time.monotonic())
+        self._elect = s
+        for a in actions:
+            self._act(a)
+
+    def _act(self, a: Any) -> None:
+        m = self.mesh_name
+        if isinstance(a, el.Claim):
+            log.info("%s claims term %d", self.node_id, a.term)
+            self.bus.publish(topics.election(m), encode_control(
+                Campaign(self.node_id, a.term, "campaign", float(self._device.flops), "",
+                         time.time())), qos=1)
+        elif isinstance(a, el.BecomeLeader):
+            log.info("%s is the leader of term %d", self.node_id, a.term)
+            self._raise_fence(a.term)
+            self._publish_leader(a.term)
+            self._open_leader_bus()
+            self._start_duties(a.term)
+            early, self._early_jobs = self._early_jobs, []
+            for t, job in early:
+                if time.monotonic() - t < 5.0:
+                    self._duties.job_request(job)
+        elif isinstance(a, el.AssertLeader):
+            self._publish_leader(a.term)
+        elif isinstance(a, el.StepDown):
+            log.info("%s steps down from term %d: %s", self.node_id, a.term, a.reason)
+            self._stop_duties()
+        elif isinstance(a, el.LeaderChanged):
+            log.info("leader is now %s (term %d)", a.node or "(none)", a.term)
+            if a.node is not None:
+                self._raise_fence(a.term)
+
+    def _publish_leader(self, term: int) -> None:
+        self.bus.publish(topics.leader(self.mesh_name),
+                         encode_control(LeaderInfo(self.node_id, term, time.time())),
+                         qos=1, retain=True)
+
+    def _open_leader_bus(self) -> None:
+        """A second connection whose only job is its will: clear the leader record
+        if this process dies."""
+        def connect() -> None:
+            try:
+                lb = self._bus_factory(f"meshdl-lead-{self.node_id[:32]}-{uuid.uuid4().hex[:6]}",
+                                       Will(topics.leader(self.mesh_name), b"", 1, True))
+            except MeshdlError as exc:
+                log.warning("leader will connection failed: %s", exc)
+                return
+            with self._lock:
+                if self.is_leader and self._leader_bus is None and not self._closed:
+                    self._leader_bus, lb = lb, None
+            if lb is not None:
+                lb.close()
+        threading.Thread(target=connect, daemon=True, name="leader-will").start()
+
+    def _start_duties(self, term: int) -> None:
+        self._stop_duties(close_bus=False)
+        with self._lock:
+            retained = dict(self._retained_plans)
+        self._duties = duties_for(self, term, retained)
+        self._duties.start()
+
+    def _stop_duties(self, close_bus: bool = True) -> None:
+        duties, self._duties = self._duties, None
+        if duties is not None:
+            duties.stop()
+        if close_bus:
+            with self._lock:
+                lb, self._leader_bus = self._leader_bus, None
+            if lb is not None:
+                lb.close()
