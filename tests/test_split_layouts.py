@@ -326,3 +326,24 @@ def test_every_strategy_plans_channels_last_models_exactly(cls):
         plan = getattr(res, "plan", res)
         y = meshdl.execute(plan, g, x)
         assert (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), name
+
+
+class FunctionalPerChannel(nn.Module):
+    """F.batch_norm and F.prelu (the forms .pt2 graphs and ONNX imports produce): their
+    vectors index C (dim 1), so they tile, even when W happens to equal C."""
+
+    def __init__(s):
+        super().__init__()
+        s.c1, s.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        s.register_buffer("mean", torch.randn(8))
+        s.register_buffer("var", torch.rand(8) + 0.5)
+        s.w, s.b, s.a = (nn.Parameter(torch.randn(8)) for _ in range(3))
+
+    def forward(s, x):
+        y = F.batch_norm(s.c1(x), s.mean, s.var, s.w, s.b, False, 0.0, 1e-5)
+        return s.c2(F.prelu(y, s.a))
+
+
+def test_functional_per_channel_ops_tile_exactly():
+    worst, g, warned = worst_error(FunctionalPerChannel(), shape=(1, 3, 17, 8))
+    assert worst <= 1e-4 and not warned and all(op.spatial for op in g.ops)

@@ -116,6 +116,10 @@ def _apply(node: fx.Node, modules: dict, args: tuple, kwargs: dict) -> Any:
     return getattr(args[0], node.target)(*args[1:], **kwargs)
 
 
+# per-channel parameters by definition (on a channels-last tensor layout.py runs them whole)
+_PER_CHANNEL = {"batch_norm", "prelu"}
+
+
 def _wants_const_inputs(node: fx.Node) -> bool:
     """Elementwise consumers, whose tensor constants with spatial extent are cropped."""
     if node.op == "call_module":
@@ -123,6 +127,8 @@ def _wants_const_inputs(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in POINTWISE_NAMES
     name = op_name(node.target)
+    if name in _PER_CHANNEL:        # their vectors index dim 1 (C), not the trailing dims
+        return False
     return name in POINTWISE_NAMES or name in ("cat", "concat", "stack", "iadd", "imul")
 
 
