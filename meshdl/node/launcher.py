@@ -55,7 +55,7 @@ class MeshUp:
         self._backend = backend
         self.protocol = protocol or ("3.1.1" if backend == "amqtt" else "auto")
         self._own_logs = log_dir is None
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="meshdl-mesh-"))
+        self._log_dir = Path(log_dir) if log_dir is not None else None   # made on first use
         self.devices = list(devices) if devices is not None else sorted(self.mesh_obj.devices)
         self._dataplane = dataplane
         self._node_args = list(node_args)
@@ -81,6 +81,14 @@ class MeshUp:
         self._watch_bundle = str(watch_bundle) if watch_bundle else None
 
     # ------------------------------------------------------------ lifecycle
+    @property
+    def log_dir(self) -> Path:
+        """The nodes' logs: the caller's dir, or a temp dir made on first use (so a
+        launcher that is never started leaves nothing behind) and removed by stop()."""
+        if self._log_dir is None:
+            self._log_dir = Path(tempfile.mkdtemp(prefix="meshdl-mesh-"))
+        return self._log_dir
+
     @property
     def url(self) -> str:
         if self._broker_url is not None:
@@ -247,8 +255,9 @@ class MeshUp:
             self.broker.stop()
             self.broker = None
         log.debug("broker stopped")
-        if self._own_logs and os.environ.get("MESHDL_KEEP_LOGS") is None:
-            shutil.rmtree(self.log_dir, ignore_errors=True)
+        if self._own_logs and self._log_dir is not None and \
+                os.environ.get("MESHDL_KEEP_LOGS") is None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
         if self._child_tmp is not None:
             shutil.rmtree(self._child_tmp, ignore_errors=True)
             self._child_tmp = None
