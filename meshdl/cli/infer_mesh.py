@@ -27,15 +27,6 @@ def _reachable(url: str) -> bool:
     return port_open(u.host, u.port, timeout=0.5)
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def choose_broker(conn: Connection | None, explicit: bool,
                   default: str = DEFAULT_BROKER) -> Connection | None:
@@ -44,10 +35,10 @@ def choose_broker(conn: Connection | None, explicit: bool,
     An explicit --broker is used as given. Without one, a broker at the default address
     is used only with credentials: any local user can listen on 127.0.0.1:1883, and an
     image must not go to a broker meshdl did not start unless it authenticated us."""
-    from meshdl.transport.urls import parse_url
+    from meshdl.transport.urls import is_loopback, parse_url
     if explicit:
         u = parse_url(conn.url)
-        if not conn.authenticated and not u.tls and not _is_loopback(u.host):
+        if not conn.authenticated and not u.tls and not is_loopback(u.host):
             click.secho(f"WARNING: sending images to {u.redacted()} without credentials or "
                         "TLS: anyone on that network can read them or pose as the broker; "
                         "use --username/--password-file and mqtts:// with --tls-ca.",

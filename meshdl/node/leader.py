@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 from meshdl.errors import MeshdlError, PlanError
-from meshdl.mesh import Mesh, ReplanGate, changed_links
+from meshdl.mesh import Mesh, ReplanGate, mesh_changed
 from meshdl.node.graphs import GraphCache
 from meshdl.wire import topics
 from meshdl.wire.control import JobRequest, JobStatus, PlanMessage, encode_control
@@ -83,16 +83,8 @@ def _shape(job: str, v: Any) -> tuple[int, ...] | None:
     return tuple(v)
 
 
-def needs_replan(old: Mesh | None, new: Mesh, threshold: float) -> bool:
-    """Pure: re-plan when devices joined/left, a device's FLOP/s changed by more
-    than ``threshold``, or a link changed (``mesh.link_changed``)."""
-    if old is None or set(old.devices) != set(new.devices):
-        return True
-    for d, dev in new.devices.items():
-        before = old.devices[d].flops
-        if abs(dev.flops - before) > threshold * before:
-            return True
-    return bool(changed_links(old, new, threshold))
+# the leader's name for the pure re-plan predicate (ReplanGate adds persistence)
+needs_replan = mesh_changed
 
 
 class LeaderDuties:

@@ -25,6 +25,7 @@ from meshdl.security.bundle import Bundle
 from meshdl.security.identity import Entry, SecurityError
 from meshdl.security.policy import Admission, admit
 from meshdl.transport.bus import Will
+from meshdl.transport.urls import is_loopback
 from meshdl.wire import topics
 
 log = logging.getLogger(__name__)
@@ -281,15 +282,6 @@ class _WillSigner:
 def load_bundle_cached(path: str) -> Bundle:
     return Bundle.load(path)
 
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def warn_if_exposed(url: str, what: str) -> bool:

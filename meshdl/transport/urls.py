@@ -28,6 +28,17 @@ class BrokerURL:
         return f"{self.scheme}://{user}{host}:{self.port}"
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_url(url: str) -> BrokerURL:
     if not isinstance(url, str) or not url:
         raise TransportError("broker URL is empty; pass e.g. mqtt://127.0.0.1:1883")
