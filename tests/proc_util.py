@@ -51,3 +51,12 @@ def kill_tagged(tag: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a live process, in KiB (0 when /proc does not say)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0

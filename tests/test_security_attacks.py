@@ -27,6 +27,7 @@ from meshdl.transport.paho_bus import PahoBus
 from meshdl.wire import topics
 from meshdl.wire.control import (JobResult, JobStatus, LeaderInfo, NodeState, PlanMessage,
                                  decode_control, encode_control)
+from proc_util import rss_kb
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
@@ -269,13 +270,6 @@ def test_unsigned_frames_are_rejected_everywhere(secure):
     alive(up)
 
 
-def _rss_kb(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def fuzz(secure, n: int, seed: int = 0) -> None:
     thief, up, stolen = secure["thief"], secure["up"], secure["stolen"]
     rng = random.Random(seed)
@@ -314,12 +308,12 @@ def fuzz(secure, n: int, seed: int = 0) -> None:
 def test_fuzzing_every_writable_topic(secure):
     up, c = secure["up"], secure["c"]
     exact_job(c, 9)
-    rss0 = {d: _rss_kb(p.pid) for d, p in up.procs.items()}
+    rss0 = {d: rss_kb(p.pid) for d, p in up.procs.items()}
     fuzz(secure, 600)
     time.sleep(2.0)
     exact_job(c, 10)
     alive(up)
-    growth = {d: _rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
+    growth = {d: rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
     assert max(growth.values()) < 80_000, growth             # kB
     wait_log(up, "rejected a message on")
 
@@ -327,12 +321,12 @@ def test_fuzzing_every_writable_topic(secure):
 @pytest.mark.slow
 def test_fuzzing_long(secure):
     up, c = secure["up"], secure["c"]
-    rss0 = {d: _rss_kb(p.pid) for d, p in up.procs.items()}
+    rss0 = {d: rss_kb(p.pid) for d, p in up.procs.items()}
     for s in range(25):
         fuzz(secure, 1000, seed=100 + s)
         exact_job(c, 100 + s)
     alive(up)
-    growth = {d: _rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
+    growth = {d: rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
     assert max(growth.values()) < 150_000, growth
 
 

@@ -15,6 +15,7 @@ from meshdl.client import MeshClient
 from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
 from meshdl.transport.paho_bus import PahoBus
 from meshdl.wire import topics
+from proc_util import rss_kb
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 
@@ -146,13 +147,6 @@ def test_pieces_for_unknown_plans_are_bounded(mesh):
     alive(up)
 
 
-def _rss_kb(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_fuzzing_every_topic_without_crypto(mesh):
     import random
     up, client, bad = mesh
@@ -167,7 +161,7 @@ def test_fuzzing_every_topic_without_crypto(mesh):
              f"meshdl/v1/{MESH}/node/evil\u2028FORGED/state"]   # (mosquitto refuses \n)
     kinds = ["state", "telemetry", "election", "leader", "plan", "job_request", "job_status",
              "job_result", "probe", "piece"]
-    rss0 = {d: _rss_kb(p.pid) for d, p in up.procs.items()}
+    rss0 = {d: rss_kb(p.pid) for d, p in up.procs.items()}
     for i in range(400):
         t = rng.choice(where)
         k = rng.randrange(3)
@@ -191,5 +185,5 @@ def test_fuzzing_every_topic_without_crypto(mesh):
     exact_job(client, 8)
     alive(up)
     assert "\nFORGED" not in logs(up) and "\u2028" not in logs(up)   # names sanitised
-    growth = {d: _rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
+    growth = {d: rss_kb(p.pid) - rss0[d] for d, p in up.procs.items()}
     assert max(growth.values()) < 80_000, growth

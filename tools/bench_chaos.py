@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def _stream(runner: Runner, client, sc: Scenario, n: int, gap: float = 0.0,
         sc.outcomes.append(runner.job(client, i))
         if gap:
             time.sleep(gap)
+
+
+STALL_S = 6.0       # how long a stalled process stays stopped (well past liveness, < keepalive)
+
+
+@contextmanager
+def _frozen(pid: int, hold_s: float):
+    """SIGSTOP ``pid`` for the block, and at least ``hold_s`` in all; SIGCONT always."""
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        yield
+        time.sleep(max(0.0, hold_s - (time.monotonic() - t0)))
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def _wait(pred, timeout: float, step: float = 0.05) -> float | None:
@@ -207,16 +223,10 @@ def run(args) -> list[Scenario]:
                         for m in up.watcher.snapshot().plans.values()
                         if up.watcher.snapshot().leader
                         and m.term == up.watcher.snapshot().leader.term), 20)
-                    pid = up.procs[v].pid
-                    os.kill(pid, signal.SIGSTOP)
-                    t0 = time.monotonic()
-                    try:
+                    with _frozen(up.procs[v].pid, STALL_S):
                         sc.timing["stall_to_dropped_s"] = _wait(
                             lambda: _planned_without(up.watcher.snapshot(), v), 12)
                         _stream(runner, c, sc, max(2, n // 3))
-                        time.sleep(max(0.0, 6 - (time.monotonic() - t0)))
-                    finally:
-                        os.kill(pid, signal.SIGCONT)
                     _stream(runner, c, sc, max(2, n // 3))
                 up.wait_ready(120)
                 out.append(sc)
@@ -225,7 +235,6 @@ def run(args) -> list[Scenario]:
                 sc = Scenario("leader-kill")
                 old = leader()
                 up.kill(old)
-                t0 = time.monotonic()
                 res: list[Outcome] = []
                 ts = [threading.Thread(target=lambda: res.append(runner.job(c, 0)))
                       for _ in range(3)]                   # sent during the fail-over
@@ -245,19 +254,13 @@ def run(args) -> list[Scenario]:
                 # -------------------------------------------------- leader stall (zombie)
                 sc = Scenario("leader-stall")
                 old = leader()
-                pid = up.procs[old].pid
-                os.kill(pid, signal.SIGSTOP)
-                t0 = time.monotonic()
-                try:
+                with _frozen(up.procs[old].pid, STALL_S):
                     res = []
                     t = threading.Thread(target=lambda: res.append(runner.job(c, 1)))
                     t.start()
                     sc.timing["failover_s"] = _wait(lambda: leader() not in ("", old), 30)
                     t.join()
                     sc.outcomes.extend(res)
-                    time.sleep(max(0.0, 6 - (time.monotonic() - t0)))
-                finally:
-                    os.kill(pid, signal.SIGCONT)
                 _stream(runner, c, sc, max(2, n // 3))
                 up.wait_ready(120)
                 out.append(sc)
