@@ -60,3 +60,19 @@ def make_tls_files(directory: Path) -> dict[str, Path]:
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
         "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "server.crt")
     return {n: d / n for n in ("ca.crt", "server.crt", "server.key")}
+
+
+def make_client_cert(directory: Path, cn: str) -> dict[str, Path]:
+    """A client certificate (CN = ``cn``) signed by the CA ``make_tls_files`` made in
+    ``directory``: {"tls_cert", "tls_key"} for a PahoBus."""
+    openssl = shutil.which("openssl")
+    d = directory
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=30, cwd=d)
+
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-subj", f"/CN={cn}", "-keyout", f"{cn}.key", "-out", f"{cn}.csr")
+    run("x509", "-req", "-in", f"{cn}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "1", "-out", f"{cn}.crt")
+    return {"tls_cert": d / f"{cn}.crt", "tls_key": d / f"{cn}.key"}

@@ -308,20 +308,24 @@ def test_python_hashed_password_file_works(tmp_path):
 
 
 def test_tls(tmp_path):
-    from conftest import _need_mosquitto
+    """tls.conf: TLS with client certificates as identity; no certificate, no entry."""
+    from conftest import _need_mosquitto, make_client_cert
     _need_mosquitto()
     certs = make_tls_files(tmp_path / "certs")
     other = make_tls_files(tmp_path / "other")
+    mine = make_client_cert(tmp_path / "certs", "alice")
     with EmbeddedBroker("tls", files=certs, workdir=tmp_path / "b") as b:
         assert b.url.startswith("mqtts://")
-        with PahoBus(b.url, tls_ca=certs["ca.crt"]) as sub, \
-                PahoBus(b.url, tls_ca=certs["ca.crt"]) as pub:
+        with PahoBus(b.url, tls_ca=certs["ca.crt"], **mine) as sub, \
+                PahoBus(b.url, tls_ca=certs["ca.crt"], **mine) as pub:
             inbox = Inbox()
             subscribed(sub, inbox, "meshdl/v1/tls/#", "meshdl/v1/tls/probe")
             pub.publish("meshdl/v1/tls/x", b"secret", qos=1)
             inbox.wait(_payload(b"secret"))
         with pytest.raises(TransportError, match="cannot connect"):
             PahoBus(b.url, tls_ca=other["ca.crt"], connect_timeout=1)
+        with pytest.raises(TransportError, match="cannot connect"):
+            PahoBus(b.url, tls_ca=certs["ca.crt"], connect_timeout=2)    # no certificate
 
 
 def test_bridge_between_two_brokers(tmp_path):
@@ -329,14 +333,18 @@ def test_bridge_between_two_brokers(tmp_path):
     _need_mosquitto()
     with EmbeddedBroker(workdir=tmp_path / "a") as a, \
             EmbeddedBroker("bridge", substitutions={"REMOTE_PORT": a.port},
-                           workdir=tmp_path / "b") as b:
-        with PahoBus(a.url) as on_a, PahoBus(b.url) as on_b:
-            up = Inbox()
-            on_b.subscribe("$SYS/broker/connection/#", up)
-            up.wait(lambda i: i[1] == b"1")
+                           users={"site": "s3cret"}, workdir=tmp_path / "b") as b:
+        with pytest.raises(TransportError, match="refused the login"):
+            PahoBus(b.url, connect_timeout=2)                # anonymous: refused
+        with PahoBus(a.url) as on_a, PahoBus(b.url, username="site", password="s3cret") as on_b:
             inbox_a, inbox_b = Inbox(), Inbox()
             subscribed(on_a, inbox_a, "meshdl/v1/#", "meshdl/v1/probe/a")
             on_b.subscribe("meshdl/v1/#", inbox_b)
+            deadline = time.monotonic() + DEADLINE        # the bridge comes up
+            while not any(i[1] == b"up" for i in inbox_a.items):
+                assert time.monotonic() < deadline, "the bridge never came up"
+                on_b.publish("meshdl/v1/probe/b", b"up", qos=1)
+                time.sleep(0.2)
             on_b.publish("meshdl/v1/m/leader", b"from-b", qos=1)
             inbox_a.wait(_payload(b"from-b"))
             on_a.publish("meshdl/v1/m/election", b"from-a", qos=1)

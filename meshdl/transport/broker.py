@@ -122,9 +122,10 @@ class EmbeddedBroker:
 
     ``config``: None or one of BUILTIN_CONFIGS, or a path to a template.
     ``files``: extra files copied into the work dir (name -> source path or bytes),
-    e.g. certificates. ``users``: for ``auth``, name -> password (hashed into
+    e.g. certificates. ``users``: for ``auth`` and ``bridge``, name -> password (hashed into
     ``@DIR@/passwords``). ``backend``: "auto", "mosquitto" or "amqtt".
-    ``workdir``: where the config, log and files go (default: a fresh temp dir,
+    ``tls`` needs client certificates (CN = user name), ``bridge`` users (no
+    anonymous clients in either). ``workdir``: where the config, log and files go (default: a fresh temp dir,
     removed on stop).
     """
 
@@ -270,10 +271,14 @@ class EmbeddedBroker:
         d = self._dir
         os.chmod(d, 0o700 if private else 0o755)
         files = dict(self._files)
-        if self._config == "auth":
+        if self._config in ("auth", "bridge", "tls"):
             files.setdefault("meshdl.acl", data_dir("broker") / "meshdl.acl")
-            if "passwords" not in files:
-                make_password_file(d / "passwords", self._users)
+        if self._config in ("auth", "bridge") and "passwords" not in files:
+            if not self._users:
+                raise TransportError(f"the {self._config} broker config admits no anonymous "
+                                     "clients; pass users={'name': 'password'} (or "
+                                     "files={'passwords': FILE})")
+            make_password_file(d / "passwords", self._users)
         for name, src in files.items():
             dst = d / name
             if isinstance(src, (bytes, bytearray)):
