@@ -35,7 +35,7 @@ from meshdl.wire.control import (Campaign, JobResult, JobStatus, LeaderInfo, Nod
                                  PlanMessage, decode_control)
 # split by concern: result types in client_results, job attempts in client_jobs
 # (re-exported here: ``from meshdl.client import InferResult`` etc. keep working)
-from meshdl.client_jobs import NO_MESH_S, RESEND_S, STALL_S, _JobAttempts
+from meshdl.client_jobs import NO_MESH_S, RESEND_S, STALL_S, _JobAttempts, plan_time_scale
 from meshdl.client_results import (InferResult, RetryableJobError, StageTiming, _Attempt,
                                    _Retry, _stages, _tensor)
 
@@ -91,6 +91,7 @@ class MeshClient(_JobAttempts):
         self._leader: tuple[str, int] | None = None
         self._meshes: set[str] = set()          # meshes with a leader record on this broker
         self._heard: dict[str, float] = {}      # node -> when its last heartbeat arrived
+        self._time_scale = 1.0                  # K of the last plan seen (dilated mesh)
         self._attempts: dict[str, _Attempt] = {}
         self._plan_cv = threading.Condition(self._lock)
         self._links = Links(self.client_id, lambda t, p: self.data_bus.publish(t, p, qos=1))
@@ -155,6 +156,7 @@ class MeshClient(_JobAttempts):
             return
         with self._plan_cv:
             self._plans[plan.plan_id] = plan
+            self._time_scale = plan_time_scale(plan)    # K of the mesh: scales waits
             self._plan_cv.notify_all()
 
     def _on_state(self, topic: str, payload: Any, retained: bool) -> None:

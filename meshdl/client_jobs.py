@@ -22,6 +22,24 @@ from meshdl.client_results import InferResult, _Attempt, _Retry, _stages, _tenso
 RESEND_S = 1.0          # re-send a request not answered "planned" within this
 STALL_S = 3.0           # a plan device unheard (no heartbeat) this long fails the attempt
 NO_MESH_S = 2.0         # with no live member and no leader, give up after this
+MAX_TIME_SCALE = 1e4    # NodeConfig's bound on --time-scale
+
+
+def plan_time_scale(plan: Plan | None) -> float:
+    """The time scale K a plan was made for (``meta["time_scale"]``, recorded by the
+    leader of a dilated mesh); 1 when absent or unusable."""
+    k = (getattr(plan, "meta", None) or {}).get("time_scale") if plan is not None else None
+    if type(k) not in (int, float) or not 1.0 <= k <= MAX_TIME_SCALE:
+        return 1.0
+    return float(k)
+
+
+def scaled_timeouts(time_scale: float) -> tuple[float, float, float]:
+    """(request re-send, device silence, no mesh) in seconds on a mesh dilated K times:
+    its heartbeats, answers and statuses cross links K times slower, so each wait is K
+    times longer; an undilated mesh (K <= 1) keeps the defaults."""
+    k = max(1.0, float(time_scale)) if time_scale == time_scale else 1.0
+    return RESEND_S * k, STALL_S * k, NO_MESH_S * k
 
 
 class _JobAttempts:
@@ -44,12 +62,14 @@ class _JobAttempts:
             self._reasm.expire()
 
     def _silent(self, plan: Plan, since: float) -> tuple[str, float] | None:
-        """A device of ``plan`` unheard for STALL_S (counting from ``since``)."""
+        """A device of ``plan`` unheard for STALL_S x the plan's time scale (counting
+        from ``since``)."""
+        stall = scaled_timeouts(plan_time_scale(plan))[1]
         now = time.monotonic()
         with self._lock:
             for d in plan.devices():
                 at = max(self._heard.get(d, since), since)
-                if now - at > STALL_S:
+                if now - at > stall:
                     return d, now - at
         return None
 
@@ -87,7 +107,8 @@ class _JobAttempts:
         t_send = time.time()
         self._sender.send(a.job, piece, plan.source, [self.client_id, plan.source], frames,
                           0.05, lambda msg: a.events.put(("failed", msg)))
-        st = jp.Attempt(a.job, time.monotonic(), deadline, jp.Params(RESEND_S, NO_MESH_S),
+        resend, _, no_mesh = scaled_timeouts(plan_time_scale(plan))
+        st = jp.Attempt(a.job, time.monotonic(), deadline, jp.Params(resend, no_mesh),
                         phase=jp.PLANNED, plan_id=pid)
         st, effects = jp.step(st, jp.InputSent(tuple(plan.devices()),
                                                sum(len(s.tasks) for s in plan.stages)))
@@ -125,8 +146,10 @@ class _JobAttempts:
             self.bus.publish(topic, encode_control(req), qos=1)
         with self._lock:
             leader = self._leader[0] if self._leader else None
+            # before the plan is known: the time scale of the mesh's last plan seen
+            resend, _, no_mesh = scaled_timeouts(getattr(self, "_time_scale", 1.0))
         st, effects = jp.start(a.job, time.monotonic(), deadline, leader,
-                               jp.Params(RESEND_S, NO_MESH_S))
+                               jp.Params(resend, no_mesh))
         _, pid = self._drive(a, st, effects, send)
         return pid
 
@@ -155,7 +178,7 @@ class _JobAttempts:
                 ev = None
             now = time.monotonic()
             evs = [] if ev is None else [ev]
-            if st.phase == jp.REQUESTING and now - st.started >= NO_MESH_S:
+            if st.phase == jp.REQUESTING and now - st.started >= st.params.no_mesh_s:
                 why = self._no_mesh()
                 if why is not None:
                     evs.append(jp.NoMesh(why))
