@@ -25,9 +25,9 @@ from typing import Any
 
 from meshdl.security.bounds import sanitise
 from meshdl.errors import JobError, MeshdlError, TransportError, WireError
-from meshdl.graph.plan import Plan
 from meshdl.node.emulation import Links
 from meshdl.node.flow import ReliableSender
+from meshdl.node.planstore import IssuedPlan, PlanStore
 from meshdl.wire import topics
 from meshdl.wire.codec import AckFrame, PieceFrame, decode_frame, encode_ack
 from meshdl.wire.reassembly import Reassembler
@@ -86,7 +86,7 @@ class MeshClient(_JobAttempts):
         self.bus = bus                  # control: states, leader, plans, requests, statuses
         self.data_bus = data_bus        # data: route inbox (acks), results, input pieces
         self._lock = threading.Lock()
-        self._plans: dict[str, Plan] = {}
+        self._plans = PlanStore()       # plans seen (bounded; cleared ones stay until evicted)
         self._online: dict[str, bool] = {}
         self._leader: tuple[str, int] | None = None
         self._meshes: set[str] = set()          # meshes with a leader record on this broker
@@ -147,16 +147,13 @@ class MeshClient(_JobAttempts):
                 a.events.put(("cleared", pid))
             return
         try:
-            msg = decode_control(payload, PlanMessage)
-            plan = Plan.from_dict(msg.plan)
-            plan.term = max(plan.term, msg.term)
-            plan.plan_id = msg.plan_id
+            issued = IssuedPlan.from_message(decode_control(payload, PlanMessage))
         except MeshdlError as exc:
             log.warning("client ignored a plan on %s: %s", sanitise(topic, 160), exc)
             return
         with self._plan_cv:
-            self._plans[plan.plan_id] = plan
-            self._time_scale = plan_time_scale(plan)    # K of the mesh: scales waits
+            self._plans.adopt(issued)
+            self._time_scale = plan_time_scale(issued.plan)    # K of the mesh: scales waits
             self._plan_cv.notify_all()
 
     def _on_state(self, topic: str, payload: Any, retained: bool) -> None:

@@ -254,7 +254,8 @@ class _JobAttempts:
         with self._plan_cv:
             while not all(p in self._plans for p in plan_ids) and time.monotonic() < end:
                 self._plan_cv.wait(max(0.0, min(0.2, end - time.monotonic())))
-            return [self._plans[p] for p in plan_ids if p in self._plans]
+            found = [self._plans.get(p) for p in plan_ids]
+            return [p for p in found if p is not None]
 
     def run_on_plan(self, job: str, x: Any, plan: Plan, deadline: float) -> InferResult:
         """One attempt of job ``job`` on a known plan (no request to the leader).
@@ -272,9 +273,9 @@ class _JobAttempts:
 
     def _get_plan(self, pid: str, deadline: float) -> Plan:
         with self._plan_cv:
-            while pid not in self._plans:
+            while (plan := self._plans.get(pid)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _Retry(f"plan {pid} was announced but never arrived")
                 self._plan_cv.wait(min(left, 0.5))
-            return self._plans[pid]
+            return plan

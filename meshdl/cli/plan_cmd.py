@@ -98,15 +98,11 @@ def _progress(label: str):
 
 
 def _live(broker, mesh_name, username, password, tls_ca):
-    from meshdl import Plan
     from meshdl.errors import MeshdlError
+    from meshdl.node.planstore import IssuedPlan
     from meshdl.node.status import read_status
     snap = read_status(broker, mesh_name, username=username, password=password, tls_ca=tls_ca)
-    plans = {}
-    for pid, msg in sorted(snap.plans.items()):
-        p = Plan.from_dict(msg.plan)
-        p.plan_id, p.term = pid, msg.term
-        plans[pid] = p
+    plans = {pid: IssuedPlan.from_message(msg).plan for pid, msg in sorted(snap.plans.items())}
     mesh = None
     try:
         from meshdl.mesh import MeshState, apply

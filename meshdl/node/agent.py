@@ -26,6 +26,7 @@ from meshdl.node.graphs import GraphCache
 from meshdl.node.leader import LeaderDuties
 from meshdl.node.liveness import HEARTBEAT, Liveness, LivenessParams
 from meshdl.node.membership import Membership
+from meshdl.node.planstore import IssuedPlan, PlanStore
 from meshdl.node.probe import Probe
 from meshdl.node.telemetry import (Periodic, Prober, access_latency, telemetry_message,
                                    topology_links)
@@ -69,9 +70,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         self.graphs = GraphCache()
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.RLock()
-        self._plans: dict[str, Plan] = {}
-        self._retained_plans: dict[str, dict] = {}
-        self._fence = 0
+        self.plan_store = PlanStore()   # the node's one plan store (issued and received)
         self._overrides: dict[str, dict[str, float]] = {}
         self._elect: el.ElectionState | None = None
         self._duties: LeaderDuties | None = None
@@ -110,15 +109,13 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         return mesh
 
     def plan(self, plan_id: str) -> Plan | None:
-        with self._lock:
-            return self._plans.get(plan_id)
+        return self.plan_store.get(plan_id)
 
     def plans(self) -> dict[str, Plan]:
-        with self._lock:
-            return dict(self._plans)
+        return self.plan_store.plans()
 
     def term(self) -> int:
-        return self._fence
+        return self.plan_store.term
 
     @property
     def leader(self) -> str | None:
@@ -248,7 +245,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
             self._beat_at = now
             try:
                 self.bus.publish(topics.election(self.mesh_name), encode_control(
-                    Campaign(self.node_id, self._fence, HEARTBEAT, float(self._device.flops),
+                    Campaign(self.node_id, self.plan_store.term, HEARTBEAT, float(self._device.flops),
                              "", time.time())), qos=0)
             except MeshdlError as exc:
                 log.debug("heartbeat not sent: %s", exc)
@@ -332,6 +329,15 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         from meshdl.node.handlers import adopt_plan
         adopt_plan(self, plan_id, msg)
 
+    def adopt_issued(self, issued: IssuedPlan) -> None:
+        """Adopt a plan (received, or issued by our own leader duties) and hand it to
+        the data plane when it is new here."""
+        if self.plan_store.adopt(issued) and self.dataplane is not None:
+            try:
+                self.dataplane.on_plan(issued.plan)
+            except Exception:
+                log.exception("data plane on_plan failed for %s", issued.plan_id)
+
     def note_client(self, job: str, client: str) -> None:
         """Remember who asked for ``job`` (bounded, oldest dropped)."""
         with self._lock:
@@ -350,8 +356,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
 
     def view(self) -> tuple:
         s = self._elect
-        with self._lock:
-            plans = tuple(sorted(self._plans))
+        plans = tuple(sorted(self.plan_store.plans()))
         return (s.leader if s else None, s.leader_term if s else 0, plans)
 
     def _maybe_telemetry(self) -> None:

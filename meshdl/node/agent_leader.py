@@ -1,7 +1,7 @@
 """NodeAgent's election effects and leader hand-over (split from
 ``meshdl.node.agent``): stepping the pure election state machine, acting on its
 actions (claim, become leader, assert, step down), the leader record and its will
-connection, starting/stopping ``LeaderDuties``, term fencing of the plan store,
+connection, starting/stopping ``LeaderDuties``, term fencing of the plan store (``node.planstore``),
 requests held while leaderless, and the deputy's graph warm-up.
 ``_AgentLeader`` is a mixin of ``NodeAgent``; everything runs on the control thread."""
 from __future__ import annotations
@@ -46,13 +46,7 @@ class _AgentLeader:
         threading.Thread(target=warm, daemon=True, name="warm-graphs").start()
 
     def _raise_fence(self, term: int) -> None:
-        if term <= self._fence:
-            return
-        self._fence = term
-        with self._lock:
-            old = [p for p, plan in self._plans.items() if plan.term < term]
-            for p in old:
-                del self._plans[p]
+        old = self.plan_store.fence(term)
         if old:
             log.info("term %d: dropped %d plan(s) of older terms", term, len(old))
 
@@ -124,9 +118,7 @@ class _AgentLeader:
 
     def _start_duties(self, term: int) -> None:
         self._stop_duties(close_bus=False)
-        with self._lock:
-            retained = dict(self._retained_plans)
-        self._duties = duties_for(self, term, retained)
+        self._duties = duties_for(self, term)
         self._duties.start()
 
     def _stop_duties(self, close_bus: bool = True) -> None:

@@ -88,7 +88,6 @@ class DataPlane(_DataPlaneRoles):
             self.compute.submit, self._finish_task, self._fail)
         self._nacked: dict[tuple[str, str], float] = {}
         self._waiting: dict[str, list[tuple[float, tuple, np.ndarray]]] = {}
-        self._plans: dict[str, Plan] = {}
         self._warmed: set[str] = set()
         self._mesh = None
         self._mesh_at = 0.0
@@ -136,10 +135,11 @@ class DataPlane(_DataPlaneRoles):
 
     def on_plan(self, plan: Plan) -> None:
         with self._lock:
-            self._plans[plan.plan_id] = plan
             waiting = self._waiting.pop(plan.plan_id, [])
             fresh = plan.plan_id not in self._warmed     # re-adopted plans (the leader
             self._warmed.add(plan.plan_id)                # re-sends per job) warm once:
+            if len(self._warmed) > 1024:                  # bounded: plans still in the store
+                self._warmed = {p for p in self._warmed if self.ctx.plan(p) is not None}
         if fresh and self.node_id in plan.devices():      # warm-up work delays the job
             mine = [t for t in plan.tasks() if t.device == self.node_id]
             self.compute.submit(lambda: self._warm(plan, mine))
@@ -347,14 +347,8 @@ class DataPlane(_DataPlaneRoles):
         return back[0], topics.route_topic(self.mesh_name, back, job, piece)
 
     def _plan(self, plan_id: str) -> Plan | None:
-        with self._lock:
-            plan = self._plans.get(plan_id)
-        if plan is None:
-            plan = self.ctx.plan(plan_id)
-            if plan is not None:
-                with self._lock:
-                    self._plans[plan_id] = plan
-        return plan
+        """An adopted plan, read from the node's one plan store (``ctx.plan``)."""
+        return self.ctx.plan(plan_id)
 
     def _ack(self, plan: Plan, job: str, piece: str, src: str, term: int) -> None:
         if J.sender_device(plan, src) == self.node_id:
@@ -371,8 +365,6 @@ class DataPlane(_DataPlaneRoles):
                 # plan ids are content hashes: a later term may re-issue the same id
                 fresh = self.ctx.plan(plan.plan_id)
                 if fresh is not None and fresh.term == term:
-                    with self._lock:
-                        self._plans[plan.plan_id] = fresh
                     plan = fresh
                 else:
                     raise PlanError(f"piece term {term} differs from plan term {plan.term}")

@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 from meshdl.errors import WireError
-from meshdl.graph.plan import Plan
 from meshdl.node import election as el
 from meshdl.mesh.state import NodeCleared
 from meshdl.node.membership import state_event, telemetry_event
+from meshdl.node.planstore import IssuedPlan
 from meshdl.security.limits import RateLimiter
 from meshdl.security.bounds import MAX_TERM_STEP, BoundsError, sanitise, term_step_ok
 from meshdl.wire import topics
@@ -136,37 +136,30 @@ def on_set_link(agent, topic: str, p: Any, retained: bool) -> None:
 
 
 def adopt_plan(agent, plan_id: str, msg: PlanMessage | None) -> None:
-    """Adopt (or drop) a retained plan: older terms are fenced off; a plan of a
-    term whose leader we know must come from that leader."""
+    """Adopt (or drop) a retained plan in the node's plan store: older terms are
+    fenced off; a plan of a term whose leader we know must come from that leader."""
+    store = agent.plan_store
     if msg is None:
-        with agent._lock:
-            agent._plans.pop(plan_id, None)
-            agent._retained_plans.pop(plan_id, None)
+        store.drop(plan_id)
         if agent._duties is not None:
             agent._duties.plan_seen(plan_id, None)
         return
-    with agent._lock:
-        agent._retained_plans[plan_id] = msg.plan
-    if agent._duties is not None:
-        agent._duties.plan_seen(plan_id, msg.term)
-    if msg.term < agent._fence:
-        log.debug("ignored plan %s of old term %d (< %d)", plan_id, msg.term, agent._fence)
+    issued = IssuedPlan.from_message(msg)
+    if msg.term < store.term:
+        store.seen(issued)
+        if agent._duties is not None:
+            agent._duties.plan_seen(plan_id, msg.term)
+        log.debug("ignored plan %s of old term %d (< %d)", plan_id, msg.term, store.term)
         return
-    plan = Plan.from_dict(msg.plan)
-    issuer = plan.meta.get("leader") if isinstance(plan.meta, dict) else None
     s = agent._elect
-    if issuer and s and s.leader_term == msg.term and s.leader and issuer != s.leader:
+    if issued.leader and s and s.leader_term == msg.term and s.leader and \
+            issued.leader != s.leader:
+        store.seen(issued)
         log.warning("ignored plan %s: term %d belongs to %s, not %s", plan_id, msg.term,
-                    s.leader, issuer)
+                    s.leader, issued.leader)
         return
-    plan.term, plan.plan_id = msg.term, plan_id
     agent._raise_fence(msg.term)
     agent._elect_step(el.TermSeen(msg.term))
-    with agent._lock:
-        new = plan_id not in agent._plans or agent._plans[plan_id].term != msg.term
-        agent._plans[plan_id] = plan
-    if new and agent.dataplane is not None:
-        try:
-            agent.dataplane.on_plan(plan)
-        except Exception:
-            log.exception("data plane on_plan failed for %s", plan_id)
+    agent.adopt_issued(issued)
+    if agent._duties is not None:
+        agent._duties.plan_seen(plan_id, msg.term)

@@ -21,10 +21,11 @@ from meshdl.errors import MeshdlError
 from meshdl.graph.plan import Plan
 from meshdl.node.dataplane import DataPlane
 from meshdl.node.graphs import GraphCache
+from meshdl.node.planstore import IssuedPlan, PlanStore
 from meshdl.planner.base import fill_routes, plan_id as make_plan_id
 from meshdl.wire import topics
-from meshdl.wire.control import (JobRequest, JobStatus, NodeState, PlanMessage,
-                                 decode_control, encode_control)
+from meshdl.wire.control import (JobRequest, JobStatus, NodeState, decode_control,
+                                 encode_control)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class PlanBook:
     """Plans adopted by the in-process mesh (shared by every context)."""
 
-    plans: dict[str, Plan] = field(default_factory=dict)
+    store: PlanStore = field(default_factory=PlanStore)
     clients: dict[str, str] = field(default_factory=dict)     # job -> client
     term: int = 1
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -55,8 +56,7 @@ class HarnessContext:
         return self._mesh
 
     def plan(self, plan_id: str) -> Plan | None:
-        with self._book.lock:
-            return self._book.plans.get(plan_id)
+        return self._book.store.get(plan_id)
 
     def term(self) -> int:
         return self._book.term
@@ -66,14 +66,16 @@ class HarnessContext:
             return self._book.clients.get(job)
 
 
-def finish_plan(plan: Plan, g: Any, mesh: Any, term: int) -> Plan:
-    """Routes, a plan id and the term for a hand-made plan."""
+def finish_plan(plan: Plan, g: Any, mesh: Any, term: int | None = None) -> Plan:
+    """Complete a hand-made plan as ``meshdl.plan`` completes its own: routes, the
+    predicted cost and the content-hash id. No term: that is the issued plan's
+    envelope's (``IssuedPlan``), set when the harness's leader issues it; ``term`` is
+    accepted for older callers and ignored."""
     from meshdl.planner import simulate
     fill_routes(plan, g, mesh)
     score = simulate(plan, g, mesh)
     plan.latency_s, plan.energy_j = score.latency_s, score.energy_j
     plan.meta.setdefault("score", score.to_dict())
-    plan.term = term
     plan.plan_id = make_plan_id(plan)
     return plan
 
@@ -120,9 +122,9 @@ class MiniLeader:
                     return
                 req = self._work.pop(0)
             try:
-                plan = self._plan(req)
-                self.publish_plan(plan)
-                status = JobStatus(req.job, "planned", plan.plan_id, plan.term, time.time())
+                issued = IssuedPlan.issue(self._plan(req), self.book.term, "mini-leader")
+                self.publish_plan(issued)
+                status = JobStatus(req.job, "planned", issued.plan_id, issued.term, time.time())
             except MeshdlError as exc:
                 status = JobStatus(req.job, "failed", str(exc), self.book.term, time.time())
             self.bus.publish(topics.job(self.mesh_name, req.job, "status"),
@@ -135,19 +137,15 @@ class MiniLeader:
         o = req.options or {}
         shape = tuple(o.get("input_shape") or meshdl.models.info(req.model).input_shape)
         g = self._graphs.get(req.model, shape)
-        plan = meshdl.plan(g, self.mesh, strategy=req.strategy or "meshdl",
+        return meshdl.plan(g, self.mesh, strategy=req.strategy or "meshdl",
                            source=o.get("source"), sink=o.get("sink"),
                            alpha=float(o.get("alpha", 0.5)))
-        plan.term = self.book.term
-        return plan
 
-    def publish_plan(self, plan: Plan) -> None:
-        with self.book.lock:
-            self.book.plans[plan.plan_id] = plan
-        self._adopt(plan)
-        msg = PlanMessage(plan.plan_id, plan.term, plan.to_dict(), time.time())
-        self.bus.publish(topics.plan(self.mesh_name, plan.plan_id), encode_control(msg),
-                         qos=1, retain=True)
+    def publish_plan(self, issued: IssuedPlan) -> None:
+        if self.book.store.adopt(issued):
+            self._adopt(issued.plan)
+        self.bus.publish(topics.plan(self.mesh_name, issued.plan_id),
+                         encode_control(issued.message(time.time())), qos=1, retain=True)
 
 
 class InProcessMesh:
@@ -196,9 +194,8 @@ class InProcessMesh:
 
     def add_plan(self, plan: Plan, model: str | None = None) -> Plan:
         """Serve ``plan`` for job requests of ``model`` (default: plan.model)."""
-        plan.term = self.book.term
         self.leader.fixed[model or plan.model] = plan
-        self.leader.publish_plan(plan)
+        self.leader.publish_plan(IssuedPlan.issue(plan, self.book.term, "mini-leader"))
         return plan
 
     def start(self) -> "InProcessMesh":

@@ -19,9 +19,11 @@ from typing import Any, Callable, Mapping
 
 from meshdl.errors import MeshdlError, PlanError
 from meshdl.mesh import Mesh, ReplanGate, mesh_changed
+from meshdl.graph.plan import Plan
 from meshdl.node.graphs import GraphCache
+from meshdl.node.planstore import IssuedPlan, PlanStore
 from meshdl.wire import topics
-from meshdl.wire.control import JobRequest, JobStatus, PlanMessage, encode_control
+from meshdl.wire.control import JobRequest, JobStatus, encode_control
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ class StandingRequest:
     objective: str | None = None   # None: alpha mix; latency, energy, throughput (streams)
 
     @classmethod
-    def from_plan(cls, plan: Mapping[str, Any]) -> "StandingRequest | None":
+    def from_plan(cls, plan: "Mapping[str, Any] | Plan") -> "StandingRequest | None":
+        if isinstance(plan, Plan):
+            plan = {"meta": plan.meta}
         req = (plan.get("meta") or {}).get("request") if isinstance(plan, Mapping) else None
         if not isinstance(req, Mapping):
             return None
@@ -90,7 +94,8 @@ needs_replan = mesh_changed
 class LeaderDuties:
     def __init__(self, *, me: str, mesh_name: str, term: int, bus,
                  live_mesh: Callable[[], Mesh], graphs: GraphCache,
-                 defaults: list[StandingRequest], known_plans: Mapping[str, int],
+                 defaults: list[StandingRequest], store: PlanStore,
+                 adopt: Callable[[IssuedPlan], None],
                  link_threshold: float = 0.3, max_requests: int = 32,
                  debounce: float = 0.15, confirm_s: float = 0.0,
                  compression: str = "off") -> None:
@@ -102,10 +107,9 @@ class LeaderDuties:
         self._threshold, self._max, self._debounce = link_threshold, max_requests, debounce
         self._requests: collections.OrderedDict[StandingRequest, None] = \
             collections.OrderedDict((r, None) for r in self._defaults)
-        self._foreign: dict[str, int] = dict(known_plans)   # retained plan id -> term
+        # plans issued and seen live in the node's one plan store; adopt = the agent's
+        self._store, self._adopt = store, adopt
         self._current: dict[StandingRequest, str] = {}
-        self._published: set[str] = set()
-        self._issued: dict[str, Any] = {}        # plan id -> Plan of every live plan
         self._republish = False
         self._planned_mesh: Mesh | None = None
         # link changes must persist confirm_s before a re-plan (no flapping)
@@ -118,10 +122,10 @@ class LeaderDuties:
                                         name=f"leader-{me}-t{term}")
         self.replans = 0
 
-    def adopt_requests(self, plans: Mapping[str, Mapping[str, Any]]) -> None:
+    def adopt_requests(self) -> None:
         """Standing requests recovered from retained plans of earlier leaders."""
-        for plan in plans.values():
-            req = StandingRequest.from_plan(plan)
+        for issued in self._store.retained().values():
+            req = StandingRequest.from_plan(issued.plan)
             if req is not None:
                 self._remember(req)
 
@@ -165,14 +169,10 @@ class LeaderDuties:
 
     def plan_seen(self, plan_id: str, term: int | None) -> None:
         """A retained plan appeared (term) or was cleared (None) on the broker."""
-        with self._cv:
-            if term is None:
-                self._foreign.pop(plan_id, None)
-            elif plan_id not in self._published and term < self.term:
-                self._foreign[plan_id] = term
-                if term < self.term:
-                    self._dirty_at = self._dirty_at or time.monotonic()
-                    self._cv.notify_all()
+        if term is not None and term < self.term:      # an older leader's: clear it
+            with self._cv:
+                self._dirty_at = self._dirty_at or time.monotonic()
+                self._cv.notify_all()
 
     # ------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -194,8 +194,10 @@ class LeaderDuties:
                 again, self._republish = self._republish, False
             try:
                 if again:
-                    for plan in list(self._issued.values()):
-                        self._publish(plan)
+                    for pid in self._live():
+                        issued = self._store.issued(pid)
+                        if issued is not None and issued.term == self.term:
+                            self._send(issued)
                 if job is not None:          # a waiting client first, then the rest
                     self._answer(job)
                 if dirty:
@@ -224,7 +226,7 @@ class LeaderDuties:
                     self._dirty_at = self._gate.pending_until - self._debounce + 0.01
         self._clear_superseded()
 
-    def _plan(self, req: StandingRequest, mesh: Mesh):
+    def _plan(self, req: StandingRequest, mesh: Mesh) -> IssuedPlan:
         import meshdl
         source = req.source or mesh.defaults.get("source") or self.me
         sink = req.sink or mesh.defaults.get("sink") or source
@@ -246,14 +248,10 @@ class LeaderDuties:
         plan = meshdl.plan(g, mesh, strategy=req.strategy,
                            source=source, sink=sink, alpha=req.alpha,
                            objective=req.objective, **self._wire_option(g))
-        plan.term = self.term
-        plan.notes.extend(notes)
-        plan.meta["leader"] = self.me
-        plan.meta["request"] = asdict(req)
-        plan.meta["members"] = sorted(mesh.devices)
+        meta: dict[str, Any] = {"request": asdict(req), "members": sorted(mesh.devices)}
         if mesh.time_scale != 1.0:      # emulated K times slower: times / K are the real ones
-            plan.meta["time_scale"] = mesh.time_scale
-        return plan
+            meta["time_scale"] = mesh.time_scale
+        return IssuedPlan.issue(plan, self.term, self.me, meta, notes)
 
     def _wire_option(self, g) -> dict:
         """{"wire": WireModel} when the nodes compress pieces (the graph's tensors'
@@ -272,35 +270,36 @@ class LeaderDuties:
             wire = self._wires[key] = WireModel(self._compression, ratios)
         return {"wire": wire}
 
-    def _publish(self, plan) -> str:
+    def _publish(self, issued: IssuedPlan) -> str:
         from meshdl.planner.throughput import replicas
-        for rep in replicas(plan)[0][1:]:       # a stream's other plans (throughput)
-            rep.term = self.term
-            self._publish(rep)
-        msg = PlanMessage(plan.plan_id, self.term, plan.to_dict(), time.time())
-        self._published.add(plan.plan_id)
-        self._issued[plan.plan_id] = plan
-        self._bus.publish(topics.plan(self.mesh_name, plan.plan_id), encode_control(msg),
-                          qos=1, retain=True)
-        self._foreign.pop(plan.plan_id, None)
-        return plan.plan_id
+        for rep in replicas(issued.plan)[0][1:]:   # a stream's other plans (throughput)
+            self._publish(IssuedPlan.issue(rep, self.term, self.me))
+        self._adopt(issued)                      # into the node's store (and data plane)
+        self._send(issued)
+        return issued.plan_id
+
+    def _send(self, issued: IssuedPlan) -> None:
+        self._bus.publish(topics.plan(self.mesh_name, issued.plan_id),
+                          encode_control(issued.message(time.time())), qos=1, retain=True)
+
+    def _live(self) -> set[str]:
+        """The current plans' ids and their replicas' (a stream's plans stay live)."""
+        live = set(self._current.values())
+        for pid in list(live):
+            issued = self._store.known(pid)
+            reps = (issued.plan.meta or {}).get("replicas") if issued is not None else None
+            live |= {d.get("plan_id") for d in (reps or []) if isinstance(d, dict)}
+        return live
 
     def _clear_superseded(self) -> None:
-        live = set(self._current.values())
-        for pid in list(live):                  # a live plan's replicas stay live
-            issued = self._issued.get(pid)
-            live |= {d.get("plan_id") for d in ((issued.meta or {}).get("replicas") or [])
-                     if isinstance(d, dict)} if issued is not None else set()
-        with self._cv:
-            stale = (self._published - live) | {p for p, t in self._foreign.items()
-                                                if t < self.term and p not in live}
+        """Clear every retained plan of this or an older term that is not live."""
+        live = self._live()
+        stale = [p for p, ip in self._store.retained().items()
+                 if ip.term <= self.term and p not in live]
         for pid in sorted(stale):
             log.info("leader %s: clearing superseded plan %s", self.me, pid)
             self._bus.publish(topics.plan(self.mesh_name, pid), b"", qos=1, retain=True)
-            self._published.discard(pid)
-            self._issued.pop(pid, None)
-            with self._cv:
-                self._foreign.pop(pid, None)
+            self._store.drop(pid)
 
     def _answer(self, job: JobRequest) -> None:
         default = self._defaults[0] if self._defaults else StandingRequest("efficientnet_lite0")
@@ -339,25 +338,24 @@ def default_models(agent) -> list[str]:
                                              or DEFAULT_MODEL)]
 
 
-def duties_for(agent, term: int, retained: Mapping[str, Mapping[str, Any]]) -> LeaderDuties:
+def duties_for(agent, term: int) -> LeaderDuties:
     """LeaderDuties for ``agent`` (a NodeAgent) in ``term``; standing requests: the
     configured models (else the topology's ``defaults.model``, else the default
-    model) plus those recovered from ``retained`` plans."""
+    model) plus those recovered from the retained plans in its plan store."""
     cfg = agent.config
     models = default_models(agent)
     duties = LeaderDuties(
         me=agent.node_id, mesh_name=agent.mesh_name, term=term, bus=agent.bus,
         live_mesh=agent.live_mesh, graphs=agent.graphs,
         defaults=[StandingRequest(m, cfg.strategy, cfg.alpha) for m in models],
-        known_plans={p: int(d.get("term", 0)) if isinstance(d, Mapping) else 0
-                     for p, d in retained.items()},
+        store=agent.plan_store, adopt=agent.adopt_issued,
         link_threshold=cfg.link_threshold, max_requests=cfg.max_requests,
         debounce=cfg.timing.replan_debounce,
         confirm_s=0.9 * cfg.timing.telemetry_period * max(0, cfg.link_confirm_periods - 1),
         # emulated nodes compress on slow links ("auto"); real ones only when forced
         compression=cfg.compression if cfg.emulate or cfg.compression not in ("auto",)
         else "off")
-    duties.adopt_requests(retained)
+    duties.adopt_requests()
     return duties
 
 
