@@ -281,8 +281,7 @@ class MeshClient(_JobAttempts):
             log.warning("client dropped a frame on %s: %s", sanitise(topic, 160), exc)
             return
         if isinstance(frame, AckFrame):
-            for piece in frame.pieces:
-                self._sender.on_ack(frame.job, piece, frame.ok, frame.chunks)
+            self._sender.on_ack_frame(frame)      # the source's credit, then the pieces
         elif isinstance(frame, PieceFrame):
             self._on_result_piece(frame)
 

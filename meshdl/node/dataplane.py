@@ -35,7 +35,8 @@ from meshdl.node import jobs as J
 from meshdl.node.emulation import Links
 from meshdl.node.graphs import GraphCache
 from meshdl.node.executor import Worker, tensor_to_wire, warm, wire_to_tensor
-from meshdl.node.flow import Acker, ReceiveLog, ReliableSender, Transfer
+from meshdl.node.credit import Acker, CreditLedger
+from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer
 from meshdl.node.relay import Relay
 from meshdl.node.phases import PhaseRunner, parse_partial
 from meshdl.wire import topics
@@ -51,12 +52,15 @@ log = logging.getLogger(__name__)
 PIECE_QOS = 1
 INLINE_RESULT = 1 << 20     # larger answers go to the client as a piece, not inline
 LOOPBACK_BPS = 2e9          # what a hop costs when not emulated (rto estimate only)
+HELD_BYTES = 256 << 20      # acked pieces a node holds before they are used (its credit)
+INITIAL_GRANT = 16 << 20    # what a sender may have in flight before a receiver's first grant
 
 
 class DataPlane(_DataPlaneRoles):
     def __init__(self, ctx: Any, *, graphs: GraphCache | None = None,
                  rto_min_s: float = 1.0, max_retries: int = 6, job_ttl_s: float = 120.0,
-                 chunk_bytes: int = 1 << 20, set_threads: bool = True) -> None:
+                 chunk_bytes: int = 1 << 20, set_threads: bool = True,
+                 held_bytes: int = HELD_BYTES, initial_grant: int = INITIAL_GRANT) -> None:
         self.ctx = ctx
         # tensor pieces, acks and results travel on the data connection (when the agent
         # has one), so their bytes never delay control traffic; statuses stay on control
@@ -74,9 +78,12 @@ class DataPlane(_DataPlaneRoles):
                            access=self._access_figures,
                            shaped=bool(getattr(cfg, "shaped_links", False)))
         self.sender = ReliableSender(self.node_id, self._transmit, rto_min_s=rto_min_s,
-                                     max_retries=max_retries)
+                                     max_retries=max_retries, initial_grant=initial_grant)
         self.rlog = ReceiveLog()
-        self.acker = Acker(self.node_id, self.links.send_small)
+        # receive side of the credit window: held bytes, grants on every ack
+        self.credit = CreditLedger(int(getattr(cfg, "held_bytes", 0) or held_bytes),
+                                   min_grant=chunk_bytes)
+        self.acker = Acker(self.node_id, self.links.send_small, credit=self.credit.grant)
         self.reasm = Reassembler()
         self.relay = Relay(self.node_id, self.links, store_and_forward=self.emulate)
         self.jobs = J.JobTable(ttl_s=job_ttl_s)
@@ -151,6 +158,10 @@ class DataPlane(_DataPlaneRoles):
         naming it and why (``why[device]``, default: went offline)."""
         self._mesh = None
         why = why or {}
+        for d in {d for st in self.jobs.active() for d in st.plan.devices()} - set(online):
+            # pieces to it, sent or waiting for its credit, fail by name (never dropped)
+            self.sender.fail_peer(d, f"device {d} {why.get(d, 'went offline')}; retry on a "
+                                     "new plan")
         for st in self.jobs.active():
             gone = [d for d in st.plan.devices() if d not in online]
             if gone and not st.finished:
@@ -260,8 +271,7 @@ class DataPlane(_DataPlaneRoles):
             self._fenced(frame)
             return
         if isinstance(frame, AckFrame):
-            for piece in frame.pieces:
-                self.sender.on_ack(frame.job, piece, frame.ok, frame.chunks)
+            self.sender.on_ack_frame(frame)      # its credit, then its pieces
         elif isinstance(frame, PieceFrame):      # a star mesh: through this node's downlink
             self.links.downlink(len(payload), frame.chunk == 0, lambda: self._on_piece(frame))
 
@@ -355,7 +365,25 @@ class DataPlane(_DataPlaneRoles):
             return
         hop, topic = self._ack_route(plan, job, piece, src)
         self.rlog.mark((job, piece))
-        self.acker.ack(hop, topic, job, piece, term)
+        self.acker.ack(hop, topic, job, piece, term, peer=J.sender_device(plan, src))
+
+    def _hold(self, job: str, what: str, arr: np.ndarray) -> None:
+        """An acked piece stays until it is used: it counts against our credit."""
+        self.credit.hold(job, what, arr.nbytes)
+
+    def _released(self, job: str, *what: str) -> None:
+        """Pieces were used (``what``; none: every piece of ``job``): senders we
+        granted little hear of the room (``meshdl.node.credit``)."""
+        if what:
+            for w in what:
+                self.credit.release(job, w)
+        else:
+            self.credit.release_job(job)
+        self._refresh_credit()
+
+    def _refresh_credit(self) -> None:
+        for peer in self.credit.stale():
+            self.acker.refresh(peer)
 
     def _consume(self, plan: Plan, job: str, piece: str, src: str, dst: str, term: int,
                  arr: np.ndarray) -> None:
@@ -378,15 +406,19 @@ class DataPlane(_DataPlaneRoles):
                     raise PlanError(f"input of job {job} sent to {self.node_id}, but the plan's "
                                     f"source is {plan.source}")
                 held = time.time()           # the source holds the input: t = 0 of the model
+                self._hold(job, "@input", arr)
                 self.io.submit(lambda: self._dispatch_input(st, arr, held))
             elif dst == "":
                 if plan.sink != self.node_id:
                     raise PlanError(f"output {piece} sent to {self.node_id}, not the sink")
+                self._hold(job, "@out<" + src, arr)
                 self._on_output(st, src, arr)
             elif parse_partial(piece) is not None:      # a reduce point's partials
                 self.phased.on_partial(st, src, dst, parse_partial(piece), wire_to_tensor(arr))
             else:
-                self._on_task_input(st, plan.task(dst), src, arr)
+                task = plan.task(dst)
+                self._hold(job, f"{dst}<{src}", arr)
+                self._on_task_input(st, task, src, arr)
         except (MeshdlError, KeyError, ValueError) as exc:
             self._bump("dropped")
             # the job cannot finish without this piece: say so now (the client retries
@@ -417,6 +449,7 @@ class DataPlane(_DataPlaneRoles):
         self.phased.forget(job)
         self.jobs.end(job)
         self.sender.cancel_job(job)
+        self._released(job)
         self._status(job, "failed", msg, plan.term)
 
     def _warm(self, plan: Plan, mine: list[Task]) -> None:
@@ -433,7 +466,9 @@ class DataPlane(_DataPlaneRoles):
                     log.warning("job %s expired on %s after %.0f s without progress", st.job,
                                 self.node_id, self.jobs.ttl_s)
                 self.sender.cancel_job(st.job)
+                self.credit.release_job(st.job)
             self.reasm.expire()
+            self._refresh_credit()      # a lost credit update costs a second at most
             now = time.monotonic()
             with self._lock:
                 pids = list(self._waiting)

@@ -41,7 +41,9 @@ class _DataPlaneRoles:
                                 tensor_to_wire(part), "", t.id)
         except MeshdlError as exc:
             self._fail(st.job, plan, f"source {self.node_id} could not split the input: {exc}")
+            self._released(st.job, "@input")
         else:       # when the source held the input (wall clock; see MeshClient)
+            self._released(st.job, "@input")
             self._status(st.job, "input", "", plan.term, ts=held)
         self._maybe_done(st)
 
@@ -68,6 +70,12 @@ class _DataPlaneRoles:
         self.compute.submit(lambda: self._run_task(st, task, pieces))
 
     def _run_task(self, st: J.JobState, task: Task, pieces: list) -> None:
+        try:
+            self._run_task_inner(st, task, pieces)
+        finally:        # its input pieces are used: their bytes are credit again
+            self._released(st.job, *(f"{task.id}<{k}" for k, _ in self._needs(st.plan, task)))
+
+    def _run_task_inner(self, st: J.JobState, task: Task, pieces: list) -> None:
         plan = st.plan
         if st.failed:
             return
@@ -165,7 +173,9 @@ class _DataPlaneRoles:
         except MeshdlError as exc:
             self._fail(st.job, plan, f"sink {self.node_id} could not publish the answer of "
                                      f"job {st.job}: {exc}")
+        used = ["@out<" + k for k in st.outputs]
         st.outputs.clear()
+        self._released(st.job, *used)
         self._maybe_done(st)
 
     def _maybe_done(self, st: J.JobState, task_id: str | None = None) -> None:
@@ -180,3 +190,4 @@ class _DataPlaneRoles:
                 return
         # the job may still have unacked pieces; the sender keeps them until acked
         self.jobs.end(st.job)
+        self.credit.release_job(st.job)

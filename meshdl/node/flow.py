@@ -20,8 +20,11 @@ its consumer, end to end:
   its job with an error naming the piece, the device and the route.
 - The consumer remembers completed pieces (bounded) and answers a duplicate with
   another ack, never with a second delivery.
-- A window caps the bytes awaiting acks per sender, so one node cannot flood the
-  broker's per-client queues (``send`` waits for room, up to the piece's deadline).
+- Credit: each receiver grants the bytes it can still hold on its acks
+  (``AckFrame.credit``; ``meshdl.node.credit``), and a sender keeps at most that many
+  unacked bytes in flight to it. A piece without credit waits in the receiver's queue
+  (``send`` never blocks; the flow thread sends it when credit arrives) and fails with
+  a named reason after its wait, or at once when the receiver is dropped.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,6 +59,9 @@ class Transfer:
     first_sent: float = 0.0
     received: frozenset = frozenset()     # chunks the consumer reported (selective ack)
     sending: bool = False
+    first_queued: float = 0.0             # when it was handed to ``send``
+    wait_until: float = 0.0               # queued for credit: fails after this
+    why_late: str = ""
 
     def missing_frames(self) -> list[tuple[str, bytes]]:
         if not self.received:
@@ -63,28 +69,57 @@ class Transfer:
         return [f for i, f in enumerate(self.frames) if i not in self.received]
 
 
+@dataclass
+class _Peer:
+    """What a sender knows of one receiver: its latest grant and what is in flight."""
+    grant: int
+    inflight: int = 0
+    queue: deque = field(default_factory=deque)       # transfers waiting for credit
+    granted_at: float = 0.0
+
+
 class ReliableSender:
-    """Sends pieces with end-to-end acks. ``transmit(transfer, frames, on_sent)`` puts
-    the frames on the transfer's first hop and calls ``on_sent`` when they left."""
+    """Sends pieces with end-to-end acks, within each receiver's credit.
+    ``transmit(transfer, frames, on_sent)`` puts the frames on the transfer's first
+    hop and calls ``on_sent`` when they left.
+
+    Credit: a receiver grants bytes on its acks (``AckFrame.credit``, see
+    ``meshdl.node.credit``); until its first grant ``initial_grant`` applies. A piece
+    goes when the receiver's unacked bytes plus the piece fit its latest grant (or
+    nothing is in flight to it and the grant is not zero: a piece larger than the whole
+    grant goes alone); otherwise it waits in that receiver's FIFO queue. ``send``
+    never blocks: queued pieces leave from the flow thread when credit arrives, or fail
+    (named) after ``wait_s``, when the receiver is dropped (``fail_peer``) or when more
+    than ``max_queued_bytes`` wait. ``window_bytes`` caps all receivers together."""
 
     def __init__(self, node_id: str, transmit: Callable[..., None],
                  *, rto_min_s: float = 1.0, max_retries: int = 6,
-                 window_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic
+                 window_bytes: int = 256 << 20, initial_grant: int = 16 << 20,
+                 max_queued_bytes: int = 1 << 30, credit: bool = True,
+                 max_peers: int = 4096, clock: Callable[[], float] = time.monotonic
                  ) -> None:
         self.node_id = node_id
         self._transmit = transmit
         self.rto_min_s = rto_min_s
         self.max_retries = max_retries
         self.window_bytes = window_bytes
+        self.initial_grant = initial_grant
+        self.max_queued_bytes = max_queued_bytes
+        self.credit = credit
+        self._max_peers = max_peers
         self._clock = clock
         self._lock = threading.Condition()
         self._live: dict[Key, Transfer] = {}
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()
         self._inflight = 0
+        self._queued = 0
         self._timers: list[tuple[float, int, Key, int]] = []
         self._ids = itertools.count()
+        self._pump = False
         self._stopped = False
         self.retransmissions = 0
         self.acks = 0
+        self.credit_waits = 0            # pieces that had to wait for credit
         self._thread = threading.Thread(target=self._run, name=f"flow-{node_id}", daemon=True)
         self._thread.start()
 
@@ -92,34 +127,88 @@ class ReliableSender:
     def send(self, job: str, piece: str, dst: str, path: list[str],
              frames: list[tuple[str, bytes]], expected_s: float,
              on_fail: Callable[[str], None], wait_s: float = 60.0) -> Transfer:
-        """Start a reliable transfer (waits while the window is full, at most
-        ``wait_s``; then fails the piece)."""
+        """Start a reliable transfer: at once when ``dst``'s credit allows, else queued
+        (at most ``wait_s``; then the piece fails with a named reason). Never blocks."""
         nbytes = sum(len(p) for _, p in frames)
         tr = Transfer(job, piece, dst, list(path), frames, nbytes, expected_s,
                       self.rto_min_s + 2.0 * expected_s, on_fail)
-        deadline = self._clock() + wait_s
+        tr.first_queued = self._clock()
+        tr.wait_until = tr.first_queued + wait_s
+        refused = None
         with self._lock:
-            while (self._inflight and self._inflight + nbytes > self.window_bytes
-                   and not self._stopped):
-                left = deadline - self._clock()
-                if left <= 0:
-                    break
-                self._lock.wait(min(left, 0.5))
+            self._forget((job, piece))
+            peer = self._peer(dst)
+            if self._stopped:
+                refused = "the sender is stopped"
+            elif not peer.queue and self._fits(peer, nbytes):
+                self._admit(peer, tr)
+            elif self._queued + nbytes > self.max_queued_bytes:
+                refused = (f"{self._queued} bytes already wait for credit here (limit "
+                           f"{self.max_queued_bytes}); the receivers are not consuming")
             else:
-                old = self._live.pop((job, piece), None)
-                if old is not None:
-                    self._inflight -= old.nbytes
-                self._live[(job, piece)] = tr
-                self._inflight += nbytes
-                tr.attempts = 1
-        if tr.attempts == 0:
-            on_fail(f"piece {piece} of job {job} to {dst} via {'>'.join(path)}: "
-                    f"{self._inflight} bytes still await acks after {wait_s:.0f} s; the "
-                    "receivers are not acknowledging (down or overloaded)")
-            return tr
-        tr.first_sent = self._clock()
-        self._send_round(tr)
+                peer.queue.append(tr)
+                self._queued += nbytes
+                self.credit_waits += 1
+                heapq.heappush(self._timers, (tr.wait_until, next(self._ids), (job, piece), -1))
+                self._lock.notify_all()
+        if refused is not None:
+            on_fail(f"piece {piece} of job {job} to {dst} via {'>'.join(path)} not sent: "
+                    f"{refused}")
+        elif tr.attempts:
+            self._send_round(tr)
         return tr
+
+    def _peer(self, dst: str) -> _Peer:
+        peer = self._peers.get(dst)
+        if peer is None:
+            peer = self._peers[dst] = _Peer(self.initial_grant)
+            if len(self._peers) > self._max_peers:       # forget idle receivers (LRU)
+                for name in list(self._peers):
+                    p = self._peers[name]
+                    if len(self._peers) <= self._max_peers:
+                        break
+                    if name != dst and not p.inflight and not p.queue:
+                        del self._peers[name]
+        else:
+            self._peers.move_to_end(dst)
+        return peer
+
+    def _fits(self, peer: _Peer, nbytes: int) -> bool:
+        if self._inflight and self._inflight + nbytes > self.window_bytes:
+            return False
+        if not self.credit:
+            return True
+        if peer.grant <= 0:
+            return False
+        return not peer.inflight or peer.inflight + nbytes <= peer.grant
+
+    def _admit(self, peer: _Peer, tr: Transfer) -> None:
+        self._live[(tr.job, tr.piece)] = tr
+        self._inflight += tr.nbytes
+        peer.inflight += tr.nbytes
+        tr.attempts = 1
+        tr.first_sent = self._clock()
+
+    def _forget(self, key: Key) -> Transfer | None:
+        """Drop a live or queued transfer from the books (lock held)."""
+        tr = self._live.pop(key, None)
+        if tr is not None:
+            self._inflight -= tr.nbytes
+            peer = self._peers.get(tr.dst)
+            if peer is not None:
+                peer.inflight -= tr.nbytes
+            tr.frames = []
+            self._pump = True
+            self._lock.notify_all()
+            return tr
+        for peer in self._peers.values():
+            for q in peer.queue:
+                if (q.job, q.piece) == key:
+                    peer.queue.remove(q)
+                    self._queued -= q.nbytes
+                    q.frames = []
+                    return q
+        return None
 
     def _send_round(self, tr: Transfer) -> None:
         with self._lock:
@@ -130,6 +219,30 @@ class ReliableSender:
             tr.sending = False
             self._arm(tr)
         self._transmit(tr, frames, sent)
+
+    def on_credit(self, node: str, credit: int) -> None:
+        """Receiver ``node`` grants ``credit`` bytes of unacked data."""
+        if not self.credit:
+            return
+        with self._lock:
+            peer = self._peers.get(node)
+            if peer is None:
+                if len(self._peers) >= self._max_peers:
+                    return
+                peer = self._peer(node)
+            peer.grant = max(0, int(credit))
+            peer.granted_at = self._clock()
+            if peer.queue:
+                self._pump = True
+                self._lock.notify_all()
+
+    def on_ack_frame(self, frame) -> None:
+        """An ``AckFrame``: apply its credit, then ack (or selectively ack) its pieces."""
+        credit = getattr(frame, "credit", None)
+        if credit is not None and frame.node:
+            self.on_credit(frame.node, credit)
+        for piece in frame.pieces:
+            self.on_ack(frame.job, piece, frame.ok, frame.chunks)
 
     def on_ack(self, job: str, piece: str, ok: bool = True,
                chunks: tuple[int, ...] = ()) -> bool:
@@ -151,36 +264,66 @@ class ReliableSender:
             self._send_round(tr)
             return False
         with self._lock:
-            tr = self._live.pop((job, piece), None)
-            if tr is None:
+            if (job, piece) not in self._live:
                 return False
-            self._inflight -= tr.nbytes
+            tr = self._forget((job, piece))
             self.acks += 1
             tr.acked.set()
-            tr.frames = []
-            self._lock.notify_all()
         log.debug("ack %s/%s after %d attempt(s), %.1f ms", job, piece, tr.attempts,
                   (self._clock() - tr.first_sent) * 1e3)
         return True
 
     def cancel_job(self, job: str) -> int:
-        """Forget every transfer of ``job`` (failed or expired); returns how many."""
+        """Forget every transfer of ``job``, sent or waiting (failed or expired)."""
         with self._lock:
             keys = [k for k in self._live if k[0] == job]
+            keys += [(t.job, t.piece) for p in self._peers.values() for t in p.queue
+                     if t.job == job]
             for k in keys:
-                tr = self._live.pop(k)
-                self._inflight -= tr.nbytes
-                tr.frames = []
+                self._forget(k)
             self._lock.notify_all()
         return len(keys)
 
+    def fail_peer(self, dst: str, reason: str) -> int:
+        """Receiver ``dst`` is gone: fail every transfer to it, sent or waiting, with
+        ``reason``; returns how many."""
+        with self._lock:
+            keys = [k for k, t in self._live.items() if t.dst == dst]
+            peer = self._peers.get(dst)
+            keys += [(t.job, t.piece) for t in (peer.queue if peer else ())]
+            gone = [t for t in (self._forget(k) for k in keys) if t is not None]
+            self._peers.pop(dst, None)
+        for tr in gone:
+            tr.on_fail(f"piece {tr.piece} of job {tr.job} to {dst}: {reason}")
+        return len(gone)
+
     def pending(self) -> list[Key]:
         with self._lock:
-            return list(self._live)
+            return list(self._live) + [(t.job, t.piece) for p in self._peers.values()
+                                       for t in p.queue]
 
     @property
     def inflight_bytes(self) -> int:
         return self._inflight
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def inflight_to(self, dst: str) -> int:
+        with self._lock:
+            peer = self._peers.get(dst)
+            return peer.inflight if peer else 0
+
+    def grant_of(self, dst: str) -> int:
+        """The latest grant of ``dst`` (``initial_grant`` before its first)."""
+        with self._lock:
+            peer = self._peers.get(dst)
+            return peer.grant if peer else self.initial_grant
+
+    def peers(self) -> int:
+        with self._lock:
+            return len(self._peers)
 
     def stop(self) -> None:
         with self._lock:
@@ -188,7 +331,7 @@ class ReliableSender:
             self._lock.notify_all()
         self._thread.join(2.0)
 
-    # ----------------------------------------------------------------- timers
+    # ----------------------------------------------------------------- flow thread
     def _arm(self, tr: Transfer) -> None:
         with self._lock:
             if (tr.job, tr.piece) not in self._live or tr.acked.is_set():
@@ -200,34 +343,67 @@ class ReliableSender:
             if self._timers[0] is entry:      # the timer thread sleeps until the earliest
                 self._lock.notify_all()
 
+    def _release(self) -> list[Transfer]:
+        """Queued transfers the credit now allows, admitted (lock held)."""
+        self._pump = False
+        out = []
+        for peer in self._peers.values():
+            while peer.queue and self._fits(peer, peer.queue[0].nbytes):
+                tr = peer.queue.popleft()
+                self._queued -= tr.nbytes
+                self._admit(peer, tr)
+                out.append(tr)
+        return out
+
     def _run(self) -> None:
         while True:
             fire: list[Transfer] = []
+            late: list[Transfer] = []
             with self._lock:
                 if self._stopped:
                     return
+                go = self._release() if self._pump else []
                 now = self._clock()
                 while self._timers and self._timers[0][0] <= now:
                     _, _, key, gen = heapq.heappop(self._timers)
+                    if gen < 0:                   # a queued transfer's credit deadline
+                        late += self._overdue(key)
+                        continue
                     tr = self._live.get(key)
                     if tr is not None and tr.timer_gen == gen:
                         fire.append(tr)
-                if not fire:
+                if not fire and not go and not late:
                     wait = 0.5 if not self._timers else max(0.0, self._timers[0][0] - now)
-                    self._lock.wait(min(wait, 0.5))
+                    if not self._pump:
+                        self._lock.wait(min(wait, 0.5))
                     continue
+            for tr in go:
+                self._send_round(tr)
+            for tr in late:
+                tr.on_fail(tr.why_late)
             for tr in fire:
                 self._expired(tr)
+
+    def _overdue(self, key: Key) -> list[Transfer]:
+        for peer_name, peer in self._peers.items():
+            for tr in peer.queue:
+                if (tr.job, tr.piece) == key and tr.wait_until <= self._clock():
+                    self._forget(key)
+                    tr.why_late = (
+                        f"piece {tr.piece} of job {tr.job} ({tr.nbytes} bytes) from "
+                        f"{self.node_id} to device {peer_name} via route {'>'.join(tr.path)} "
+                        f"waited {tr.wait_until - tr.first_queued:.0f} s for credit: "
+                        f"{peer_name} granted {peer.grant} bytes and {peer.inflight} are "
+                        "unacknowledged; it is not consuming (overloaded or stalled)")
+                    return [tr]
+        return []
 
     def _expired(self, tr: Transfer) -> None:
         with self._lock:
             if (tr.job, tr.piece) not in self._live:
                 return
             if tr.attempts > self.max_retries:
-                self._live.pop((tr.job, tr.piece))
-                self._inflight -= tr.nbytes
-                tr.frames = []
-                self._lock.notify_all()
+                self._forget((tr.job, tr.piece))
                 give_up = True
             else:
                 tr.attempts += 1
@@ -289,89 +465,5 @@ class ReceiveLog:
                 del self._done[k]
 
 
-
-class Acker:
-    """Sends a consumer's acks, batched: ``ack(hop, topic, job, piece, term)`` queues
-    the ack of one piece (``topic`` is that piece's return route topic); a thread
-    sends what is queued, one ``AckFrame`` per (hop, route, job, term) with the other
-    pieces in ``more`` (at most ``MAX_ACK_BATCH``). An idle receiver acks each piece at
-    once; one that receives faster than it can ack sends fewer, fuller acks, so acks
-    cost fewer broker messages exactly when the transport is the bottleneck.
-    ``reack(job, piece)`` answers a duplicate of a completed piece with its own ack."""
-
-    def __init__(self, node_id: str, send: Callable[[str, str, bytes], None],
-                 remember: int = 16384) -> None:
-        self.node_id = node_id
-        self._send = send
-        self._remember = remember
-        self._done: OrderedDict[Key, tuple[str, str, int]] = OrderedDict()
-        self._queue: list[tuple[str, str, str, str, int]] = []
-        self._cv = threading.Condition()
-        self._stopped = False
-        self.frames = 0                  # ack frames sent (a batch counts once)
-        self._thread = threading.Thread(target=self._run, name=f"acks-{node_id}",
-                                        daemon=True)
-        self._thread.start()
-
-    def ack(self, hop: str, topic: str, job: str, piece: str, term: int = 0) -> None:
-        with self._cv:
-            self._done[(job, piece)] = (hop, topic, term)
-            while len(self._done) > self._remember:
-                self._done.popitem(last=False)
-            self._queue.append((hop, topic, job, piece, term))
-            self._cv.notify()
-
-    def reack(self, job: str, piece: str) -> bool:
-        """Send the ack of an already acked piece again; False if it is unknown."""
-        with self._cv:
-            item = self._done.get((job, piece))
-        if item is None:
-            return False
-        hop, topic, term = item
-        self._emit(hop, topic, job, piece, term, ())
-        return True
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Send what is queued, then stop."""
-        with self._cv:
-            self._stopped = True
-            self._cv.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        from meshdl.wire.codec import MAX_ACK_BATCH
-        while True:
-            with self._cv:
-                while not self._queue and not self._stopped:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue, []
-            groups: dict[tuple, list[tuple[str, str]]] = {}
-            for hop, topic, job, piece, term in batch:
-                route = topic.rsplit("/", 1)[0]           # the same for one sender's pieces
-                groups.setdefault((hop, route, job, term), []).append((topic, piece))
-            for (hop, _, job, term), items in groups.items():
-                part: list[tuple[str, str]] = []
-                size = 0
-                for item in items + [None]:       # batches within the frame header limit
-                    if part and (item is None or len(part) > MAX_ACK_BATCH
-                                 or size + len(item[1]) > 3000):
-                        self._emit(hop, part[0][0], job, part[0][1], term,
-                                   tuple(p for _, p in part[1:]))
-                        part, size = [], 0
-                    if item is not None:
-                        part.append(item)
-                        size += len(item[1]) + 3
-
-    def _emit(self, hop: str, topic: str, job: str, piece: str, term: int,
-              more: tuple[str, ...]) -> None:
-        from meshdl.errors import MeshdlError
-        from meshdl.wire.codec import AckFrame, encode_ack
-        try:
-            self._send(hop, topic, encode_ack(AckFrame(job, piece, self.node_id, term,
-                                                       more=more)))
-            self.frames += 1
-        except MeshdlError as exc:     # a lost ack: the sender retransmits, we re-ack
-            log.warning("%s could not send an ack of %s/%s: %s", self.node_id, job, piece,
-                        exc)
+# the receiver's side of flow control lives in meshdl.node.credit
+from meshdl.node.credit import Acker, CreditLedger  # noqa: E402,F401

@@ -99,7 +99,9 @@ class AckFrame:
     ``chunks`` lists received chunk indices when ``ok`` is False (a selective
     ack asking for the rest); empty with ``ok`` True means all of them arrived.
     ``more`` (``ok`` True only): further pieces of the same job, sender and route
-    that this one frame acknowledges too (a batch; at most ``MAX_ACK_BATCH``)."""
+    that this one frame acknowledges too (a batch; at most ``MAX_ACK_BATCH``).
+    ``credit``: the bytes ``node`` grants this sender to have unacked in flight to it
+    from now on (None: no change; ``meshdl.node.credit``)."""
 
     TYPE: ClassVar[str] = "ack"
     job: str
@@ -110,6 +112,7 @@ class AckFrame:
     ok: bool = True
     chunks: tuple[int, ...] = ()
     more: tuple[str, ...] = ()
+    credit: int | None = None
 
     @property
     def pieces(self) -> tuple[str, ...]:
@@ -243,6 +246,8 @@ def encode_ack(ack: AckFrame) -> bytes:
         if not ack.ok or len(ack.more) > MAX_ACK_BATCH:
             raise WireError(f"an ack batch needs ok=True and at most {MAX_ACK_BATCH} pieces")
         head["more"] = [_id(p, "piece id") for p in ack.more]
+    if ack.credit is not None:
+        head["credit"] = _uint(ack.credit, "credit")
     data = msgpack.packb(head)
     if len(data) > MAX_HEADER_BYTES:
         raise WireError(f"ack of {len(data)} bytes exceeds {MAX_HEADER_BYTES}; batch fewer")
@@ -339,7 +344,9 @@ def decode_frame(payload: Any, *, max_frame: int = MAX_FRAME_BYTES,
             ack = AckFrame(head.get("job"), head.get("piece"), head.get("node"),
                            head.get("term"), head.get("seq"), head.get("ok"),
                            tuple(_uint(c, "acked chunk", MAX_DIM) for c in chunks),
-                           tuple(_id(p, "piece id") for p in more))
+                           tuple(_id(p, "piece id") for p in more),
+                           None if head.get("credit") is None
+                           else _uint(head.get("credit"), "ack credit"))
             if ack.more and ack.ok is not True:
                 raise WireError("a selective ack cannot batch pieces")
             _check_common(ack.job, ack.piece, "", "", ack.term, ack.seq, None)
