@@ -50,12 +50,18 @@ def node() -> None:
               help="With --emulate: every device and link K times slower (compute pacing "
                    "x K, bandwidth / K, latency x K), so this machine can emulate devices "
                    "faster than itself; reported times are K times longer.")
+@click.option("--max-graphs", default=16, show_default=True, type=click.IntRange(1, 4096),
+              help="Traced graphs (model, input shape) this node keeps; least recently "
+                   "used dropped (memory: one graph per input shape in use).")
+@click.option("--held-mb", default=256, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="MiB of received tensor pieces this node holds before they are used; "
+                   "senders get credit for no more.")
 @click.option("--shaped-links", is_flag=True, hidden=True,
               help="The kernel shapes this node's link (mesh up --netns): emulate latency "
                    "only and measure the links.")
 def start(broker, mesh_name, username, password, password_file, tls_ca, bundle, node_id, profile,
           emulate, topology, protocol, models, strategy, alpha, state_dir, telemetry_period,
-          no_dataplane, compression, time_scale, shaped_links):
+          no_dataplane, compression, time_scale, max_graphs, held_mb, shaped_links):
     """Join a mesh: birth state, telemetry, election, plans (and the data plane).
     Runs until Ctrl-C, SIGTERM or SIGHUP, then leaves the mesh cleanly."""
     import socket
@@ -79,7 +85,8 @@ def start(broker, mesh_name, username, password, password_file, tls_ca, bundle, 
                      models=tuple(m.strip() for m in models.split(",") if m.strip()),
                      strategy=strategy, alpha=alpha, state_dir=state_dir,
                      compression=compression, time_scale=time_scale,
-                     shaped_links=shaped_links,
+                     shaped_links=shaped_links, max_graphs=max_graphs,
+                     held_bytes=held_mb << 20,
                      # measured links are noisier than declared ones: a larger change
                      # must persist before a re-plan
                      link_threshold=0.5 if shaped_links else 0.3,

@@ -67,7 +67,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         self.membership = Membership()
         self.liveness = Liveness(LivenessParams(cfg.timing.heartbeat, cfg.timing.stall_after))
         self._beat_at = 0.0
-        self.graphs = GraphCache()
+        self.graphs = GraphCache(max_graphs=cfg.max_graphs)
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.RLock()
         self.plan_store = PlanStore()   # the node's one plan store (issued and received)

@@ -70,6 +70,8 @@ class NodeConfig:
     shaped_links: bool = False          # the kernel shapes links (mesh up --netns):
                                         # emulate link latency only, measure telemetry
     link_confirm_periods: int = 2       # a link change must persist this many periods
+    max_graphs: int = 16                # traced graphs (model, input shape) kept (LRU)
+    held_bytes: int = 256 << 20         # acked pieces held before use: the node's credit
     timing: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,9 @@ class NodeConfig:
         if self.compression not in ("auto", "off", "zstd", "lz4"):
             raise NodeError(f"compression must be auto, off, zstd or lz4, not "
                             f"{self.compression!r}")
+        if self.max_graphs < 1 or self.held_bytes < (1 << 20):
+            raise NodeError(f"max graphs {self.max_graphs} must be >= 1 and held bytes "
+                            f"{self.held_bytes} >= 1 MiB")
         if not 0.0 <= self.alpha <= 1.0:
             raise NodeError(f"alpha {self.alpha} must be within [0, 1]")
         if not (isinstance(self.time_scale, (int, float)) and 0 < self.time_scale <= 1e4):
