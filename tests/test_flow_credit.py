@@ -241,9 +241,11 @@ def test_slow_receiver_limits_a_fast_senders_inflight_to_its_grant(tmp_path):
             try:
                 assert wait_for(lambda: a_dp.sender.queued_bytes > 0, 60), \
                     "pi4-a never had to wait for credit"
-                assert wait_for(lambda: a_dp.sender.grant_of("pi4-b") < piece, 30)
+                # b is full: grant 0, everything a sent is acked (held by b)
+                assert wait_for(lambda: a_dp.sender.grant_of("pi4-b") == 0
+                                and a_dp.sender.inflight_to("pi4-b") == 0, 30)
                 held = b_dp.credit.held
-                assert held <= cap + piece
+                assert cap <= held <= cap + piece
                 time.sleep(0.3)                       # a waits; nothing more reaches b
                 assert b_dp.credit.held == held and a_dp.sender.queued_bytes > 0
             finally:
