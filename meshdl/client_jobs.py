@@ -208,11 +208,9 @@ class _JobAttempts:
 
     def _event(self, a: _Attempt, st: "jp.Attempt", kind: str, val: Any):
         """What the client saw, as a job protocol event (None: nothing for it)."""
-        if kind == "planned":
-            return jp.JobPlanned(val.detail, val.term)
+        if kind in ("planned", "failed") and isinstance(val, JobStatus):
+            return jp.from_status(val, requesting=st.phase == jp.REQUESTING)
         if kind == "failed":
-            if isinstance(val, JobStatus):
-                return jp.JobFailed(val.detail, by_leader=st.phase == jp.REQUESTING)
             return jp.JobFailed(str(val))
         if kind == "leader":
             return jp.LeaderSeen(val[0], val[1]) if val else jp.LeaderSeen(None)

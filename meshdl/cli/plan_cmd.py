@@ -67,13 +67,14 @@ def show(broker, mesh_name, username, password, password_file, tls_ca, topology,
         info = meshdl.models.info(model)
         with _progress(f"tracing {model}"):
             g = meshdl.trace(meshdl.models.build(model), info.input_shape, name=model)
+        from meshdl.node.leader import make_plan     # the leader's plan-issuing path
+        from meshdl.node.leaderproto import StandingRequest
         names = meshdl.strategies() if compare else [strategy]
         plans = {}
         for name in names:
             try:
-                plans[name] = meshdl.plan(g, mesh, strategy=name, source=source, sink=sink,
-                                          alpha=alpha, bandwidth_cap_mbps=cap,
-                                          objective=objective)
+                req = StandingRequest(model, name, alpha, source, sink, None, objective)
+                plans[name] = make_plan(req, mesh, g, bandwidth_cap_mbps=cap)
             except MeshdlError as exc:
                 if not compare:
                     raise

@@ -2,12 +2,11 @@
 minimal leader.
 
 ``InProcessMesh(broker_url | MemoryBroker, mesh, ...)`` gives each device of
-``mesh`` a ``NodeContext`` (its own bus) and a ``DataPlane``; ``MiniLeader`` answers
-``job/{job}/request`` the way the real leader does (plan retained at
-``plan/{plan_id}`` with its term, then ``job/{job}/status`` state ``planned`` with
-the plan id as detail), planning with ``meshdl.plan`` or handing out a fixed plan.
-It is the node agent reduced to what the data plane needs: no election, no
-telemetry.
+``mesh`` a ``NodeContext`` (its own bus) and a ``DataPlane``, all sharing one plan
+store; ``MiniLeader`` runs the real leader's duties and job protocol machine
+(``node.leader``, ``node.leaderproto``) on that mesh, planning with the leader's
+``make_plan`` or handing out a fixed (hand-made) plan. It is the node agent reduced to
+what the data plane needs: no election, no telemetry.
 """
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ from meshdl.node.graphs import GraphCache
 from meshdl.node.planstore import IssuedPlan, PlanStore
 from meshdl.planner.base import fill_routes, plan_id as make_plan_id
 from meshdl.wire import topics
-from meshdl.wire.control import (JobRequest, JobStatus, NodeState, decode_control,
-                                 encode_control)
+from meshdl.wire.control import JobRequest, NodeState, decode_control, encode_control
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +78,48 @@ def finish_plan(plan: Plan, g: Any, mesh: Any, term: int | None = None) -> Plan:
     return plan
 
 
+class FixedPlans(dict):
+    """model -> hand-made Plan; adding or withdrawing one makes the leader plan that
+    model's requests again on their next job."""
+
+    def __init__(self, plans: dict[str, Plan], changed: Callable[[str | None], None]) -> None:
+        super().__init__(plans)
+        self._changed = changed
+
+    def __setitem__(self, model: str, plan: Plan) -> None:
+        super().__setitem__(model, plan)
+        self._changed(model)
+
+    def __delitem__(self, model: str) -> None:
+        super().__delitem__(model)
+        self._changed(model)
+
+    def pop(self, model: str, *default: Any) -> Any:
+        out = super().pop(model, *default)
+        self._changed(model)
+        return out
+
+
 class MiniLeader:
-    """Answers job requests: ``fixed`` (model name -> Plan) or ``meshdl.plan``."""
+    """The real leader's duties (``node.leader.LeaderDuties`` around the job protocol
+    machine ``node.leaderproto``) on the harness's fixed mesh: no election, no
+    telemetry, no standing default requests. ``fixed``: model name -> hand-made Plan
+    (served instead of ``meshdl.plan``)."""
+
+    ME = "mini-leader"
 
     def __init__(self, bus: Any, mesh_name: str, mesh: Any, book: PlanBook,
-                 adopt: Callable[[Plan], None], graphs: GraphCache,
+                 adopt: Callable[[IssuedPlan], None], graphs: GraphCache,
                  fixed: dict[str, Plan] | None = None) -> None:
+        from meshdl.node.leader import LeaderDuties
         self.bus, self.mesh_name, self.mesh, self.book = bus, mesh_name, mesh, book
-        self._adopt, self._graphs = adopt, graphs
-        self.fixed = dict(fixed or {})
-        self._work: list[JobRequest] = []
-        self._cv = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, daemon=True, name="mini-leader")
+        self.fixed = FixedPlans(dict(fixed or {}), lambda model: self.duties.invalidate(model))
+        self.duties = LeaderDuties(
+            me=self.ME, mesh_name=mesh_name, term=book.term, bus=bus, live_mesh=lambda: mesh,
+            graphs=graphs, defaults=[], store=book.store, adopt=adopt,
+            client_of=lambda job: book.clients.get(job), fixed=self.fixed)
+        self.duties.start()
         bus.subscribe(topics.job_all(mesh_name, "request"), self._on_request, qos=1)
-        self._thread.start()
 
     def _on_request(self, topic: str, payload: Any, retained: bool) -> None:
         try:
@@ -104,48 +129,16 @@ class MiniLeader:
             return
         with self.book.lock:
             self.book.clients[req.job] = req.client
-        with self._cv:
-            self._work.append(req)
-            self._cv.notify()
+            while len(self.book.clients) > 4096:
+                self.book.clients.pop(next(iter(self.book.clients)))
+        self.duties.job_request(req)
 
     def stop(self) -> None:
-        with self._cv:
-            self._stopped = True
-            self._cv.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._work and not self._stopped:
-                    self._cv.wait()
-                if self._stopped:
-                    return
-                req = self._work.pop(0)
-            try:
-                issued = IssuedPlan.issue(self._plan(req), self.book.term, "mini-leader")
-                self.publish_plan(issued)
-                status = JobStatus(req.job, "planned", issued.plan_id, issued.term, time.time())
-            except MeshdlError as exc:
-                status = JobStatus(req.job, "failed", str(exc), self.book.term, time.time())
-            self.bus.publish(topics.job(self.mesh_name, req.job, "status"),
-                             encode_control(status), qos=1)
-
-    def _plan(self, req: JobRequest) -> Plan:
-        import meshdl
-        if req.model in self.fixed:
-            return self.fixed[req.model]
-        o = req.options or {}
-        shape = tuple(o.get("input_shape") or meshdl.models.info(req.model).input_shape)
-        g = self._graphs.get(req.model, shape)
-        return meshdl.plan(g, self.mesh, strategy=req.strategy or "meshdl",
-                           source=o.get("source"), sink=o.get("sink"),
-                           alpha=float(o.get("alpha", 0.5)))
+        self.duties.stop()
 
     def publish_plan(self, issued: IssuedPlan) -> None:
-        if self.book.store.adopt(issued):
-            self._adopt(issued.plan)
-        self.bus.publish(topics.plan(self.mesh_name, issued.plan_id),
-                         encode_control(issued.message(time.time())), qos=1, retain=True)
+        """Issue a plan now (retained, adopted by every node), as the leader does."""
+        self.duties._publish(issued)
 
 
 class InProcessMesh:
@@ -188,14 +181,15 @@ class InProcessMesh:
             return bus
         return self._broker.bus(client_id)
 
-    def _adopt(self, plan: Plan) -> None:
-        for dp in self.planes.values():
-            dp.on_plan(plan)
+    def _adopt(self, issued: IssuedPlan) -> None:
+        if self.book.store.adopt(issued):
+            for dp in self.planes.values():
+                dp.on_plan(issued.plan)
 
     def add_plan(self, plan: Plan, model: str | None = None) -> Plan:
         """Serve ``plan`` for job requests of ``model`` (default: plan.model)."""
         self.leader.fixed[model or plan.model] = plan
-        self.leader.publish_plan(IssuedPlan.issue(plan, self.book.term, "mini-leader"))
+        self.leader.publish_plan(IssuedPlan.issue(plan, self.book.term, MiniLeader.ME))
         return plan
 
     def start(self) -> "InProcessMesh":

@@ -26,22 +26,44 @@ ENDED = (DONE, RETRY, FAILED)
 
 # ------------------------------------------------------------------ messages (typed views
 # of the wire's JobStatus states: "planned", "failed", "task", "input")
+# The leader's machine (``node.leaderproto``) emits the same two answers, naming the job.
 @dataclass(frozen=True)
 class JobPlanned:
     plan_id: str
     term: int = 0
+    job: str = ""
 
 
 @dataclass(frozen=True)
 class JobFailed:
     reason: str
     by_leader: bool = False       # the leader refused the job (no plan will fix it)
+    job: str = ""
 
 
 @dataclass(frozen=True)
 class TaskReport:
     task: str
     device: str = ""
+
+
+def to_status(msg: "JobPlanned | JobFailed", ts: float, term: int = 0):
+    """A leader's answer as the wire's job status (``planned`` + plan id, or ``failed`` +
+    the reason)."""
+    from meshdl.wire.control import JobStatus
+    if isinstance(msg, JobPlanned):
+        return JobStatus(msg.job, "planned", msg.plan_id, msg.term, ts)
+    return JobStatus(msg.job, "failed", msg.reason[:2000], term, ts)
+
+
+def from_status(st, requesting: bool) -> "JobPlanned | JobFailed | None":
+    """The wire's ``planned``/``failed`` status as a message (None for other states);
+    a failure while still requesting is the leader's refusal."""
+    if st.state == "planned":
+        return JobPlanned(st.detail, st.term, st.job)
+    if st.state == "failed":
+        return JobFailed(st.detail, requesting, st.job)
+    return None
 
 
 # ------------------------------------------------------------------ other events
