@@ -153,10 +153,12 @@ def test_simulated_mesh_elects_one_leader_per_term_and_fails_over(n, seed):
     assert node == el.order({k: flops[k] for k in survivors})[0]
 
 
-def _sim_network(n, seed, flops, sim_state, handler, kill_at, max_delay=0.05, until=7.0):
+def _sim_network(n, seed, flops, sim_state, handler, kill_at, max_delay=0.05, until=7.0,
+                 params=P, each_tick=None):
     rng = random.Random(seed * 7 + 1)
     start = {nd: rng.uniform(0, 0.6) for nd in flops}
-    states = {nd: el.initial(nd, f, start[nd], P) for nd, f in flops.items()}
+    states = {nd: el.initial(nd, f, start[nd], params) for nd, f in flops.items()}
+    sim_state["states"] = states
     alive = set(flops)
     q: list = []
     counter = [0]
@@ -192,6 +194,8 @@ def _sim_network(n, seed, flops, sim_state, handler, kill_at, max_delay=0.05, un
             if t >= start[nd]:
                 states[nd], acts = el.step(states[nd], el.Tick(), t)
                 handler(nd, acts, t)
+        if each_tick is not None:
+            each_tick(t)
         if "crashed" not in sim_state and t >= kill_at:
             lead = [nd for nd in alive if states[nd].is_leader]
             assert len(lead) == 1, f"leaders before the crash: {lead}"
@@ -200,8 +204,134 @@ def _sim_network(n, seed, flops, sim_state, handler, kill_at, max_delay=0.05, un
             for other in alive:
                 push(t + 0.002, other, ("death", lead[0]))
                 push(t + 0.002, other, el.LeaderCleared())
-    for s in states.values():
-        assert s.term >= 1
+    for nd, s in states.items():
+        assert s.term >= 1 or nd in sim_state.get("mute", ())
+
+
+# ------------------------------------------------------------------ quorum mode (secure mesh)
+Q = el.Params(settle=0.4, claim_window=0.3, rank_step=0.4, leader_grace=1.5, quorum=True,
+              vote_window=1.0)
+THREE = {"a": 3e9, "b": 2e9, "c": 1e9}
+
+
+def test_quorum_lone_node_leads_with_its_own_vote():
+    s = el.initial("a", 1e9, 0.0, Q)
+    s, acts = run(s, [(0.41, el.Tick()), (0.72, el.Tick())])
+    assert kinds(acts) == ["Claim", "BecomeLeader", "LeaderChanged"]
+
+
+def test_quorum_candidate_waits_for_a_majority_of_votes():
+    s = el.initial("a", 3e9, 0.0, Q)
+    s, acts = run(s, [(0.0, el.Members(THREE)), (0.41, el.Tick()), (0.8, el.Tick()),
+                      (0.9, el.VoteSeen("c", "b", 1)),          # a vote for someone else
+                      (0.95, el.VoteSeen("b", "a", 1))])
+    assert [(t, a) for t, a in acts if not isinstance(a, el.LeaderChanged)] == [
+        (0.41, el.Claim(1)), (0.95, el.BecomeLeader(1))]
+    assert s.votes[1] == {"a", "b"}
+
+
+def test_quorum_candidate_without_votes_gives_up():
+    s = el.initial("a", 3e9, 0.0, Q)
+    s, acts = run(s, [(0.0, el.Members(THREE)), (0.41, el.Tick()), (1.0, el.Tick()),
+                      (1.5, el.Tick())])
+    assert kinds(acts) == ["Claim"] and s.role == el.FOLLOWER
+
+
+def test_quorum_voter_votes_only_for_the_best_live_member_once_per_term():
+    s = el.initial("c", 1e9, 0.0, Q)
+    s, acts = run(s, [(0.0, el.Members(THREE)),
+                      (0.1, el.ClaimSeen("b", 5, 9e15)),     # not the best: no vote, no term
+                      (0.2, el.ClaimSeen("a", 1, 3e9)),
+                      (0.3, el.ClaimSeen("a", 1, 3e9))])
+    assert [a for _, a in acts if isinstance(a, el.Vote)] == [el.Vote(1, "a")]
+    assert isinstance(acts[0][1], el.Ignored) and s.term == 1
+
+
+def test_quorum_record_without_majority_is_ignored_and_leader_keeps_its_place():
+    four = {**THREE, "w": 5e8}
+    c = el.initial("c", 1e9, 0.0, Q)
+    c, acts = run(c, [(0.0, el.Members(four)),
+                      (0.1, el.LeaderSeen("a", 3, frozenset({"a", "b", "c"}))),
+                      (0.2, el.ClaimSeen("w", 60, 5e8)),             # a weak thief jumps terms
+                      (0.3, el.LeaderSeen("w", 60, frozenset({"w"}))),
+                      (5.0, el.Tick())])
+    assert c.leader == "a" and c.term == 3
+    assert [type(a).__name__ for _, a in acts] == ["LeaderChanged", "Ignored", "Ignored"]
+    a = el.initial("a", 3e9, 0.0, Q)
+    a, acts = run(a, [(0.0, el.Members(four)), (0.41, el.Tick()),
+                      (0.5, el.VoteSeen("b", "a", 1)), (0.6, el.VoteSeen("c", "a", 1)),
+                      (0.8, el.Tick()), (1.0, el.LeaderSeen("w", 60, frozenset({"w"})))])
+    assert a.is_leader and a.leader_term == 1
+    assert acts[-1][1] == el.AssertLeader(1)          # its record overwrites the thief's
+
+
+def test_quorum_joiner_holds_the_record_until_it_knows_the_members_then_votes():
+    s = el.initial("d", 1e8, 0.0, Q)
+    s, acts = run(s, [(0.0, el.LeaderSeen("a", 2, frozenset({"a"}))),    # retained first
+                      (0.1, el.Members({"a": 3e9}))])
+    # a alone elected a; with d there are two members: a's vote + d's own backing
+    assert s.leader == "a" and el.Vote(2, "a") in [a for _, a in acts]
+    lead = el.initial("a", 3e9, 0.0, Q)
+    lead, acts = run(lead, [(0.41, el.Tick()), (0.72, el.Tick()),
+                            (1.0, el.Members({"d": 1e8})), (1.1, el.VoteSeen("d", "a", 1))])
+    assert acts[-1][1] == el.AssertLeader(1) and lead.votes[1] == {"a", "d"}
+
+
+def _quorum_handler(sim_state):
+    def handle(node, acts, at):
+        states = sim_state["states"]
+        for a in acts:
+            if isinstance(a, el.BecomeLeader):
+                sim_state.setdefault("leaders", {}).setdefault(a.term, set()).add(node)
+                sim_state["last_leader"] = (node, a.term, at)
+            for target in sim_state["nodes"]:
+                if isinstance(a, el.Claim):
+                    sim_state["send"](target, el.ClaimSeen(node, a.term,
+                                                           sim_state["flops"][node]), at)
+                elif isinstance(a, el.Vote):
+                    sim_state["send"](target, el.VoteSeen(node, a.candidate, a.term), at)
+                elif isinstance(a, (el.BecomeLeader, el.AssertLeader)):
+                    voters = states[node].votes.get(a.term, frozenset({node}))
+                    sim_state["send"](target, el.LeaderSeen(node, a.term, voters), at)
+    return handle
+
+
+@pytest.mark.parametrize("n, seed", [(3, 2), (4, 1), (5, 3), (8, 4)])
+def test_quorum_simulated_mesh_elects_the_best_and_fails_over_despite_a_thief(n, seed):
+    """Quorum mode with a weak stolen device among the members that claims ever
+    higher terms and announces itself leader every tick: it never leads anywhere,
+    one leader per term, the best survivor leads after the crash (the honest
+    survivors are a majority of the live members: a silent thief counts against them)."""
+    sim_state: dict = {}
+    rng = random.Random(seed)
+    flops = {f"n{i}": rng.choice([1e9, 2e9, 2e9, 4e9]) for i in range(n)}
+    flops["thief"] = 1e8
+    sim_state["nodes"] = [nd for nd in flops if nd != "thief"]
+    sim_state["flops"] = flops
+    sim_state["mute"] = ("thief",)            # its own machine's actions go nowhere
+    handler = _quorum_handler(sim_state)
+    jumps = [1000]
+
+    def thief(t):
+        jumps[0] += 7
+        for target in sim_state["nodes"]:
+            sim_state["send"](target, el.ClaimSeen("thief", jumps[0], 1e8), t)
+            sim_state["send"](target, el.LeaderSeen("thief", jumps[0], frozenset({"thief"})), t)
+
+    honest = {k: v for k, v in flops.items()}
+    _sim_network(n, seed, honest, sim_state, lambda nd, acts, at: handler(nd, acts, at)
+                 if nd != "thief" else None, kill_at=3.0, params=Q, each_tick=thief,
+                 until=8.0)
+    for term, who in sim_state["leaders"].items():
+        assert len(who) == 1 and "thief" not in who, (term, who)
+    crashed = sim_state["crashed"]
+    node, term, at = sim_state["last_leader"]
+    assert node != crashed[0] and at - crashed[1] < 4.0
+    survivors = [nd for nd in flops if nd not in (crashed[0], "thief")]
+    assert node == el.order({k: flops[k] for k in survivors})[0]
+    for nd, s in sim_state["states"].items():
+        if nd not in ("thief", crashed[0]):
+            assert s.leader == node and s.term < 1000
 
 
 # ------------------------------------------------------------------ agents over MemoryBus

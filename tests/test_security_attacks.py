@@ -240,22 +240,76 @@ def test_stolen_bundle_cannot_inject_results_or_kill_jobs(secure):
 
 
 def test_stolen_bundle_cannot_take_leadership(secure):
+    """A stolen weaker device acts as a leader: it claims ever higher terms, publishes
+    retained leader records (bare, and with a forged vote in another device's name)
+    and answers every job request with a "planned" status. Leadership needs signed
+    votes from a majority of the live devices, so no node follows it, the client
+    takes no answer from it, the legitimate (best enrolled) leader stays elected,
+    jobs stay exact, and every attempt is logged."""
+    from meshdl.mesh.loader import load_topology
+    from meshdl.node import election as el
     from meshdl.wire.control import Campaign
     thief, up, c, stolen = secure["thief"], secure["up"], secure["c"], secure["stolen"]
-    snap = up.watcher.snapshot()
-    leader, term = snap.leader.node, snap.leader.term
-    assert leader != THIEF
-    t = topics.leader(MESH)
-    thief.publish(t, signed(stolen, t, LeaderInfo(THIEF, term + 1)), qos=1)   # no claim
-    wait_log(up, f"{THIEF} announced itself leader of term {term + 1} without")
-    te = topics.election(MESH)                           # claim, then the record at once
-    thief.publish(te, signed(stolen, te, Campaign(THIEF, term + 2, "campaign", 1e16)), qos=1)
-    thief.publish(t, signed(stolen, t, LeaderInfo(THIEF, term + 2)), qos=1)
+    enrolled = {d: dev.flops for d, dev in load_topology("home-4").devices.items()}
+    best = el.order(enrolled)[0]
     wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
-              and s.leader.node != THIEF and s.leader.term >= term, "a legitimate leader")
-    x, r = exact_job(c, 11)
-    assert THIEF not in (r.plan.source, r.plan.sink)
-    wait_true(lambda: up.watcher.snapshot().leader.node != THIEF, "the thief does not lead")
+              and s.leader.node == best, "the best enrolled device leads")
+    term = up.watcher.snapshot().leader.term
+    before = rejected(c)
+    t, te = topics.leader(MESH), topics.election(MESH)
+    thief.publish(t, signed(stolen, t, LeaderInfo(THIEF, term + 1)), qos=1, retain=True)
+    wait_log(up, f"ignored {THIEF}'s leadership of term {term + 1}")
+    jumped = term + 40
+    forged_vote = signed(stolen, te, Campaign("nano", jumped, "vote", 1.0, THIEF))
+    stop = threading.Event()
+
+    def campaign() -> None:                       # claims and records, jumping terms
+        n = jumped
+        while not stop.is_set():
+            thief.publish(te, signed(stolen, te, Campaign(THIEF, n, "campaign", 1e16)), qos=1)
+            thief.publish(te, signed(stolen, te, Campaign(THIEF, n, "vote", 1e16, THIEF)),
+                          qos=1)
+            thief.publish(t, signed(stolen, t, LeaderInfo(THIEF, n, votes={
+                "nano": forged_vote})), qos=1, retain=True)
+            n += 3
+            stop.wait(0.3)
+
+    answered = []
+
+    def answer(topic: str, payload, retained: bool) -> None:   # "planned" as the leader
+        job = topics.parse(topic).job
+        answered.append(job)
+        ts = topics.job(MESH, job, "status")
+        thief.publish(ts, signed(stolen, ts, JobStatus(job, "planned", "evil-plan", jumped)),
+                      qos=1)
+    thief.subscribe(topics.job_all(MESH, "request"), answer, qos=1)
+    runner = threading.Thread(target=campaign, daemon=True)
+    runner.start()
+    try:
+        for seed in (11, 12, 13):
+            x, r = exact_job(c, seed)
+            assert THIEF not in (r.plan.source, r.plan.sink)
+            assert r.plan.term < jumped
+    finally:
+        stop.set()
+        runner.join(5)
+        thief.unsubscribe(topics.job_all(MESH, "request"))
+    assert answered, "the thief saw the job requests it tried to answer"
+    assert rejected(c) >= before + len(answered)          # its answers were dropped
+    wait_log(up, f"leader record of {THIEF} carries a vote of nano that is not for it")
+    wait_log(up, f"ignored {THIEF}'s leadership of term {jumped}")
+    assert any(f"{THIEF} announced itself leader" in k for k in c.bus.rejected)
+    # the legitimate leader is still the leader, never moved to the thief's terms, and
+    # its record is the retained one again (it re-asserts over the thief's)
+    wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
+              and s.leader.node == best and s.leader.term < jumped, "the legit leader")
+    with PahoBus(secure["br"].url, **Bundle.load(secure["d"] / "watch.bundle").tls_files()
+                 ) as fresh:
+        got = []
+        fresh.subscribe(t, lambda tt, p, r: got.append(p), qos=1)
+        wait_true(lambda: got, "the retained leader record")
+        _, body = F.verify(F.EntryCache(stolen.mesh_pub, MESH), t, got[-1])
+        assert decode_control(body).node == best
     alive(up)
 
 

@@ -23,7 +23,7 @@ def auth(tmp_path_factory):
     a = init_authority("sec", d / "ca")
     paths = {}
     for ident, role, prof in (("d1", "device", "rpi4"), ("d2", "device", "rpi3bplus"),
-                              ("c1", "client", None)):
+                              ("d3", "device", "rpi3bplus"), ("c1", "client", None)):
         paths[ident] = write_bundle(a.issue(ident, role, prof), d / f"{ident}.bundle")
     return a, {k: Bundle.load(p) for k, p in paths.items()}, d
 
@@ -166,20 +166,57 @@ def test_password_files_are_private_with_real_iterations(tmp_path):
     assert PBKDF2_ITERATIONS >= 10_000
 
 
-def test_a_new_leader_needs_its_winning_claim(auth):
+def _frame(b, topic, msg):
+    return F.sign(b.sign_key, b.entry.raw, b.entry.sig, topic, encode_control(msg))
+
+
+def _admit_with_votes(adm, b, msg):
+    t = topics.leader("sec")
+    cache = F.EntryCache(b.mesh_pub, "sec")
+    e, body = F.verify(cache, t, _frame(b, t, msg))
+    return admit(adm, topics.parse(t), e, body, 0.0,
+                 verify_vote=lambda fr: F.verify(cache, topics.election("sec"), fr))
+
+
+@pytest.mark.parametrize("role", ["client", "device"])
+def test_a_leader_needs_signed_votes_from_a_majority_of_live_devices(auth, role):
+    from meshdl.security.policy import current_leader, leader_of
+    from meshdl.wire.control import Campaign, decode_control
+    _, b, _ = auth
+    adm = Admission("c1" if role == "client" else "d3", role)
+    for d in ("d1", "d2", "d3"):                              # three live devices
+        assert _signed_admit(adm, b[d], topics.node_state("sec", d), NodeState(d, True, 1)).ok
+    te = topics.election("sec")
+    # d2 (a stolen bundle) jumps to term 40: its own signature is 1 vote of 3
+    v = _admit_with_votes(adm, b["d2"], LeaderInfo("d2", 40))
+    assert v.ok is (role == "device")          # a node's election machine judges it too
+    if role == "client":
+        assert "votes of 1 of 3 live devices (no majority)" in v.reason
+    # a vote it signed itself in d3's name, and d1's real vote for someone else: not counted
+    forged = {"d3": _frame(b["d2"], te, Campaign("d3", 40, "vote", 1.0, "d2")),
+              "d1": _frame(b["d1"], te, Campaign("d1", 39, "vote", 1.0, "d2"))}
+    v = _admit_with_votes(adm, b["d2"], LeaderInfo("d2", 40, votes=forged))
+    assert leader_of(adm, 40) is None and current_leader(adm) is None
+    # d1 with d3's signed vote for (d1, 4): a majority
+    vote = {"d3": _frame(b["d3"], te, Campaign("d3", 4, "vote", 1.0, "d1"))}
+    v = _admit_with_votes(adm, b["d1"], LeaderInfo("d1", 4, votes=vote))
+    assert v.ok and decode_control(v.body).votes == {"d1": b"", "d3": b""}
+    assert leader_of(adm, 4) == "d1" and current_leader(adm) == "d1"
+    # d3 goes offline: its signed vote still counts (2 of the 3 devices d1, d2 + voters)
+    assert _signed_admit(adm, b["d3"], topics.node_state("sec", "d3"), NodeState("d3", False, 1)).ok
+    assert current_leader(adm) == "d1"
+
+
+def test_votes_for_this_side_are_kept_for_its_leader_record(auth):
     from meshdl.wire.control import Campaign
     _, b, _ = auth
     adm = Admission("d1", "device")
-    assert _signed_admit(adm, b["d1"], topics.leader("sec"), LeaderInfo("d1", 3)).ok
-    # d2 (rpi3, worse than d1's rpi4) jumps to term 4 with no claim: refused
-    v = _signed_admit(adm, b["d2"], topics.leader("sec"), LeaderInfo("d2", 4))
-    assert not v.ok and "without the winning claim" in v.reason
-    # d2 claims term 4, d1 counter-claims: d1's claim wins, d2's record is refused
-    assert _signed_admit(adm, b["d2"], topics.election("sec"), Campaign("d2", 4, priority=1e16)).ok
-    assert _signed_admit(adm, b["d1"], topics.election("sec"), Campaign("d1", 4, priority=5e9)).ok
-    v = _signed_admit(adm, b["d2"], topics.leader("sec"), LeaderInfo("d2", 4))
-    assert not v.ok and "d1" in v.reason
-    assert _signed_admit(adm, b["d1"], topics.leader("sec"), LeaderInfo("d1", 4)).ok
+    v = _signed_admit(adm, b["d3"], topics.election("sec"), Campaign("d3", 4, "vote", 1.0, "d1"))
+    assert v.ok and v.vote_term == 4
+    v = _signed_admit(adm, b["d3"], topics.election("sec"), Campaign("d3", 4, "vote", 1.0, "d2"))
+    assert v.ok and v.vote_term is None
+    v = _signed_admit(adm, b["d2"], topics.election("sec"), Campaign("d3", 4, "vote", 1.0, "d1"))
+    assert not v.ok and "in the name of d3" in v.reason
 
 
 def test_no_bundle_on_a_remote_broker_warns_loudly(caplog):

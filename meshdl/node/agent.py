@@ -153,7 +153,11 @@ class NodeAgent(_AgentJoin, _AgentLeader):
             raise NodeError(f"cannot pick a session counter newer than {seen}")
         self._elect = el.initial(self.node_id, self._device.flops, time.monotonic(),
                                  el.Params(cfg.timing.settle, cfg.timing.claim_window,
-                                           cfg.timing.rank_step, cfg.timing.leader_grace))
+                                           cfg.timing.rank_step, cfg.timing.leader_grace,
+                                           # a secure mesh: leadership needs signed votes
+                                           # from a majority of the live devices
+                                           quorum=cfg.bundle is not None,
+                                           vote_window=max(1.0, 4 * cfg.timing.claim_window)))
         m = self.mesh_name
         for pattern, tag in ((topics.node_state_all(m), "state"),
                              (topics.node_telemetry_all(m), "telemetry"),

@@ -15,6 +15,7 @@ from typing import Any
 from meshdl.errors import MeshdlError
 from meshdl.node import election as el
 from meshdl.node.leader import duties_for
+from meshdl.security.bounds import sanitise
 from meshdl.transport.bus import Will
 from meshdl.wire import topics
 from meshdl.wire.control import Campaign, JobRequest, LeaderInfo, encode_control
@@ -84,6 +85,14 @@ class _AgentLeader:
             for t, job in early:
                 if time.monotonic() - t < 5.0:
                     self._duties.job_request(job)
+        elif isinstance(a, el.Vote):
+            log.info("%s votes for %s in term %d", self.node_id, a.candidate, a.term)
+            self.bus.publish(topics.election(m), encode_control(
+                Campaign(self.node_id, a.term, "vote", float(self._device.flops), a.candidate,
+                         time.time())), qos=1)
+        elif isinstance(a, el.Ignored):
+            log.warning("ignored %s's leadership of term %d: %s", sanitise(a.node), a.term,
+                        a.reason)
         elif isinstance(a, el.AssertLeader):
             self._publish_leader(a.term)
         elif isinstance(a, el.StepDown):

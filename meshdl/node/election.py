@@ -20,12 +20,28 @@ Protocol
   down. A leader that sees a higher-term claim from a worse node counter-claims
   that term, so a node with a stale view cannot unseat a better leader for good.
 - Plans carry their term; nodes drop plans of terms older than ``state.term``.
+
+Quorum mode (``Params.quorum``, a secure mesh, where every vote is signed by an
+enrolled device and checked before it gets here):
+- A voter votes (``Vote``) for the claimant of a term only if the claimant is the
+  best live member it knows (``order(members)[0]``, figures capped by the enrolled
+  profiles), and at most once per term.
+- A candidate becomes leader only with votes from a majority of the live members it
+  knows (itself included), after its claim window; without them it gives up after
+  ``vote_window`` and, leaderless again, claims later like anyone else.
+- A leader record (``LeaderSeen.voters``: the verified voters it carries) is acted
+  on only if its voters plus this node (when it ranks the leader best) are a
+  majority of the live members; otherwise it is held (``pending``, looked at again
+  when the members change), the node votes for it if it ranks its leader best (so
+  the leader can re-publish its record with one more vote), and an ``Ignored``
+  action reports it. A claim from a node that is not the best live member does not
+  move the term or unseat anyone: a stolen weaker device cannot jump terms.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
 
@@ -50,6 +66,15 @@ class Members:
 @dataclass(frozen=True)
 class LeaderSeen:
     node: str
+    term: int
+    voters: frozenset = frozenset()     # verified voters (quorum mode only)
+
+
+@dataclass(frozen=True)
+class VoteSeen:
+    """A (signed, verified) vote of ``voter`` for ``candidate`` in ``term``."""
+    voter: str
+    candidate: str
     term: int
 
 
@@ -76,7 +101,7 @@ class Tick:
     pass
 
 
-Event = Union[Members, LeaderSeen, LeaderCleared, ClaimSeen, TermSeen, Tick]
+Event = Union[Members, LeaderSeen, LeaderCleared, ClaimSeen, TermSeen, VoteSeen, Tick]
 
 
 # ------------------------------------------------------------------ actions
@@ -108,7 +133,22 @@ class LeaderChanged:
     term: int
 
 
-Action = Union[Claim, BecomeLeader, StepDown, AssertLeader, LeaderChanged]
+@dataclass(frozen=True)
+class Vote:
+    """Publish a vote for ``candidate`` in ``term`` (quorum mode)."""
+    term: int
+    candidate: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A leader record or claim not acted on (quorum mode): log it."""
+    node: str
+    term: int
+    reason: str
+
+
+Action = Union[Claim, BecomeLeader, StepDown, AssertLeader, LeaderChanged, Vote, Ignored]
 
 
 # ------------------------------------------------------------------ state
@@ -118,6 +158,8 @@ class Params:
     claim_window: float = 0.3
     rank_step: float = 0.4
     leader_grace: float = 1.5
+    quorum: bool = False           # leadership needs votes from a majority (secure mesh)
+    vote_window: float = 1.5       # a candidate without a majority by then gives up
 
 
 @dataclass(frozen=True)
@@ -137,11 +179,16 @@ class ElectionState:
     best: Mapping[int, tuple[str, float]] = field(default_factory=dict)  # term -> best claim
     leaderless_since: float | None = None
     ranks: Mapping[str, float] = field(default_factory=dict)  # FLOP/s of every node seen
+    votes: Mapping[int, frozenset] = field(default_factory=dict)  # term -> voters for me
+    voted: Mapping[int, str] = field(default_factory=dict)        # term -> my vote
+    pending: LeaderSeen | None = None     # a leader record waiting for its quorum
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", MappingProxyType(dict(self.members)))
         object.__setattr__(self, "best", MappingProxyType(dict(self.best)))
         object.__setattr__(self, "ranks", MappingProxyType(dict(self.ranks)))
+        object.__setattr__(self, "votes", MappingProxyType(dict(self.votes)))
+        object.__setattr__(self, "voted", MappingProxyType(dict(self.voted)))
 
     @property
     def is_leader(self) -> bool:
@@ -193,6 +240,11 @@ def step(s: ElectionState, event: Event, now: float) -> tuple[ElectionState, lis
         online = dict(event.online)
         online[s.me] = s.flops
         s = replace(s, members=online, ranks=_ranks(s, online))
+        if s.pending is not None and s.params.quorum:
+            pending, s = s.pending, replace(s, pending=None)
+            s, acts = _on_leader(s, pending, now)
+    elif isinstance(event, VoteSeen):
+        s, acts = _on_vote(s, event)
     elif isinstance(event, TermSeen):
         if event.term > s.term:
             if s.role == FOLLOWER:       # keep the leader: its record of this term follows
@@ -203,7 +255,7 @@ def step(s: ElectionState, event: Event, now: float) -> tuple[ElectionState, lis
         s = _record_claim(s, event.node, event.term, event.flops)
         if event.flops > 0 and s.ranks.get(event.node) != event.flops:
             s = replace(s, ranks=_ranks(s, {event.node: event.flops}))
-        s, acts = _on_claim(s, event, now)
+        s, acts = (_on_claim_quorum if s.params.quorum else _on_claim)(s, event, now)
     elif isinstance(event, LeaderSeen):
         s, acts = _on_leader(s, event, now)
     elif isinstance(event, LeaderCleared):
@@ -253,7 +305,100 @@ def _on_claim(s: ElectionState, c: ClaimSeen, now: float) -> tuple[ElectionState
     return s, []
 
 
+# ------------------------------------------------------------------ quorum mode
+def best_live(s: ElectionState) -> str:
+    """The best live member this node knows (itself included)."""
+    return order(s.members)[0]
+
+
+def supporters(s: ElectionState, candidate: str, voters: frozenset) -> frozenset:
+    """The live members backing ``candidate``: its voters, plus this node if it ranks
+    the candidate best."""
+    out = frozenset(v for v in voters if v in s.members)
+    return out | {s.me} if best_live(s) == candidate else out
+
+
+def has_quorum(s: ElectionState, candidate: str, voters: frozenset) -> bool:
+    """True when a majority of the live members back ``candidate``."""
+    return 2 * len(supporters(s, candidate, voters)) > len(s.members)
+
+
+def _keep_recent(d: Mapping[int, Any], term: int) -> dict[int, Any]:
+    return {t: v for t, v in d.items() if t >= term - 4}
+
+
+def _vote(s: ElectionState, term: int, candidate: str) -> tuple[ElectionState, list[Action]]:
+    if term in s.voted or candidate == s.me:       # one vote per term
+        return s, []
+    voted = _keep_recent(s.voted, term)
+    voted[term] = candidate
+    return replace(s, voted=voted), [Vote(term, candidate)]
+
+
+def _on_vote(s: ElectionState, v: VoteSeen) -> tuple[ElectionState, list[Action]]:
+    if not s.params.quorum or v.candidate != s.me:
+        return s, []
+    mine = s.claim_term if s.role == CANDIDATE else (s.leader_term if s.role == LEADER else 0)
+    if v.term != mine or v.voter in s.votes.get(v.term, frozenset()):
+        return s, []
+    votes = _keep_recent(s.votes, v.term)
+    votes[v.term] = votes.get(v.term, frozenset({s.me})) | {v.voter}
+    s = replace(s, votes=votes)
+    # a leader re-publishes its record with the new vote (nodes that joined after its
+    # election see the majority grow); a candidate waits for its tick
+    return s, ([AssertLeader(s.leader_term)] if s.role == LEADER else [])
+
+
+def _on_claim_quorum(s: ElectionState, c: ClaimSeen, now: float
+                     ) -> tuple[ElectionState, list[Action]]:
+    """Quorum mode: only a claim of the best live member moves anything here."""
+    if c.node == s.me or c.term < s.term:
+        return s, []
+    if c.node not in s.members or best_live(s) != c.node:
+        return s, [Ignored(c.node, c.term, f"claim of a node that is not the best live member "
+                                           f"(best: {best_live(s)})")]
+    acts: list[Action] = []
+    if c.term > s.term:
+        s, acts = _higher_term(s, c.term, None, now)
+    elif s.role == CANDIDATE and s.claim_term == c.term:
+        s = replace(s, role=FOLLOWER, claim_term=0, leaderless_since=_hold(s, now))
+    s, more = _vote(s, c.term, c.node)
+    return s, acts + more
+
+
+def _on_leader_quorum(s: ElectionState, e: LeaderSeen, now: float
+                      ) -> tuple[ElectionState, list[Action]] | None:
+    """None when the record has its quorum (handled as usual), else what to do."""
+    if e.node == s.me or e.term < s.term or e.term < s.leader_term:
+        return None
+    if has_quorum(s, e.node, e.voters):
+        return None
+    backing = len(supporters(s, e.node, e.voters))
+    acts: list[Action] = [Ignored(e.node, e.term, f"{backing} of {len(s.members)} live "
+                                                  f"members back it (no majority)")]
+    s = replace(s, pending=e)
+    if best_live(s) == e.node and s.me not in e.voters:
+        s, more = _vote(s, e.term, e.node)
+        acts += more
+    if s.role == LEADER:
+        acts.append(AssertLeader(s.leader_term))      # put our record back
+    return s, acts
+
+
 def _on_leader(s: ElectionState, e: LeaderSeen, now: float) -> tuple[ElectionState, list[Action]]:
+    if s.params.quorum:
+        held = _on_leader_quorum(s, e, now)
+        if held is not None:
+            return held
+        if s.pending is not None and s.pending.term <= e.term:
+            s = replace(s, pending=None)
+        explicit = frozenset(v for v in e.voters if v in s.members)
+        if e.node != s.me and s.me not in e.voters and 2 * len(explicit) <= len(s.members):
+            # we back it but its signed votes are no majority yet: add ours, so that
+            # clients (who count signed votes only) see the majority too
+            s, vote = _vote(s, e.term, e.node)
+            s, acts = _on_leader(replace(s, params=replace(s.params, quorum=False)), e, now)
+            return replace(s, params=replace(s.params, quorum=True)), vote + acts
     if e.term < s.term or (e.term < s.leader_term):
         return s, []
     if e.node == s.me:
@@ -298,11 +443,19 @@ def _tick(s: ElectionState, now: float) -> tuple[ElectionState, list[Action]]:
         if now - s.claim_at < p.claim_window:
             return s, []
         best = s.best.get(s.claim_term)
-        if s.term == s.claim_term and best is not None and best[0] == s.me:
+        won = s.term == s.claim_term and best is not None and best[0] == s.me
+        if won and p.quorum and not has_quorum(
+                s, s.me, s.votes.get(s.claim_term, frozenset({s.me}))):
+            if now - s.claim_at < p.vote_window:
+                return s, []                       # waiting for votes
+            won = False
+        if won:
             s = replace(s, role=LEADER, leader=s.me, leader_term=s.claim_term,
                         leader_seen_at=now, leaderless_since=None)
             return s, [BecomeLeader(s.claim_term), LeaderChanged(s.me, s.claim_term)]
-        return replace(s, role=FOLLOWER, claim_term=0, leaderless_since=_hold(s, now)), []
+        # quorum mode: the best live member tries again at once (only it can win)
+        return replace(s, role=FOLLOWER, claim_term=0,
+                       leaderless_since=now if p.quorum else _hold(s, now)), []
     if s.role == LEADER:
         return s, []
     if leader_alive(s, now):
@@ -317,10 +470,13 @@ def _tick(s: ElectionState, now: float) -> tuple[ElectionState, list[Action]]:
         s = replace(s, leaderless_since=now)
     ranked = order(s.members)
     rank = ranked.index(s.me)
+    if p.quorum and rank > 0:
+        return s, acts           # only the best live member can win votes: it claims
     start = max(since, s.started + p.settle)
     if now < start + rank * p.rank_step:
         return s, acts
     term = s.term + 1
-    s = replace(s, term=term, role=CANDIDATE, claim_term=term, claim_at=now)
+    s = replace(s, term=term, role=CANDIDATE, claim_term=term, claim_at=now,
+                votes={**_keep_recent(s.votes, term), term: frozenset({s.me})})
     s = _record_claim(s, s.me, term, s.flops)
     return s, acts + [Claim(term)]

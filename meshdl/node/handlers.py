@@ -75,6 +75,8 @@ def on_election(agent, topic: str, payload: Any, retained: bool) -> None:
     _term_ok(agent, c.term, "campaign of " + sanitise(c.node))
     if c.kind == "campaign":
         agent._elect_step(el.ClaimSeen(c.node, c.term, c.priority))
+    elif c.kind == "vote" and c.vote_for:
+        agent._elect_step(el.VoteSeen(c.node, c.vote_for, c.term))
 
 
 def on_leader(agent, topic: str, payload: Any, retained: bool) -> None:
@@ -84,7 +86,8 @@ def on_leader(agent, topic: str, payload: Any, retained: bool) -> None:
         return
     info = decode_control(payload, LeaderInfo)
     _term_ok(agent, info.term, "leader record of " + sanitise(info.node))
-    agent._elect_step(el.LeaderSeen(info.node, info.term))
+    # votes: on a secure mesh the SecureBus verified them (the voters' ids remain)
+    agent._elect_step(el.LeaderSeen(info.node, info.term, frozenset(info.votes)))
 
 
 def on_plan(agent, topic: str, payload: Any, retained: bool) -> None:

@@ -33,6 +33,7 @@ MAX_STR = 4096                # any free-text field (detail, error, version)
 MAX_TS = 1e11                 # seconds since the epoch (year ~5100)
 MAX_INPUT_ELEMENTS = 3 * 1024 * 1024   # N*C*H*W of a requested input (12 MB of float32)
 MAX_PLAN_TASKS = 4096
+MAX_VOTES = 256              # signed votes carried by a leader record
 POWER_KEYS = ("compute_w", "tx_w", "rx_w", "idle_w")
 
 
@@ -181,6 +182,13 @@ def check_message(msg: Any) -> Any:
         short("election.vote_for", msg.vote_for, 64)
     elif t == "leader":
         term("leader.term", msg.term)
+        if len(msg.votes) > MAX_VOTES:
+            raise BoundsError(f"leader.votes has {len(msg.votes)} entries; at most "
+                              f"{MAX_VOTES} are allowed")
+        for k, v in msg.votes.items():
+            short("leader.votes key", k, 64)
+            if not isinstance(v, (bytes, str)) or len(v) > 4096:
+                raise BoundsError("leader.votes values must be signed frames of <= 4096 bytes")
     elif t == "plan":
         term("plan.term", msg.term)
         check_plan_dict("plan.plan", msg.plan)

@@ -6,6 +6,15 @@ fit the topic and the message's own ids, claimed figures are capped by the
 sender's enrolled profile, plans must come from the leader of their term, and a
 client takes a result only from the sink of the verified plan of its job.
 ``Admission`` remembers (bounded) the leaders, plans and job plans it has seen.
+
+Leadership: a leader record carries the signed votes it won (``LeaderInfo.votes``:
+voter -> signed frame); each is verified here (an enrolled device's vote for that
+leader and term) and the record is rewritten to carry only the verified voters. A
+record counts (``leader_of``, ``current_leader``) only while its voters, the leader
+included, are a majority of the live devices this side knows (verified online
+births), looked at when used, so a record that arrived before the births is judged
+against them. A client drops a record without that majority; a node hands it to its
+election machine, which judges it against its own live members.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ class Verdict:
     reason: str = ""
     body: bytes | None = None          # a rewritten body (capped figures), if any
     hold_term: int | None = None       # a plan to hold until this term's leader is known
+    vote_term: int | None = None       # a vote for this side in that term: keep its frame
 
 
 def _put(d: OrderedDict, k: Any, v: Any) -> None:
@@ -44,11 +54,41 @@ def _put(d: OrderedDict, k: Any, v: Any) -> None:
 class Admission:
     me: str
     role: str
-    leaders: OrderedDict = field(default_factory=OrderedDict)      # term -> node
     claims: OrderedDict = field(default_factory=OrderedDict)       # term -> best (node, flops)
     plans: OrderedDict = field(default_factory=OrderedDict)        # plan id -> (sink, devices)
     job_plan: OrderedDict = field(default_factory=OrderedDict)     # job -> plan id
+    records: OrderedDict = field(default_factory=OrderedDict)      # (term, node) -> voters
+    live: OrderedDict = field(default_factory=OrderedDict)         # devices born online
+    my_votes: OrderedDict = field(default_factory=OrderedDict)     # term -> {voter: frame}
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def note_state(adm: Admission, node: str, online: bool) -> None:
+    """A verified birth (online) or offline/cleared record of a device."""
+    with adm.lock:
+        if online:
+            _put(adm.live, node, True)
+        else:
+            adm.live.pop(node, None)
+
+
+def _majority(adm: Admission, voters: frozenset) -> bool:
+    return 2 * len(voters) > len(set(adm.live) | voters)
+
+
+def leader_of(adm: Admission, term: int) -> str | None:
+    """The leader of ``term`` whose record holds a majority now, or None."""
+    with adm.lock:
+        cands = [(len(v), n) for (t, n), v in adm.records.items()
+                 if t == term and _majority(adm, v)]
+    return max(cands)[1] if cands else None
+
+
+def current_leader(adm: Admission) -> str | None:
+    """The leader of the newest term whose record holds a majority now."""
+    with adm.lock:
+        ok = [(t, len(v), n) for (t, n), v in adm.records.items() if _majority(adm, v)]
+    return max(ok)[2] if ok else None
 
 
 def no(reason: str) -> Verdict:
@@ -64,7 +104,9 @@ def _wins(a: tuple[str, float], b: tuple[str, float]) -> bool:
 
 
 def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
-          retained: bool = False) -> Verdict:
+          retained: bool = False, verify_vote: Any = None) -> Verdict:
+    """``verify_vote(frame) -> (entry, body)``: checks a signed vote frame carried by
+    a leader record (``frames.verify`` on the election topic)."""
     from meshdl.wire.control import decode_control
     who = f"{e.role} {sanitise(e.id)}"
     if p.kind == "model":       # user models (issue 13): content-addressed, hash-checked
@@ -86,7 +128,13 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
     if p.kind in ("state", "telemetry"):
         if p.node != e.id:
             return no(f"{who} published on {sanitise(p.node)}'s {p.kind} topic")
-        return _capped(p.kind, e, body)
+        verdict = _capped(p.kind, e, body)
+        if verdict.ok and p.kind == "state":
+            try:
+                note_state(adm, e.id, bool(decode_control(body).online))
+            except MeshdlError:
+                pass
+        return verdict
     if p.kind == "probe":
         return _probe(p, e, body)
     try:
@@ -103,37 +151,32 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
                 best = adm.claims.get(msg.term)
                 if best is None or _wins((e.id, prio), best):
                     _put(adm.claims, msg.term, (e.id, prio))
+        vote = msg.term if msg.kind == "vote" and msg.vote_for == adm.me else None
         if cap and msg.priority > cap:
-            return Verdict(True, "", _reencode(dataclasses.replace(msg, priority=float(cap))))
-        return YES
+            return Verdict(True, "", _reencode(dataclasses.replace(msg, priority=float(cap))),
+                           vote_term=vote)
+        return Verdict(True, vote_term=vote)
     if p.kind == "leader":
         if msg.node != e.id:
             return no(f"{who} claimed leadership for {sanitise(msg.node)}")
+        voters = _verified_voters(msg, verify_vote)
         with adm.lock:
-            newest = max(adm.leaders) if adm.leaders else None
-            best = adm.claims.get(msg.term)
-        # a live record (not a retained one replayed to a new subscriber) of a newer
-        # term needs the signer's own winning claim for that term: the election's
-        # counter-claims then stop a worse (or stolen) device from taking over
-        if not retained and newest is not None and msg.term > newest and (
-                best is None or best[0] != e.id):
-            return no(f"{who} announced itself leader of term {msg.term} without the "
-                      f"winning claim for it (best claim seen: "
-                      f"{sanitise(best[0]) if best else 'none'})")
-        if best is not None and best[0] != e.id and _wins(best, (e.id, e.caps.get("flops", 0.0))):
-            return no(f"{who} announced itself leader of term {msg.term}, but "
-                      f"{sanitise(best[0])} holds the better claim")
-        with adm.lock:
-            _put(adm.leaders, msg.term, e.id)
-        return YES
+            key = (msg.term, e.id)
+            _put(adm.records, key, adm.records.get(key, frozenset()) | voters)
+            voters = adm.records[key]
+            live = len(set(adm.live) | voters)
+        if adm.role == "client" and not 2 * len(voters) > live:
+            return no(f"{who} announced itself leader of term {msg.term} with the votes of "
+                      f"{len(voters)} of {live} live devices (no majority)")
+        return Verdict(True, "", _reencode(dataclasses.replace(
+            msg, votes={v: b"" for v in sorted(voters)})))
     if p.kind == "plan":
         plan = msg.plan if isinstance(msg.plan, dict) else {}
         meta = plan.get("meta") if isinstance(plan.get("meta"), dict) else {}
         issuer = meta.get("leader")
         if issuer not in (None, "", e.id):
             return no(f"{who} published a plan issued by {sanitise(issuer)}")
-        with adm.lock:
-            leader = adm.leaders.get(msg.term)
+        leader = leader_of(adm, msg.term)
         if leader is None:
             return Verdict(False, f"held plan {sanitise(p.plan_id)} of term {msg.term} from "
                            f"{who} until a verified leader record of that term",
@@ -162,8 +205,7 @@ def _job(adm: Admission, p: ParsedTopic, e: Entry, msg: Any) -> Verdict:
     if p.job_kind == "status":
         if adm.role != "client":
             return YES
-        with adm.lock:
-            leader = adm.leaders[max(adm.leaders)] if adm.leaders else None
+        leader = current_leader(adm)
         if msg.state == "planned":
             if e.id != leader:
                 return no(f"{who} answered job {sanitise(p.job)} but {sanitise(leader)} leads")
@@ -182,6 +224,31 @@ def _job(adm: Admission, p: ParsedTopic, e: Entry, msg: Any) -> Verdict:
         return no(f"result of {sanitise(p.job)} from {who}, not the sink {sanitise(known[0])} "
                   f"of plan {sanitise(pid)}")
     return YES
+
+
+def _verified_voters(msg: Any, verify_vote: Any) -> frozenset:
+    """The leader plus every enrolled device whose signed vote for (leader, term) the
+    record carries; forged, foreign or mismatched votes are left out (logged)."""
+    from meshdl.security.identity import SecurityError
+    from meshdl.wire.control import Campaign, decode_control
+    out = {msg.node}
+    for voter, frame in msg.votes.items():
+        if not frame or verify_vote is None:
+            continue
+        try:
+            ve, vbody = verify_vote(frame if isinstance(frame, bytes) else frame.encode())
+            v = decode_control(vbody, Campaign)
+        except (SecurityError, MeshdlError) as exc:
+            log.warning("leader record of %s carries a bad vote of %s: %s", sanitise(msg.node),
+                        sanitise(voter), exc)
+            continue
+        if ve.role == "device" and v.node == ve.id == voter and v.kind == "vote" \
+                and v.vote_for == msg.node and v.term == msg.term:
+            out.add(ve.id)
+        else:
+            log.warning("leader record of %s carries a vote of %s that is not for it in "
+                        "term %d", sanitise(msg.node), sanitise(voter), msg.term)
+    return frozenset(out)
 
 
 def _reencode(msg: Any) -> bytes:

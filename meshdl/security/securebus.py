@@ -23,7 +23,7 @@ from meshdl.security import frames as F
 from meshdl.security.bounds import sanitise
 from meshdl.security.bundle import Bundle
 from meshdl.security.identity import Entry, SecurityError
-from meshdl.security.policy import Admission, admit
+from meshdl.security.policy import Admission, admit, leader_of, note_state
 from meshdl.transport.bus import Will
 from meshdl.transport.urls import is_loopback
 from meshdl.wire import topics
@@ -120,7 +120,22 @@ class SecureBus:
         body = bytes(payload)
         if p.kind == "job" and p.job_kind == "result":
             body = self._seal_result(p.job, body)
+        elif p.kind == "leader":
+            body = self._with_votes(body)
         return self.signed(topic, body)
+
+    def _with_votes(self, body: bytes) -> bytes:
+        """Our leader record with the signed votes we won for its term attached."""
+        from meshdl.wire.control import LeaderInfo, decode_control, encode_control
+        try:
+            info = decode_control(body, LeaderInfo)
+        except MeshdlError:
+            return body
+        if info.node != self.me:
+            return body
+        with self.adm.lock:
+            votes = dict(self.adm.my_votes.get(info.term, {}))
+        return encode_control(dataclasses.replace(info, votes=votes)) if votes else body
 
     def _peer(self, ident: str) -> Entry | None:
         with self._lock:
@@ -177,6 +192,18 @@ class SecureBus:
             return
         self._learn(entry)
 
+    def _verify_vote(self, frame: bytes) -> tuple[Entry, bytes]:
+        return F.verify(self.cache, topics.election(self.mesh), frame)
+
+    def _keep_vote(self, term: int, voter: str, frame: Any) -> None:
+        """A verified vote for us: kept (bounded) to go with our leader record."""
+        with self.adm.lock:
+            votes = self.adm.my_votes.setdefault(term, {})
+            if voter in votes or len(votes) < 256:
+                votes[voter] = bytes(frame)
+            while len(self.adm.my_votes) > 8:
+                self.adm.my_votes.popitem(last=False)
+
     def _hold(self, term: int, signer: str, topic: str, body: bytes, retained: bool,
               handler: Any) -> None:
         with self._lock:
@@ -198,6 +225,11 @@ class SecureBus:
                retained: bool = False) -> Any:
         """The inner payload for the handler, or None (dropped and logged)."""
         if not len(payload):
+            if "/node/" in topic and topic.endswith("/state"):
+                try:
+                    note_state(self.adm, topics.parse(topic).node, False)   # cleared
+                except MeshdlError:
+                    pass
             return payload
         try:
             p = topics.parse(topic)
@@ -218,7 +250,8 @@ class SecureBus:
                 if self.adm.role != "client":
                     return None                   # sealed to a client: not for us
                 _, body = F.open_sealed(self.ring, self.cache, p.job, "result", body)
-            verdict = admit(self.adm, p, entry, body, time.monotonic(), retained)
+            verdict = admit(self.adm, p, entry, body, time.monotonic(), retained,
+                            self._verify_vote)
             if verdict.hold_term is not None:
                 log.info("%s", verdict.reason)
                 self._hold(verdict.hold_term, entry.id, topic, body, retained, handler)
@@ -226,9 +259,13 @@ class SecureBus:
             if not verdict.ok:
                 raise SecurityError(verdict.reason)
             self._learn(entry)
+            if verdict.vote_term is not None:
+                self._keep_vote(verdict.vote_term, entry.id, payload)
             if p.kind == "leader":
                 from meshdl.wire.control import decode_control
-                self._release(decode_control(body).term, entry.id)
+                term = decode_control(body).term
+                if leader_of(self.adm, term) == entry.id:
+                    self._release(term, entry.id)
             return verdict.body if verdict.body is not None else body
         except (SecurityError, MeshdlError) as exc:
             self._reject(topic, str(exc))

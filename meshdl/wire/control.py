@@ -73,6 +73,7 @@ class LeaderInfo:
     node: str
     term: int
     ts: float = 0.0
+    votes: dict = field(default_factory=dict)   # secure mesh: voter -> signed vote frame
 
 
 @dataclass(frozen=True)
