@@ -25,10 +25,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -69,21 +69,59 @@ class _Item:
     deliver: Callable[[], None] | None = None     # downlink: hand the frame on
 
 
-class Delayer:
-    """One thread that runs callbacks at due times (acks over emulated hops)."""
+@dataclass
+class _Lane:
+    """One emulated link: a FIFO of items, free again at ``free_at``."""
+    items: deque = field(default_factory=deque)
+    free_at: float = 0.0
+    scheduled: bool = False
 
-    def __init__(self, name: str) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._cv = threading.Condition()
+
+class Pacer:
+    """One thread for any number of emulated links (issue 12: one thread, not a thread
+    per peer). Each lane (a hop, a node's uplink or downlink) is a FIFO served one item
+    at a time: an item runs ``delay_s`` after its lane became free for it (the previous
+    item done, or its arrival), as a thread per lane sleeping through each item would;
+    ``after(delay, fn)`` runs ``fn`` once at a due time (acks). The heap holds at most
+    one entry per busy lane plus the timed callbacks; idle lanes beyond
+    ``max_idle_lanes`` are forgotten. Callbacks run on this thread in due order; one
+    that raises is logged and never kills the thread."""
+
+    def __init__(self, name: str, run: Callable[[str, _Item], None],
+                 max_idle_lanes: int = 256) -> None:
+        self._run_item = run
+        self._lanes: dict[str, _Lane] = {}
+        self._heap: list[tuple[float, int, str | None, Callable[[], None] | None]] = []
         self._ids = itertools.count()
+        self._cv = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=f"{name}-delayer", daemon=True)
+        self._max_idle = max_idle_lanes
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+
+    def put(self, lane: str, item: _Item) -> None:
+        with self._cv:
+            ln = self._lanes.get(lane)
+            if ln is None:
+                ln = self._lanes[lane] = _Lane()
+                if len(self._lanes) > self._max_idle:
+                    self._forget_idle(lane)
+            ln.items.append(item)
+            if not ln.scheduled:
+                self._schedule(lane, ln, time.monotonic())
 
     def after(self, delay_s: float, fn: Callable[[], None]) -> None:
         with self._cv:
-            heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._ids), fn))
+            heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._ids), None, fn))
             self._cv.notify()
+
+    def backlog(self) -> int:
+        with self._cv:
+            return sum(len(ln.items) for ln in self._lanes.values())
+
+    def lanes(self) -> int:
+        with self._cv:
+            return len(self._lanes)
 
     def stop(self) -> None:
         with self._cv:
@@ -91,20 +129,47 @@ class Delayer:
             self._cv.notify()
         self._thread.join(2.0)
 
-    def _run(self) -> None:
+    def _schedule(self, name: str, ln: _Lane, now: float) -> None:
+        due = max(now, ln.free_at) + ln.items[0].delay_s
+        heapq.heappush(self._heap, (due, next(self._ids), name, None))
+        ln.scheduled = True
+        self._cv.notify()
+
+    def _forget_idle(self, keep: str) -> None:
+        now = time.monotonic()
+        for name in [n for n, ln in self._lanes.items()
+                     if n != keep and not ln.items and not ln.scheduled and ln.free_at <= now]:
+            del self._lanes[name]
+            if len(self._lanes) <= self._max_idle:
+                break
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._stopped and (not self._heap
                                              or self._heap[0][0] > time.monotonic()):
-                    wait = None if not self._heap else self._heap[0][0] - time.monotonic()
-                    self._cv.wait(wait)
+                    self._cv.wait(None if not self._heap
+                                  else self._heap[0][0] - time.monotonic())
                 if self._stopped:
                     return
-                _, _, fn = heapq.heappop(self._heap)
+                _, _, lane, fn = heapq.heappop(self._heap)
+                item = self._lanes[lane].items.popleft() if lane is not None else None
             try:
-                fn()
+                if fn is not None:
+                    fn()
+                else:
+                    self._run_item(lane, item)
             except Exception:
-                log.exception("delayed send failed")
+                log.exception("a paced send or delivery failed")
+            if lane is not None:
+                with self._cv:
+                    ln = self._lanes[lane]
+                    ln.free_at = time.monotonic()
+                    ln.scheduled = False
+                    if ln.items:
+                        self._schedule(lane, ln, ln.free_at)
+                    elif len(self._lanes) > self._max_idle:
+                        del self._lanes[lane]         # many peers: idle lanes go
 
 
 class Links:
@@ -112,9 +177,10 @@ class Links:
 
     ``send(hop, frames, on_sent)`` publishes ``frames`` (topic, payload) towards
     neighbour ``hop``; ``on_sent`` runs after the last one left. With ``link`` (a
-    lookup of the emulated link to ``hop``) each hop has a FIFO worker that holds
-    every frame for its transfer time first; without, frames go out at once on the
-    caller's thread.
+    lookup of the emulated link to ``hop``) each hop is a FIFO lane that holds every
+    frame for its transfer time first; without, frames go out at once on the caller's
+    thread. All lanes of a node share one ``Pacer`` thread for what it sends and one
+    for its star downlink, however many next hops there are.
     """
 
     def __init__(self, node_id: str, publish: Publish, link: LinkLookup | None = None,
@@ -125,12 +191,11 @@ class Links:
         self._link = link
         self._access = access if link is not None else None
         self._shaped = shaped and link is not None
-        self._max_queued = max_queued
-        self._queues: dict[str, queue.Queue] = {}
-        self._threads: list[threading.Thread] = []
+        self._max_queued = max_queued        # kept for callers; the credit window bounds it
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._delayer = Delayer(f"links-{node_id}") if link is not None else None
+        self._out = Pacer(f"links-{node_id}", self._run_item) if link is not None else None
+        self._in: Pacer | None = None          # the star downlink, made on first use
 
     @property
     def emulated(self) -> bool:
@@ -158,7 +223,7 @@ class Links:
         if self._shaped:
             # the kernel shapes the bandwidth: add the latency only, as a pure delay
             latency = self._star_latency(hop) if star is not False else self.hop_figures(hop)[1]
-            assert self._delayer is not None
+            assert self._out is not None
 
             # the kernel holds the bytes until they crossed: the sender's retransmission
             # timer starts once they could have (else a slow link resends everything)
@@ -169,19 +234,20 @@ class Links:
                 for topic, payload in frames:
                     self._publish(topic, payload)
                 if on_sent is not None:
-                    self._delayer.after(wire_s, on_sent)
-            self._delayer.after(latency, go)
+                    self._out.after(wire_s, on_sent)
+            self._out.after(latency, go)
             return
         if star is not False:
             bps, latency = (float("inf"), 0.0) if star is None else (star[0], star[2])
-            q = self._queue(UPLINK)
+            lane = UPLINK
         else:
             bps, latency = self.hop_figures(hop)
-            q = self._queue(hop)
+            lane = hop
         last = len(frames) - 1
+        assert self._out is not None
         for i, (topic, payload) in enumerate(frames):
             delay = (latency if i == 0 else 0.0) + len(payload) * 8.0 / bps
-            q.put(_Item(topic, payload, delay, on_sent if i == last else None))
+            self._out.put(lane, _Item(topic, payload, delay, on_sent if i == last else None))
 
     def _star(self, dev: str):
         """Access figures of ``dev`` on a star mesh; False when the mesh is no star."""
@@ -208,67 +274,54 @@ class Links:
             deliver()
             return
         delay = (star[2] if first else 0.0) + nbytes * 8.0 / star[1]
-        self._queue(DOWNLINK).put(_Item("", b"", delay, None, deliver))
+        with self._lock:
+            if self._in is None:
+                self._in = Pacer(f"downlink-{self.node_id}", self._run_item)
+            pacer = self._in
+        pacer.put(DOWNLINK, _Item("", b"", delay, None, deliver))
 
     def send_small(self, hop: str, topic: str, payload: bytes) -> None:
         """A control frame (ack): delayed by the hop latency only, never queued
         behind tensor data."""
-        if self._delayer is None:
+        if self._out is None:
             self._publish(topic, payload)
             return
         latency = (self._star_latency(hop) if self._star(self.node_id) is not False
                    else self.hop_figures(hop)[1])
-        self._delayer.after(latency, lambda: self._publish(topic, payload))
+        self._out.after(latency, lambda: self._publish(topic, payload))
 
     def backlog(self) -> int:
-        with self._lock:
-            return sum(q.qsize() for q in self._queues.values())
+        return sum(p.backlog() for p in (self._out, self._in) if p is not None)
+
+    def lanes(self) -> int:
+        """Links (next hops, uplink, downlink) this node has used and still knows."""
+        return sum(p.lanes() for p in (self._out, self._in) if p is not None)
 
     def stop(self) -> None:
         self._stopped.set()
-        with self._lock:
-            for q in self._queues.values():
-                q.put(None)
-        if self._delayer is not None:
-            self._delayer.stop()
+        for p in (self._out, self._in):
+            if p is not None:
+                p.stop()
 
-    def _queue(self, hop: str) -> queue.Queue:
-        with self._lock:
-            q = self._queues.get(hop)
-            if q is None:
-                q = self._queues[hop] = queue.Queue(self._max_queued)
-                t = threading.Thread(target=self._run, args=(hop, q), daemon=True,
-                                     name=f"link-{self.node_id}-{hop}")
-                t.start()
-                self._threads.append(t)
-            return q
-
-    def _run(self, hop: str, q: queue.Queue) -> None:
-        """Serialise the hop: one frame at a time, each held for its transfer time
-        (measured from when the link became free for it)."""
-        while True:
-            item = q.get()
-            if item is None or self._stopped.is_set():
-                return
-            t0 = time.monotonic()
-            if item.delay_s > 0:
-                self._stopped.wait(item.delay_s)
-                if self._stopped.is_set():
-                    return
-            if item.deliver is not None:
-                try:
-                    item.deliver()
-                except Exception:
-                    log.exception("%s: handling a frame from the downlink failed", self.node_id)
-                continue
+    def _run_item(self, hop: str, item: _Item) -> None:
+        """On a pacer thread, once ``item`` crossed its link: hand it on."""
+        if self._stopped.is_set():
+            return
+        if item.deliver is not None:
             try:
-                self._publish(item.topic, item.payload)
-            except Exception as exc:   # a dead bus: the sender's retransmission timer decides
-                log.warning("link %s->%s: publish failed (%s)", self.node_id, hop, exc)
-            if item.on_sent is not None:
-                try:
-                    item.on_sent()
-                except Exception:
-                    log.exception("on_sent callback failed")
-            log.debug("link %s->%s: %d bytes in %.1f ms", self.node_id, hop, len(item.payload),
-                      (time.monotonic() - t0) * 1e3)
+                item.deliver()
+            except Exception:
+                log.exception("%s: handling a frame from the downlink failed", self.node_id)
+            return
+        t0 = time.monotonic()
+        try:
+            self._publish(item.topic, item.payload)
+        except Exception as exc:   # a dead bus: the sender's retransmission timer decides
+            log.warning("link %s->%s: publish failed (%s)", self.node_id, hop, exc)
+        if item.on_sent is not None:
+            try:
+                item.on_sent()
+            except Exception:
+                log.exception("on_sent callback failed")
+        log.debug("link %s->%s: %d bytes, published in %.1f ms", self.node_id, hop,
+                  len(item.payload), (time.monotonic() - t0) * 1e3)

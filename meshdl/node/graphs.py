@@ -7,6 +7,7 @@ module's parameters, it does not copy them), so 24 input shapes of resnet18 cost
 one set of weights plus 24 small graphs, not 24 models."""
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -34,6 +35,42 @@ def build_traced(model: str, input_shape: tuple[int, ...], module=None):
     return meshdl.trace(net, tuple(input_shape), name=model)
 
 
+def trim_heap() -> bool:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``); False elsewhere.
+
+    A trace runs the model once at its input shape: its activations (tens of MiB for a
+    large shape) are freed afterwards, but glibc keeps the freed pages in its heap, so
+    a node that traces shape after shape (more shapes than its graph LRU holds) grew
+    by ~3.5 MiB per trace (resnet18) although nothing stayed referenced."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))
+
+
+def _fx_sources() -> tuple[dict, dict]:
+    """torch.fx's cache of generated forward() sources, and linecache (both keep every
+    traced module's source for tracebacks, forever)."""
+    import linecache
+    try:
+        from torch.fx.graph_module import _loader
+        return getattr(_loader, "eval_cache", {}), linecache.cache
+    except ImportError:
+        return {}, linecache.cache
+
+
+def forget_sources(keys: set) -> None:
+    """Drop the generated sources of a graph that left the cache."""
+    for cache in _fx_sources():
+        for k in keys:
+            cache.pop(k, None)
+
+
 # torch.fx patches torch.nn.Module.__call__ process-wide while it traces: two traces at
 # once (the leader planning, the data plane warming) corrupt each other and can leave a
 # shared module unusable, so a process traces one graph at a time
@@ -53,7 +90,9 @@ class GraphCache:
         self._modules: OrderedDict[str, object] = OrderedDict()   # model -> built module
         self._module_lock = threading.Lock()
         self._graphs: OrderedDict[tuple, object] = OrderedDict()
+        self._sources: dict[tuple, set] = {}      # graph -> torch.fx source cache keys
         self._locks: dict[tuple, threading.Lock] = {}
+        self.traces = 0                            # graphs built (a miss each)
         self._lock = threading.Lock()
         self.models = None      # NodeModels: user models by id (meshdl.node.model_store)
 
@@ -81,17 +120,37 @@ class GraphCache:
             if g is None:
                 t0 = time.perf_counter()
                 with _TRACING:
+                    before = set(_fx_sources()[0])
                     g = (self.models.trace(*key) if self._user(model) else
                          self._builder(*key, module=self._module(model))
                          if self._builder is build_traced else self._builder(*key))
+                    made = set(_fx_sources()[0]) - before
                 log.info("traced %s at %s in %.2f s", key[0], key[1], time.perf_counter() - t0)
+                dropped = []
                 with self._lock:
+                    self.traces += 1
                     self._graphs[key] = g
+                    self._sources[key] = made
                     while len(self._graphs) > self.max_graphs:
                         old, _ = self._graphs.popitem(last=False)
                         self._locks.pop(old, None)
+                        dropped.append(self._sources.pop(old, set()))
                         log.info("dropped the traced graph of %s at %s (cache full)", *old)
+                for keys in dropped:          # what the dropped graph left behind
+                    forget_sources(keys)
+                if dropped:     # a dropped graph is cyclic garbage: collect, then trim
+                    gc.collect()
+                    trim_heap()
             return g
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._graphs)
+
+    def sources(self) -> int:
+        """torch.fx source cache entries held for the graphs in this cache."""
+        with self._lock:
+            return sum(len(v) for v in self._sources.values())
 
     def _module(self, model: str):
         """The one built module of ``model`` (weights shared by all its shapes); at most
