@@ -15,6 +15,12 @@ Rules, per node with known session S (none if never seen):
 - NodeOffline(s): s >= S -> offline (its link measurements dropped), S = s;
                   s < S -> ignored.
 - NodeCleared:    the retained record was cleared: the node is forgotten.
+- NodeHeard:      the node answered (a heartbeat or a live birth) in this life: marked
+                  heard (a new session starts unheard again).
+- Bounded: at most ``MAX_MEMBERS`` records. A birth of a new node when full evicts
+  the oldest offline record, else the oldest never-heard one (a flood of fake
+  retained births cannot lock real nodes out); only a mesh full of heard members
+  refuses it (logged).
 - Telemetry:      only from an online node, and (when it carries a session) only
                   for the current one; updates load and the measured links.
 """
@@ -72,7 +78,14 @@ class NodeCleared:
     id: str
 
 
-Event = Union[NodeOnline, NodeOffline, Telemetry, NodeCleared]
+@dataclass(frozen=True)
+class NodeHeard:
+    """The node answered in its current life (heartbeat, live birth)."""
+
+    id: str
+
+
+Event = Union[NodeOnline, NodeOffline, Telemetry, NodeCleared, NodeHeard]
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class Member:
     online: bool
     caps: Mapping[str, Any] = field(default_factory=dict)
     load: float = 0.0
+    heard: bool = False
 
 
 @dataclass(frozen=True)
@@ -244,14 +258,25 @@ def apply(state: MeshState, event: Event) -> MeshState:
                       known.session)
             return state
         if known is None and len(state.members) >= MAX_MEMBERS:
-            log.warning("ignored birth of %s: the mesh already knows %d nodes (the cap)",
-                        sanitise(event.id), MAX_MEMBERS)
-            return state
+            victim = _eviction_victim(state)
+            if victim is None:
+                log.warning("ignored birth of %s: the mesh already knows %d nodes, all "
+                            "heard (the cap)", sanitise(event.id), MAX_MEMBERS)
+                return state
+            log.info("evicted %s (%s) to make room for %s (at most %d members)",
+                     sanitise(victim), "offline" if not state.members[victim].online
+                     else "never heard", sanitise(event.id), MAX_MEMBERS)
+            state = apply(state, NodeCleared(victim))
         new_life = known is None or event.session > known.session
         member = Member(event.id, event.session, True, _frozen(event.caps),
-                        0.0 if new_life else known.load)  # type: ignore[union-attr]
+                        0.0 if new_life else known.load,  # type: ignore[union-attr]
+                        heard=False if new_life else known.heard)  # type: ignore[union-attr]
         links = _drop_links_of(state.links, event.id) if new_life else state.links
         return MeshState({**state.members, event.id: member}, links)
+    if isinstance(event, NodeHeard):
+        if known is None or not known.online or known.heard:
+            return state
+        return MeshState({**state.members, event.id: replace(known, heard=True)}, state.links)
     if isinstance(event, NodeOffline):
         if known is not None and event.session < known.session:
             log.debug("stale offline of %s (session %d, known %d)", event.id, event.session,
@@ -277,6 +302,17 @@ def apply(state: MeshState, event: Event) -> MeshState:
         return MeshState({**state.members, event.id: replace(known, load=float(event.load))},
                          links)
     raise TypeError(f"not a mesh event: {event!r}")
+
+
+def _eviction_victim(state: MeshState) -> str | None:
+    """The oldest offline record, else the oldest never-heard online one, else None."""
+    unheard = None
+    for mid, m in state.members.items():          # insertion order: oldest first
+        if not m.online:
+            return mid
+        if unheard is None and not m.heard:
+            unheard = mid
+    return unheard
 
 
 def _opt(v: Any) -> float | None:

@@ -25,6 +25,7 @@ from meshdl.node.config import DuplicateNodeError, NodeConfig, NodeError  # noqa
 from meshdl.node.graphs import GraphCache
 from meshdl.node.leader import LeaderDuties
 from meshdl.node.liveness import HEARTBEAT, Liveness, LivenessParams
+from meshdl.mesh.state import NodeHeard
 from meshdl.node.membership import Membership
 from meshdl.node.planstore import IssuedPlan, PlanStore
 from meshdl.node.probe import Probe
@@ -103,7 +104,8 @@ class NodeAgent(_AgentJoin, _AgentLeader):
     def live_mesh(self) -> Mesh:
         """The online members that answer (stalled ones are left out) and their links."""
         mesh = self.membership.state.to_mesh(base=self.base, name=self.mesh_name)
-        stalled = self.liveness.stalled
+        with self._lock:
+            stalled = self.liveness.excluded(mesh.devices, self.node_id)
         if stalled and stalled & set(mesh.devices):
             mesh = mesh.subgraph([d for d in mesh.devices if d not in stalled])
         return mesh
@@ -267,6 +269,9 @@ class NodeAgent(_AgentJoin, _AgentLeader):
     def heard(self, node: str) -> None:
         with self._lock:
             self.liveness.heard(node, time.monotonic())
+        m = self.membership.state.members.get(node)
+        if m is not None and m.online and not m.heard:
+            self.membership.apply(NodeHeard(node))      # no longer an eviction candidate
 
     def _check_connection(self) -> None:
         """After a reconnect (the broker restarted and lost its retained records, or
@@ -313,7 +318,8 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         with self._lock:
             self.liveness.forget(online)
             stalled = self.liveness.stalled
-        live = {n: f for n, f in online.items() if n not in stalled}
+            out = self.liveness.excluded(online, self.node_id)
+        live = {n: f for n, f in online.items() if n not in out}
         self._elect_step(el.Members(live))
         if self._duties is not None:
             self._duties.mesh_changed()

@@ -7,7 +7,10 @@ every ``period`` seconds from its control thread (so a wedged control loop stops
 them too). Every node and client notes when it last heard each member (any
 message from it counts). A member online but unheard for ``stall_after`` seconds
 is *stalled*: it is out of the live mesh (plans, election members) until it is
-heard again. A process that was itself stopped cannot judge others: when its own
+heard again. A member never heard at all (only its retained birth, which anyone
+could have left there) is *unconfirmed* and out of the live mesh the same way, so a
+flood of fake retained births neither crowds the election nor keeps a silent mesh
+from being judged. A process that was itself stopped cannot judge others: when its own
 clock jumped (a gap of ``stall_after / 2`` between ticks), every member counts as
 just heard; and when at least two members and half of the others fall silent at
 once, the broker, the network or this host is the likelier culprit: nobody is
@@ -36,6 +39,7 @@ class Liveness:
         self._heard: dict[str, float] = {}
         self._last_tick: float | None = None
         self._stalled: frozenset[str] = frozenset()
+        self._unconfirmed: frozenset[str] = frozenset()
 
     def heard(self, node: str, now: float) -> None:
         self._heard[node] = now
@@ -51,19 +55,24 @@ class Liveness:
 
     def tick(self, now: float, online: Iterable[str], me: str | None = None
              ) -> tuple[frozenset[str], bool]:
-        """(stalled members, changed since the last tick). Members first seen now
-        start their clock now."""
+        """(stalled members, changed since the last tick: stalled or unconfirmed).
+        A member never heard (a retained birth, maybe forged, with no heartbeat behind
+        it) is *unconfirmed*: out of elections and plans until heard, and it never
+        counts towards "most of the mesh is silent"."""
         p = self.params
         if self._last_tick is not None and now - self._last_tick > p.stall_after / 2:
             for n in self._heard:               # we were stopped ourselves
                 self._heard[n] = now
         self._last_tick = now
-        stalled, others = set(), 0
+        stalled, unconfirmed, others = set(), set(), 0
         for n in online:
             if n == me:
                 continue
+            at = self._heard.get(n)
+            if at is None:
+                unconfirmed.add(n)
+                continue
             others += 1
-            at = self._heard.setdefault(n, now)
             if now - at > p.stall_after:
                 stalled.add(n)
         if len(stalled) >= 2 and 2 * len(stalled) >= others:
@@ -72,9 +81,21 @@ class Liveness:
             for n in stalled:
                 self._heard[n] = now
             stalled = set()
-        new = frozenset(stalled)
-        changed, self._stalled = new != self._stalled, new
+        new, unc = frozenset(stalled), frozenset(unconfirmed)
+        changed = new != self._stalled or unc != self._unconfirmed
+        self._stalled, self._unconfirmed = new, unc
         return new, changed
+
+    @property
+    def unconfirmed(self) -> frozenset[str]:
+        """Online members never heard (no heartbeat, no live birth) yet."""
+        return self._unconfirmed
+
+    def excluded(self, online: Iterable[str], me: str | None = None) -> frozenset[str]:
+        """Members of ``online`` out of elections and plans now: stalled, or never
+        heard (checked now, not at the last tick: a fake birth never counts)."""
+        return self._stalled | frozenset(n for n in online
+                                         if n != me and n not in self._heard)
 
     @property
     def stalled(self) -> frozenset[str]:
