@@ -52,7 +52,6 @@ class MeshClient(_JobAttempts):
                  **bus_options: Any) -> None:
         self.mesh = topics.validate_id(mesh, "mesh name")
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:10]}"
-        self._job_prefix = ""
         if bus is None and bundle is not None:      # secure mesh (meshdl.security)
             from meshdl.security.securebus import secure_paho
             bus = secure_paho(broker_url or "mqtts://127.0.0.1:8883", bundle, mesh=self.mesh,
@@ -64,7 +63,7 @@ class MeshClient(_JobAttempts):
             except BaseException:
                 bus.close(timeout=0.5)
                 raise
-            self.client_id, self._job_prefix = bus.me, bus.me + "~"
+            self.client_id = bus.me
             self._own_bus = True
         elif bus is None:
             from meshdl.security.securebus import warn_if_exposed
@@ -83,6 +82,15 @@ class MeshClient(_JobAttempts):
         else:
             data_bus = bus
             self._own_bus = False
+        try:    # job ids name their client ({client}~{id}): it must fit a topic level
+            topics.job_name(self.client_id, "0" * 20)
+        except WireError as exc:
+            if self._own_bus:
+                for b in {id(bus): bus, id(data_bus): data_bus}.values():
+                    b.close(timeout=0.5)
+            raise JobError(f"client id {self.client_id!r} cannot name jobs: {exc}; use an "
+                           f"id of at most {topics.MAX_ID_LEN - 21} characters without '~'"
+                           ) from exc
         self.bus = bus                  # control: states, leader, plans, requests, statuses
         self.data_bus = data_bus        # data: route inbox (acks), results, input pieces
         self._lock = threading.Lock()
@@ -116,11 +124,13 @@ class MeshClient(_JobAttempts):
         self.bus.subscribe(topics.leader(m), self._on_leader, qos=1)
         self.bus.subscribe(topics.election(m), self._on_election, qos=0)
         self.bus.subscribe(f"{topics.PREFIX}/+/leader", self._on_any_leader, qos=0)
-        self.bus.subscribe(topics.job_all(m, "status"), self._on_status, qos=1)
+        # only our own jobs' statuses and results (the ACL of a secure broker allows no more)
+        self.bus.subscribe(topics.job_all(m, "status", self.client_id), self._on_status, qos=1)
         ctl = f"{self.client_id}-ctl"
         self.bus.subscribe(topics.route_inbox(m, ctl), lambda t, p, r: self._probe_ctl.set(),
                            qos=1)
-        self.data_bus.subscribe(topics.job_all(m, "result"), self._on_result, qos=1)
+        self.data_bus.subscribe(topics.job_all(m, "result", self.client_id), self._on_result,
+                                qos=1)
         self.data_bus.subscribe(topics.route_inbox(m, self.client_id), self._on_inbox, qos=1)
         # subscriptions are made in order: once our probes come back, all are active
         probes = [(self.bus, topics.route_topic(m, [ctl], "probe", "probe"), self._probe_ctl),
@@ -308,6 +318,11 @@ class MeshClient(_JobAttempts):
             log.debug("ack of %s/%s not sent: %s", frame.job, frame.piece, exc)
 
     # ------------------------------------------------------------ API
+    def job_id(self, suffix: str) -> str:
+        """A job id of this client: ``{client}~{suffix}`` (job topics sit under the
+        client's id, see ``meshdl.wire.topics.job_name``)."""
+        return topics.job_name(self.client_id, suffix)
+
     def online(self) -> set[str]:
         with self._lock:
             return {n for n, on in self._online.items() if on}
@@ -341,7 +356,7 @@ class MeshClient(_JobAttempts):
                 imaging.load_image(x, preprocessing=imaging.preprocess_for(model))
         x = torch.as_tensor(x, dtype=torch.float32).contiguous()
         deadline = time.monotonic() + timeout
-        base = self._job_prefix + uuid.uuid4().hex[:12]
+        base = self.job_id(uuid.uuid4().hex[:12])
         errors: list[str] = []
         attempt = 0
         while attempt < max_attempts:

@@ -237,7 +237,7 @@ class _JobAttempts:
             if val:
                 opts[key] = val
         deadline = time.monotonic() + timeout
-        a = _Attempt(f"plan-{uuid.uuid4().hex[:12]}")
+        a = _Attempt(self.job_id(f"plan-{uuid.uuid4().hex[:10]}"))
         with self._lock:
             self._attempts[a.job] = a
         try:

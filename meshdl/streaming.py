@@ -147,7 +147,7 @@ def stream(client: Any, frames: Iterable[Any], model: str = "efficientnet_lite0"
     info = meshdl.models.info(model)
     labels = imaging.imagenet_labels() if info.num_classes == 1000 else None
     it = iter(frames)
-    base = uuid.uuid4().hex[:10]
+    base = client.job_id(uuid.uuid4().hex[:10])      # job ids name their client
     t_start = time.monotonic()
 
     book = _PlanBook(client, model, strategy, alpha, objective, timeout=frame_timeout,

@@ -58,7 +58,7 @@ def test_mesh_lifecycle_on_mosquitto(home4, mosquitto):
         for payload in junk:
             for t in (topics.node_state(MESH, "pi3"), topics.node_telemetry(MESH, "pi3"),
                       topics.election(MESH), topics.plan(MESH, "junk"),
-                      topics.job(MESH, "j1", "request"), probe_topic(MESH, "pi3"),
+                      topics.job(MESH, "c~j1", "request"), probe_topic(MESH, "pi3"),
                       f"meshdl/v1/{MESH}/bogus/x", f"meshdl/v1/{MESH}/node/pi3/state/extra"):
                 if payload or "state" not in t:        # an empty retained state = cleared
                     bus.publish(t, payload, qos=1)

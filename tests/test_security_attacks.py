@@ -25,8 +25,8 @@ from meshdl.security.identity import SecurityError
 from meshdl.transport.broker import mosquitto_binary
 from meshdl.transport.paho_bus import PahoBus
 from meshdl.wire import topics
-from meshdl.wire.control import (JobResult, JobStatus, LeaderInfo, NodeState, PlanMessage,
-                                 decode_control, encode_control)
+from meshdl.wire.control import (JobRequest, JobResult, JobStatus, LeaderInfo, NodeState,
+                                 PlanMessage, decode_control, encode_control)
 from proc_util import rss_kb
 
 pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
@@ -45,7 +45,7 @@ def secure(tmp_path_factory):
     mesh = load_topology("home-4")
     bundles = {dev: write_bundle(a.issue(dev, "device", mesh.devices[dev].profile),
                                  d / f"{dev}.bundle") for dev in sorted(mesh.devices)}
-    for c in ("watch", "alice"):
+    for c in ("watch", "alice", "bob"):
         write_bundle(a.issue(c, "client"), d / f"{c}.bundle")
     with SecureBroker(a) as br:
         with MeshUp("home-4", broker=br.url, mesh=MESH, model="tiny_cnn", log_dir=d / "logs",
@@ -152,16 +152,48 @@ def test_stolen_bundle_cannot_read_others_pieces_or_results(secure):
     assert not any(raw_input[:64] in p for _, p in got), "the input travelled in clear"
     routes = [t for t, _ in got if "/route/" in t]
     assert all(topics.parse_route(t)[1][0] == THIEF for t in routes), routes
-    results = [(t, p) for t, p in got if t.endswith("/result")]
-    assert results, "a result should have been visible (sealed) to a device"
-    cache = F.EntryCache(stolen.mesh_pub, MESH)
-    ring = F.KeyRing(MESH, THIEF, stolen.seal_key)
-    for t, p in results:
-        _, body = F.verify(cache, t, p)
-        assert F.is_sealed(body)
-        with pytest.raises(SecurityError, match="does not open"):
-            F.open_sealed(ring, cache, topics.parse(t).job, "result", body)
+    # job topics carry their client's id (job/{client}/...): the ACL gives a client's
+    # statuses and results to that client only, so a device reads none of them
+    theirs = [t for t, _ in got if "/job/" in t and not t.endswith("/request")]
+    assert not theirs, theirs
+    assert any(f"/job/{r.job.split('~')[0]}/" in t for t, _ in got)     # it saw the request
     thief.unsubscribe(f"meshdl/v1/{MESH}/#")
+
+
+def test_a_client_reads_only_its_own_jobs(secure):
+    """Two clients of one mesh: B sees none of A's statuses or results (nor can it ask
+    in A's name), and A's jobs stay exact while B watches and runs its own."""
+    from meshdl.client import MeshClient
+    br, d, alice, thief = secure["br"], secure["d"], secure["c"], secure["thief"]
+    bob_b = Bundle.load(d / "bob.bundle")
+    seen: list[str] = []
+    requests: list[str] = []
+    thief.subscribe(topics.job_all(MESH, "request"), lambda t, p, r: requests.append(t), qos=1)
+    with PahoBus(br.url, **bob_b.tls_files()) as spy:
+        spy.subscribe(f"meshdl/v1/{MESH}/job/#", lambda t, p, r: seen.append(t), qos=1)
+        try:        # mosquitto may refuse the subscription outright or deliver nothing
+            spy.subscribe(topics.job_all(MESH, "status", "alice"),
+                          lambda t, p, r: seen.append(t), qos=1)
+        except TransportError:
+            pass
+        forged = topics.job(MESH, "alice~forged-1", "request")    # in A's name: denied
+        spy.publish(forged, signed(bob_b, forged, JobRequest("alice~forged-1", "alice",
+                                                             "tiny_cnn")), qos=1)
+        with MeshClient(br.url, MESH, bundle=str(d / "bob.bundle")) as bob:
+            assert bob.client_id == "bob"
+            jobs = []
+            for seed in (21, 22):
+                jobs.append(exact_job(alice, seed)[1].job)
+                jobs.append(exact_job(bob, seed + 10)[1].job)
+            spy.flush()
+            wait_true(lambda: any("/job/bob/" in t and t.endswith("/result") for t in seen),
+                      "bob's own results reach his spy connection")
+    thief.unsubscribe(topics.job_all(MESH, "request"))
+    assert jobs[0].startswith("alice~") and jobs[1].startswith("bob~")
+    assert not [t for t in seen if "/job/alice/" in t], seen       # nothing of A's
+    assert {topics.parse(t).client for t in seen} == {"bob"}
+    assert not [t for t in requests if "forged" in t], "a request in A's name got through"
+    assert any("/job/alice/" in t for t in requests) and any("/job/bob/" in t for t in requests)
 
 
 def test_stolen_bundle_cannot_impersonate_other_nodes(secure):
@@ -316,7 +348,7 @@ def test_stolen_bundle_cannot_take_leadership(secure):
 def test_unsigned_frames_are_rejected_everywhere(secure):
     thief, up, c = secure["thief"], secure["up"], secure["c"]
     for t in (topics.node_state(MESH, THIEF), topics.election(MESH), topics.leader(MESH),
-              topics.plan(MESH, "x"), topics.job(MESH, "j", "status")):
+              topics.plan(MESH, "x"), topics.job(MESH, "x~j", "status")):
         thief.publish(t, msgpack.packb({"v": 1, "type": "leader", "node": THIEF, "term": 9}),
                       qos=1)
     wait_log(up, "unsigned control message on a secure mesh")
@@ -329,8 +361,8 @@ def fuzz(secure, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     writable = [topics.node_state(MESH, THIEF), topics.node_telemetry(MESH, THIEF),
                 topics.node_probe(MESH, "nano"), topics.election(MESH), topics.leader(MESH),
-                topics.plan(MESH, "fz"), topics.job(MESH, "fz", "status"),
-                topics.job(MESH, "fz", "result"), topics.job(MESH, "fz", "request"),
+                topics.plan(MESH, "fz"), topics.job(MESH, "fz~fz", "status"),
+                topics.job(MESH, "fz~fz", "result"), topics.job(MESH, "fz~fz", "request"),
                 topics.route_topic(MESH, ["nano"], "fz", "p"),
                 topics.route_topic(MESH, ["pi4-a", "nano", "pi4-a"], "fz", "p"),
                 topics.route_topic(MESH, ["nano", "ghost"], "fz", "p")]

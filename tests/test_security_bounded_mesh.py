@@ -106,8 +106,8 @@ def test_malformed_births_are_dropped_and_cleared(mesh):
 
 def test_huge_inputs_and_floods_are_bounded(mesh):
     up, client, bad = mesh
-    bad.publish(topics.job(MESH, "huge", "request"),
-                raw("job_request", job="huge", client="x", model="tiny_cnn",
+    bad.publish(topics.job(MESH, "x~huge", "request"),
+                raw("job_request", job="x~huge", client="x", model="tiny_cnn",
                     options={"input_shape": [1, 3, 4096, 4096]}), qos=1)
     links = {f"ghost{i}": {"rtt_s": 0.01, "bps": 1e6} for i in range(2000)}
     bad.publish(topics.node_telemetry(MESH, up.devices[0]),
@@ -121,8 +121,8 @@ def test_huge_inputs_and_floods_are_bounded(mesh):
 def test_a_request_flood_is_rate_limited(mesh):
     up, client, bad = mesh
     for i in range(300):
-        bad.publish(topics.job(MESH, f"flood{i}", "request"),
-                    raw("job_request", job=f"flood{i}", client="flooder", model="tiny_cnn"),
+        bad.publish(topics.job(MESH, f"flooder~{i}", "request"),
+                    raw("job_request", job=f"flooder~{i}", client="flooder", model="tiny_cnn"),
                     qos=0)
     wait_log(up, "over the job request rate limit")
     exact_job(client, 6)
@@ -154,8 +154,8 @@ def test_fuzzing_every_topic_without_crypto(mesh):
     node = up.devices[0]
     where = [topics.node_state(MESH, "fz"), topics.node_telemetry(MESH, node),
              topics.node_probe(MESH, node), topics.election(MESH), topics.leader(MESH),
-             topics.plan(MESH, "fz"), topics.job(MESH, "fz", "request"),
-             topics.job(MESH, "fz", "status"), topics.job(MESH, "fz", "result"),
+             topics.plan(MESH, "fz"), topics.job(MESH, "fz~fz", "request"),
+             topics.job(MESH, "fz~fz", "status"), topics.job(MESH, "fz~fz", "result"),
              topics.route_topic(MESH, [node], "fz", "fz.in"),
              topics.route_topic(MESH, [node, "ghost"], "fz", "fz.in"),
              f"meshdl/v1/{MESH}/node/evil\u2028FORGED/state"]   # (mosquitto refuses \n)

@@ -66,11 +66,12 @@ def test_acl_is_least_privilege(auth):
     p = "meshdl/v1/sec"
     assert "readwrite meshdl/v1/#" not in text and "allow_anonymous" not in text
     assert f"pattern readwrite {p}/route/%u/#" in text
+    assert f"pattern read {p}/job/%u/+/status" in text and f"{p}/job/+/status" not in text
     d1 = text.split("user d1\n")[1].split("\n\n")[0]
     c1 = text.split("user c1\n")[1].split("\n\n")[0]
     assert f"topic write {p}/node/d1/state" in d1 and "node/d2" not in d1
     assert f"topic write {p}/leader" in d1 and f"topic write {p}/plan/+" in d1
-    assert c1.strip().splitlines() == [f"topic write {p}/job/+/request",
+    assert c1.strip().splitlines() == [f"topic write {p}/job/c1/+/request",
                                        f"topic readwrite {p}/route/c1-ctl/#"]
 
 

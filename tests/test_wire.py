@@ -21,7 +21,8 @@ def test_topic_builders_and_parse_roundtrip():
         topics.election("m"): dict(kind="election"),
         topics.leader("m"): dict(kind="leader"),
         topics.plan("m", "p-7"): dict(kind="plan", plan_id="p-7"),
-        topics.job("m", "j1", "result"): dict(kind="job", job="j1", job_kind="result"),
+        topics.job("m", "c1~j1", "result"): dict(kind="job", job="c1~j1", job_kind="result",
+                                                 client="c1"),
         topics.route_topic("m", ["a", "b", "c"], "j1", "s1.t0>s2.t1"):
             dict(kind="route", hops=("a", "b", "c"), job="j1", piece="s1.t0>s2.t1"),
     }
@@ -35,6 +36,26 @@ def test_topic_builders_and_parse_roundtrip():
     assert topics.route_topic("m", ["b"], "j", "p") == "meshdl/v1/m/route/b/j/p"
 
 
+def test_job_topics_have_a_client_level():
+    j = topics.job_name("cam-client", "ab12-1")
+    assert j == "cam-client~ab12-1" and topics.job_owner(j) == "cam-client"
+    assert topics.job("m", j, "status") == "meshdl/v1/m/job/cam-client/cam-client~ab12-1/status"
+    assert topics.job_all("m", "result", client="cam-client") == \
+        "meshdl/v1/m/job/cam-client/+/result"
+    assert topics.job_all("m", "request") == "meshdl/v1/m/job/+/+/request"
+    assert topics.topic_matches(topics.job_all("m", "status", "cam-client"),
+                                topics.job("m", j, "status"))
+    assert not topics.topic_matches(topics.job_all("m", "status", "other"),
+                                    topics.job("m", j, "status"))
+    for bad in ("j1", "~x", "c~", "a/b~c"):
+        with pytest.raises(WireError):
+            topics.job("m", bad, "status")
+    with pytest.raises(WireError, match="contains '~'"):
+        topics.job_name("a~b", "x")
+    with pytest.raises(WireError, match="not the client its id names"):
+        topics.parse("meshdl/v1/m/job/eve/alice~x/status")
+
+
 @pytest.mark.parametrize("bad", ["", "a/b", "a+", "#", "x\x00", "x" * 65, 7, None])
 def test_ids_are_validated(bad):
     with pytest.raises(WireError):
@@ -46,6 +67,7 @@ def test_ids_are_validated(bad):
 @pytest.mark.parametrize("topic", [
     "other/v1/m/leader", "meshdl/v1/m", "meshdl/v1/m/node/x", "meshdl/v1/m/node/x/bogus",
     "meshdl/v1/m/job/j/cancel", "meshdl/v1/m/route/j/p", "meshdl/v1//leader",
+    "meshdl/v1/m/job/c~j/status", "meshdl/v1/m/job/c/j/status", "meshdl/v1/m/job/c/c~j/x",
     "meshdl/v1/m/plan/a/b", "meshdl/v1/m/leader/x",
 ])
 def test_parse_rejects(topic):

@@ -356,8 +356,15 @@ class NodeAgent(_AgentJoin, _AgentLeader):
                 self._job_clients.pop(next(iter(self._job_clients)))
 
     def job_client(self, job: str) -> str | None:
+        """The client of ``job``: the one its request named, else the one its id names."""
         with self._lock:
-            return self._job_clients.get(job)
+            client = self._job_clients.get(job)
+        if client is None:
+            try:
+                client = topics.job_owner(job)
+            except WireError:
+                return None
+        return client
 
     # ------------------------------------------------------------ telemetry
     def _probe_round(self) -> None:

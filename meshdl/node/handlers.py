@@ -106,11 +106,10 @@ def on_job(agent, topic: str, payload: Any, retained: bool) -> None:
     p = _parse(agent, topic, "job")
     job = decode_control(payload, JobRequest)
     if job.job != p.job:
-        raise WireError(f"job {job.job!r} requested on job/{p.job}")
-    try:                                        # a sink sends a big answer to it
-        agent.note_client(job.job, topics.validate_id(job.client, "client id"))
-    except WireError:
-        pass
+        raise WireError(f"job {job.job!r} requested on job/{p.client}/{p.job}")
+    if job.client != p.client:
+        raise WireError(f"request of client {job.client!r} on client {p.client!r}'s topic")
+    agent.note_client(job.job, p.client)        # a sink sends a big answer to it
     if not agent.is_leader and agent.leader is not None:
         return                                  # the leader answers it
     limiter = getattr(agent, "job_limiter", None)

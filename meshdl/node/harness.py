@@ -61,7 +61,13 @@ class HarnessContext:
 
     def job_client(self, job: str) -> str | None:
         with self._book.lock:
-            return self._book.clients.get(job)
+            client = self._book.clients.get(job)
+        if client is None:
+            try:
+                client = topics.job_owner(job)
+            except MeshdlError:
+                return None
+        return client
 
 
 def finish_plan(plan: Plan, g: Any, mesh: Any, term: int | None = None) -> Plan:

@@ -5,12 +5,15 @@ mosquitto takes each client certificate's CN as the username
 hold for every identity; ``user`` blocks give devices and clients their roles:
 
 - everyone: read/write its own route inbox (``route/%u/#``), send pieces on
-  ``route/#``, read node states and telemetry, the leader record, plans, job
-  statuses/results (results are sealed to their client);
+  ``route/#``, read node states and telemetry, the leader record, plans, and the
+  statuses and results of its OWN jobs only (``job/%u/+/status``, ``.../result``: job
+  topics carry the client's id as a level, see ``meshdl.wire.topics``);
 - a device: writes only its own node topics (state, telemetry), pings peers'
-  probe topics, campaigns, leader and plan records, statuses and results of jobs;
-  reads the node topics, job requests and client key records;
-- a client: writes only job requests and its own key record (``client/%u/key``).
+  probe topics, campaigns, leader and plan records, statuses and results of jobs
+  (``job/+/+/status``, ``.../result``); reads the node topics, every job request and
+  client key records;
+- a client: writes only its own job requests (``job/{id}/+/request``) and its own key
+  record (``client/%u/key``).
 
 Election, leader and plan topics are writable by devices only. Anything not
 listed is denied (mosquitto's ACL default).
@@ -43,8 +46,8 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
            f"pattern read {p}/leader",
            f"pattern read {p}/election",
            f"pattern read {p}/plan/+",
-           f"pattern read {p}/job/+/status",
-           f"pattern read {p}/job/+/result",
+           f"pattern read {p}/job/%u/+/status",
+           f"pattern read {p}/job/%u/+/result",
            f"pattern readwrite {p}/client/%u/key",
            # user models (issue 13): offers, chunk requests and chunks; payloads are
            # signed, manifests and tensors checked against their content hashes
@@ -60,12 +63,12 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
                     f"topic readwrite {p}/election",
                     f"topic write {p}/leader",
                     f"topic write {p}/plan/+",
-                    f"topic read {p}/job/+/request",
-                    f"topic write {p}/job/+/status",
-                    f"topic write {p}/job/+/result",
+                    f"topic read {p}/job/+/+/request",
+                    f"topic write {p}/job/+/+/status",
+                    f"topic write {p}/job/+/+/result",
                     f"topic read {p}/client/+/key"]
         elif role == "client":
-            out += [f"topic write {p}/job/+/request",
+            out += [f"topic write {p}/job/{ident}/+/request",
                     f"topic readwrite {p}/route/{ident}-ctl/#"]   # control-connection probe
         else:
             raise ValueError(f"roster entry {ident!r} has unknown role {role!r}")

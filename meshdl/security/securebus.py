@@ -30,7 +30,7 @@ from meshdl.wire import topics
 
 log = logging.getLogger(__name__)
 
-JOB_OWNER_SEP = "~"          # secure clients name jobs "{client}~{random}"
+JOB_OWNER_SEP = topics.JOB_SEP   # every client names its jobs "{client}~{random}"
 
 
 class SecureBus:

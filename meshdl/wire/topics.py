@@ -6,7 +6,7 @@ meshdl/v1/{mesh}/node/{id}/telemetry    periodic load and link quality
 meshdl/v1/{mesh}/election               campaign messages
 meshdl/v1/{mesh}/leader                 retained leader id + term
 meshdl/v1/{mesh}/plan/{plan_id}         retained plan
-meshdl/v1/{mesh}/job/{job}/{request|status|result}
+meshdl/v1/{mesh}/job/{client}/{job}/{request|status|result}   job = "{client}~{id}"
 meshdl/v1/{mesh}/route/{hop1}/.../{dst}/{job}/{piece}   tensor pieces (and their acks)
 meshdl/v1/{mesh}/model/{id}/manifest    retained user-model offer (graph, tensor table)
 meshdl/v1/{mesh}/model/{id}/want        chunk requests (selective acks) for its tensors
@@ -16,6 +16,13 @@ meshdl/v1/{mesh}/model/{id}/data/{node} tensor chunks for the node that asked
 Builders validate every id (no ``/``, ``+``, ``#``, NUL, not empty, bounded length)
 and raise :class:`~meshdl.errors.WireError`. Parsers are the exact inverse.
 Everything here is pure.
+
+Job topics have a client level (issue 12): every job id names the client that asked
+for it (``{client}~{id}``, ``job_name``), and its topics sit under that client
+(``job/{client}/{job}/...``), so a broker ACL can let each client read only its own
+statuses and results (mosquitto: ``pattern read .../job/%u/+/status``) and write only
+its own requests. ``job()`` takes the client level from the job id; ``parse()``
+refuses a job topic whose level and id disagree.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ PREFIX = "meshdl/v1"
 MAX_ID_LEN = 64
 MAX_HOPS = 32
 JOB_KINDS = ("request", "status", "result")
+JOB_SEP = "~"           # job ids are "{client}~{id}"
 _FORBIDDEN = ("/", "+", "#", "\x00")
 
 
@@ -80,10 +88,30 @@ def plan(mesh: str, plan_id: str) -> str:
     return f"{_base(mesh)}/plan/{validate_id(plan_id, 'plan id')}"
 
 
+def job_name(client: str, suffix: str) -> str:
+    """The id of a job of ``client``: ``{client}~{suffix}`` (a legal topic level)."""
+    validate_id(client, "client id")
+    if JOB_SEP in client:
+        raise WireError(f"client id {client!r} contains {JOB_SEP!r}, which separates a job "
+                        "id's client from the rest; choose another client id")
+    return validate_id(f"{client}{JOB_SEP}{suffix}", "job id")
+
+
+def job_owner(job_id: str) -> str:
+    """The client named by a job id (``{client}~{id}``); WireError if it names none."""
+    validate_id(job_id, "job id")
+    owner, sep, rest = job_id.partition(JOB_SEP)
+    if not sep or not owner or not rest:
+        raise WireError(f"job id {job_id!r} does not name its client: job ids are "
+                        f"'{{client}}{JOB_SEP}{{id}}' (meshdl.wire.topics.job_name)")
+    return owner
+
+
 def job(mesh: str, job_id: str, kind: str) -> str:
+    """``job/{client}/{job}/{kind}``; the client level is the one the job id names."""
     if kind not in JOB_KINDS:
         raise WireError(f"job topic kind must be one of {JOB_KINDS}, got {kind!r}")
-    return f"{_base(mesh)}/job/{validate_id(job_id, 'job id')}/{kind}"
+    return f"{_base(mesh)}/job/{job_owner(job_id)}/{job_id}/{kind}"
 
 
 def route_topic(mesh: str, hops: Sequence[str], job_id: str, piece: str) -> str:
@@ -117,10 +145,12 @@ def plan_all(mesh: str) -> str:
     return f"{_base(mesh)}/plan/+"
 
 
-def job_all(mesh: str, kind: str = "+") -> str:
+def job_all(mesh: str, kind: str = "+", client: str = "+") -> str:
+    """Every job topic of ``kind``: of every client, or of one (``client``)."""
     if kind != "+" and kind not in JOB_KINDS:
         raise WireError(f"job topic kind must be one of {JOB_KINDS} or '+', got {kind!r}")
-    return f"{_base(mesh)}/job/+/{kind}"
+    level = client if client == "+" else validate_id(client, "client id")
+    return f"{_base(mesh)}/job/{level}/+/{kind}"
 
 
 def route_inbox(mesh: str, node: str) -> str:
@@ -164,6 +194,7 @@ class ParsedTopic:
     job_kind: str | None = None
     hops: tuple[str, ...] = ()
     piece: str | None = None
+    client: str | None = None      # job topics: the client level
 
 
 def _levels(topic: str) -> list[str]:
@@ -188,8 +219,12 @@ def parse(topic: str) -> ParsedTopic:
         return ParsedTopic(kind, mesh)
     if kind == "plan" and len(rest) == 1:
         return ParsedTopic("plan", mesh, plan_id=validate_id(rest[0], "plan id"))
-    if kind == "job" and len(rest) == 2 and rest[1] in JOB_KINDS:
-        return ParsedTopic("job", mesh, job=validate_id(rest[0], "job id"), job_kind=rest[1])
+    if kind == "job" and len(rest) == 3 and rest[2] in JOB_KINDS:
+        client = validate_id(rest[0], "client id")
+        if job_owner(rest[1]) != client:
+            raise WireError(f"job {rest[1]!r} published under client {client!r}, not the "
+                            "client its id names")
+        return ParsedTopic("job", mesh, job=rest[1], job_kind=rest[2], client=client)
     if kind == "model" and len(rest) >= 2 and rest[1] in ("manifest", "want", "data"):
         # user-model delivery (issue 13): job = the model id, job_kind = the message kind,
         # node = the requester a data topic is for
