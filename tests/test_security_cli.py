@@ -73,3 +73,45 @@ def test_mesh_up_secure_and_status(tmp_path):
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(60)
+
+
+@pytest.mark.slow
+def test_sigkill_of_mesh_up_secure_leaves_no_broker_and_no_temp_dir(tmp_path):
+    """`meshdl broker` started by `mesh up --secure` goes with it, even on SIGKILL:
+    no mosquitto (or node) process tagged with this test survives, and no meshdl-*
+    temp dir (broker run dir, TLS files) is left in its TMPDIR."""
+    import uuid
+    from proc_util import TAG_VAR, cmdline, kill_tagged, tagged, wait_gone
+    tag = uuid.uuid4().hex
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), TMPDIR=str(tmp),
+               **{TAG_VAR: tag})
+    p = subprocess.Popen([sys.executable, "-m", "meshdl.cli", "mesh", "up", "home-4",
+                          "--secure", "--mesh", "sk", "--model", "tiny_cnn",
+                          "--no-dataplane"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env, start_new_session=True)
+    try:
+        end = time.monotonic() + 180
+        up, out = False, []
+        while time.monotonic() < end and not up:
+            line = p.stdout.readline()
+            out.append(line)
+            up = "mesh is up" in line
+            assert line or p.poll() is None, "mesh up --secure exited: " + "".join(out)
+        assert up, "mesh up --secure never came up: " + "".join(out)
+        procs = {q: cmdline(q) for q in tagged(tag)}
+        assert any("mosquitto" in c for c in procs.values()), procs
+        assert [d.name for d in tmp.iterdir() if d.name.startswith("meshdl-")]
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(10) == -signal.SIGKILL
+        survivors = wait_gone(tag, 20)
+        assert survivors == [], [cmdline(q) for q in survivors]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                d.name.startswith("meshdl-") for d in tmp.iterdir()):
+            time.sleep(0.1)
+        assert sorted(d.name for d in tmp.iterdir() if d.name.startswith("meshdl-")) == []
+    finally:
+        kill_tagged(tag)

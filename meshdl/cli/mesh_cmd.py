@@ -82,12 +82,14 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
         mesh_obj = load_topology(topology)
         local = prepare(mesh_name, {d: mesh_obj.devices[d].profile for d in mesh_obj.devices},
                         authority_dir)
-        secure_broker = SecureBroker(local.authority).start()
-        broker = secure_broker.url
         from meshdl.node.reaper import Reaper
         secure_reaper = Reaper().start()        # gone with us even on SIGKILL
-        secure_reaper.add_process(secure_broker.proc.pid, group=True)
-        secure_reaper.add_dir(secure_broker.dir)
+        try:
+            secure_broker = SecureBroker(local.authority, reaper=secure_reaper).start()
+        except BaseException:
+            secure_reaper.close()
+            raise
+        broker = secure_broker.url
     launcher = MeshUp(topology, broker=broker, mesh=mesh_name,
                       models=model_list,
                       backend=backend, log_dir=log_dir, dataplane=not no_dataplane,

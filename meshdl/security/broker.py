@@ -18,11 +18,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from meshdl.errors import TransportError
 from meshdl.security.acl import acl_text
 from meshdl.security.authority import Authority, write_private
-from meshdl.transport.broker import free_port, mosquitto_binary, port_open
+from meshdl.transport.broker import _traversable, free_port, mosquitto_binary, port_open
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,12 @@ def _server_names(bind: str) -> tuple[str, ...]:
 
 
 class SecureBroker:
-    def __init__(self, authority: Authority, bind: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, authority: Authority, bind: str = "127.0.0.1", port: int = 0,
+                 reaper: Any = None) -> None:
+        """``reaper``: a ``node.reaper.Reaper``; the run dir and mosquitto are handed to
+        it as soon as they exist, so they go even if this process is SIGKILLed."""
         self.authority = authority
+        self._reaper = reaper
         self.bind = bind
         self.port = port or free_port(bind if bind not in ("0.0.0.0", "::") else "127.0.0.1")
         self.proc: subprocess.Popen | None = None
@@ -110,6 +115,8 @@ class SecureBroker:
         d = Path(tempfile.mkdtemp(prefix="meshdl-broker-"))
         os.chmod(d, 0o700)
         self.dir = d
+        if self._reaper is not None:
+            self._reaper.add_dir(d)
         a = self.authority
         cert, key = a.server_cert(_server_names(self.bind))
         write_private(d / "ca.crt", (a.dir / "ca.crt").read_bytes())
@@ -117,6 +124,10 @@ class SecureBroker:
         write_private(d / "server.key", key)
         self.write_acl()
         user = self._user()
+        if user and user != "root" and not _traversable(d, pwd.getpwnam(user).pw_uid):
+            log.info("mosquitto keeps root rights: its run dir %s sits under a directory "
+                     "the %s user cannot enter", d, user)
+            user = "root"
         write_private(d / "mosquitto.conf", secure_config(d, self.bind, self.port, user))
         if user and user != "root":
             pw = pwd.getpwnam(user)
@@ -128,6 +139,8 @@ class SecureBroker:
         self.proc = subprocess.Popen([binary, "-c", str(d / "mosquitto.conf")],
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        if self._reaper is not None:
+            self._reaper.add_process(self.proc.pid, group=True)
         end = time.monotonic() + timeout
         probe = "127.0.0.1" if self.bind in ("0.0.0.0", "::") else self.bind
         while time.monotonic() < end:
@@ -152,6 +165,8 @@ class SecureBroker:
         return (self.dir / "broker.log").read_text(errors="replace") if self.dir else ""
 
     def stop(self) -> None:
+        if self.proc is not None and self._reaper is not None:
+            self._reaper.forget(self.proc.pid)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -299,8 +299,15 @@ def secure_paho(url: str, bundle_path: str, *, mesh: str | None = None,
     options.pop("username", None)
     options.pop("password", None)
     options.pop("tls_ca", None)
-    inner = PahoBus(url, client_id=client_id, will=signer.sign(will), **b.tls_files(),
-                    **options)
+    files = b.tls_files()
+    try:
+        inner = PahoBus(url, client_id=client_id, will=signer.sign(will), **files, **options)
+    finally:
+        # paho read them into its SSL context on connect (reconnects reuse it): remove
+        # the key now, so no copy outlives this process even if it is SIGKILLed
+        import shutil
+        from pathlib import Path
+        shutil.rmtree(Path(files["tls_key"]).parent, ignore_errors=True)
     return SecureBus(inner, b, share)
 
 
