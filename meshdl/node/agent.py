@@ -90,6 +90,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         self._last_view: tuple | None = None
         self._view_at = 0.0
         self._tele_at = 0.0
+        self._tele_soon = threading.Event()     # a measured link stepped: publish now
         self._connects = 0             # bus.connects at the last (re-)announcement
         self._reassert_at: float | None = None   # leader: re-publish its record then
         self._early_jobs: list[tuple[float, JobRequest]] = []   # asked while leaderless
@@ -177,10 +178,16 @@ class NodeAgent(_AgentJoin, _AgentLeader):
                  "emulated" if self.emulate else "measured")
         shaped = cfg.shaped_links          # mesh up --netns: measure the shaped access link
         if not self.emulate or shaped:
+            from meshdl.node.linkestimate import interface_bytes
             self._prober = Prober(self.bus, m, self.node_id, self.session,
-                                  access_latency(self.base, self.node_id) if shaped else None)
-            self._probe_loop = Periodic(cfg.timing.telemetry_period, self._probe_round,
-                                        f"probe-{self.node_id}")
+                                  access_latency(self.base, self.node_id) if shaped else None,
+                                  threshold=cfg.link_threshold,
+                                  traffic=interface_bytes if shaped else None,
+                                  on_step=self._tele_soon.set)
+            # a probe round a period; a sample beyond an estimate is confirmed sooner
+            self._probe_loop = Periodic(
+                lambda: self._prober.next_wait(cfg.timing.telemetry_period),
+                self._probe_round, f"probe-{self.node_id}")
             self._probe_loop.start()
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"control-{self.node_id}")
@@ -381,6 +388,9 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         t = self.config.timing
         view = self.view()
         due = now - self._tele_at >= t.telemetry_period
+        if self._tele_soon.is_set():
+            self._tele_soon.clear()
+            due = True
         if not due and not (view != self._last_view and now - self._view_at >= t.view_min_gap):
             return
         self._last_view, self._view_at, self._tele_at = view, now, now

@@ -69,7 +69,9 @@ class NodeConfig:
     time_scale: float = 1.0             # emulation: devices and links K times slower
     shaped_links: bool = False          # the kernel shapes links (mesh up --netns):
                                         # emulate link latency only, measure telemetry
-    link_confirm_periods: int = 2       # a link change must persist this many periods
+    link_confirm_periods: int = 1       # the leader waits this many periods - 1 more
+                                        # (nodes publish a link step only once two probes
+                                        # in a row saw it: node/linkestimate.py)
     max_graphs: int = 16                # traced graphs (model, input shape) kept (LRU)
     held_bytes: int = 256 << 20         # acked pieces held before use: the node's credit
     timing: Timing = field(default_factory=Timing)

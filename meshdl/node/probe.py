@@ -137,15 +137,25 @@ class Prober:
     """Measures RTT/throughput to peers with ping/pong probes over the broker."""
 
     def __init__(self, bus, mesh: str, me: str, session: int,
-                 access_latency_s: float | None = None) -> None:
+                 access_latency_s: float | None = None, *, threshold: float = 0.5,
+                 traffic=None, on_step=None) -> None:
         """``access_latency_s`` set: measure this node's access link to the broker
-        (shaped links) instead of peers; the value is the latency the node itself adds."""
+        (shaped links) instead of peers; the value is the latency the node itself adds.
+        Figures are step-detecting estimates (``node/linkestimate.py``, issue 11 d11):
+        ``threshold`` the relative step they detect, ``traffic()`` bytes (received,
+        sent) on this node's interfaces (a probe that saw other traffic is *loaded*),
+        ``on_step()`` called after a confirmed step (publish telemetry now)."""
+        from meshdl.node.linkestimate import EstimatorParams
         self._bus, self._mesh, self._me, self._session = bus, mesh, me, session
         self._access = access_latency_s
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[threading.Event, list[float]]] = {}
         self._results: dict[str, dict[str, float]] = {}
-        self._samples: dict[str, list[dict[str, float]]] = {}
+        self._est: dict[str, dict] = {}          # peer -> figure -> linkestimate.Estimate
+        self._samples: dict[str, list[dict[str, float]]] = {}   # raw figures, last SAMPLES
+        self._params = {"throughput_bps": EstimatorParams(threshold, window=SAMPLES),
+                        "rtt_s": EstimatorParams(threshold, window=SAMPLES, floor=0.002)}
+        self._traffic, self._on_step = traffic, on_step
         self._cursor = 0
 
     def on_pong(self, p: Probe) -> None:
@@ -173,22 +183,50 @@ class Prober:
                 self._waiting.pop(nonce, None)
 
     def measure(self, peer: str) -> dict[str, float] | None:
-        """Probe ``peer`` (``@broker``: this node's own access link); the median of the
-        last SAMPLES figures is kept as its result."""
+        """Probe ``peer`` (``@broker``: this node's own access link); the figures feed
+        the peer's step-detecting estimates, which are its result."""
+        from meshdl.node import linkestimate as le
         target = self._me if peer == BROKER else peer
         with self._lock:
-            last = self._results.get(peer)
-        base_pad, extra_pad = probe_pads(last["throughput_bps"] if last else None)
-        small = self._ping(target, SMALL_PAD)
+            est = self._est.get(peer, {}).get("throughput_bps")
+        # paddings from the estimate (stable while it is), or from a pending low
+        # sample (a link that just slowed answers the confirming probe quickly)
+        rate = None if est is None or est.value is None else min((est.value,) + est.pending)
+        low = est is not None and bool(est.pending) and min(est.pending) < est.value
+        base_pad, extra_pad = probe_pads(rate)
+        before = self._traffic() if self._traffic is not None else None
+        t0 = time.perf_counter()
+        small = self._ping(target, SMALL_PAD, PROBE_TIMEOUT / 2 if low else PROBE_TIMEOUT)
+        # ten times a padding's expected time on the estimate already is a step
+        slow = (lambda pad: BIG_TIMEOUT if not rate
+                else min(BIG_TIMEOUT, max(0.5, 10 * 2 * pad * 8 / rate)))
+        base = big = None
+        if small is not None:
+            base = self._ping(target, base_pad, slow(base_pad))
+            if base is not None:
+                big = self._ping(target, base_pad + extra_pad, slow(base_pad + extra_pad))
+        elapsed = time.perf_counter() - t0
+        after = self._traffic() if before is not None else None
+        moved = None if before is None or after is None else \
+            (after[0] - before[0], after[1] - before[1])
         if small is None:
-            return None
-        base = self._ping(target, base_pad, BIG_TIMEOUT)
-        if base is None:          # slower than the timeout allows: report that bound
-            fig = probe_figures(small, small + BIG_TIMEOUT, base_pad - SMALL_PAD)
+            if moved is None:
+                return None
+            # even the empty ping queued past its timeout (behind data, or behind the
+            # padding of a probe that timed out): the busy link carried at least this
+            fig = {"rtt_s": elapsed, "throughput_bps": le.passive_series_bps(*moved, elapsed)}
+            loaded = True
         else:
-            big = self._ping(target, base_pad + extra_pad, BIG_TIMEOUT)
-            fig = probe_figures(base, base + BIG_TIMEOUT if big is None else big, extra_pad)
-            fig["rtt_s"] = small
+            if base is None:          # slower than the timeout allows: report that bound
+                fig = probe_figures(small, elapsed, base_pad - SMALL_PAD)
+            else:
+                fig = probe_figures(base, elapsed if big is None else big, extra_pad)
+                fig["rtt_s"] = small
+            sent = (4 if peer == BROKER else 2) * (SMALL_PAD + 2 * base_pad + extra_pad)
+            loaded = le.probe_loaded(None if moved is None else sum(moved), sent)
+            if loaded:                # queued behind data: at least what the link carried
+                fig["throughput_bps"] = max(fig["throughput_bps"],
+                                            le.passive_series_bps(*moved, elapsed))
         if peer == BROKER:
             # the latency is the node's own (netem is absent; a veth adds ~0); a small
             # ping queued behind data on the shaped link would overstate it badly
@@ -197,8 +235,22 @@ class Prober:
             samples = self._samples.setdefault(peer, [])
             samples.append(fig)
             del samples[:-SAMPLES]
-            self._results[peer] = median_figures(samples)
-            return dict(self._results[peer])
+            ests = self._est.setdefault(peer, {})
+            stepped = False
+            for key, val in fig.items():
+                old = ests.get(key, le.Estimate())
+                ests[key] = le.update(old, val, self._params[key], loaded)
+                stepped |= ests[key].steps != old.steps
+            self._results[peer] = {k: e.value for k, e in ests.items() if e.value is not None}
+            result = dict(self._results[peer])
+        log.debug("probe %s: %.4g Mbit/s%s -> %s", peer, fig["throughput_bps"] / 1e6,
+                  " (loaded)" if loaded else "", result)
+        if stepped:
+            log.info("link %s of %s: step to %.4g Mbit/s", peer, self._me,
+                     result.get("throughput_bps", 0.0) / 1e6)
+            if self._on_step is not None:
+                self._on_step()
+        return result
 
     def round(self, peers: list[str], count: int) -> None:
         """Probe ``count`` peers (round robin); forget peers that left. Measuring the
@@ -213,6 +265,7 @@ class Prober:
         peers = sorted(p for p in peers if p != self._me)
         with self._lock:
             self._results = {p: f for p, f in self._results.items() if p in peers}
+            self._est = {p: f for p, f in self._est.items() if p in peers}
             self._samples = {p: f for p, f in self._samples.items() if p in peers}
         if not peers:
             return
@@ -224,6 +277,14 @@ class Prober:
             except Exception as exc:  # a dead bus must not kill the probe thread
                 log.debug("probe to %s failed: %s", peer, exc)
         self._cursor += count
+
+    def next_wait(self, period: float) -> float:
+        """Seconds until the next round: ``period``, or a quarter of it while a sample
+        beyond an estimate waits to be confirmed (a step is seen within ~1.25 periods
+        at one probe a period)."""
+        with self._lock:
+            pending = any(e.pending for f in self._est.values() for e in f.values())
+        return period / 4 if pending else period
 
     def results(self) -> dict[str, dict[str, float]]:
         with self._lock:

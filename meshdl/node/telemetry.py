@@ -11,8 +11,11 @@ to themselves crosses the uplink and the downlink (through the broker) and the p
 does again; it is reported as the link to ``@broker`` (throughput = the series rate
 ``1 / (1/up + 1/down)``; latency = the latency the node adds itself, since a veth
 adds next to none and a ping queued behind data would overstate it). Figures are
-the median of the last ``SAMPLES`` probes (on shaped links the leader re-plans on a
-50% change); a probe whose padded ping is not measurably slower than the small one (a fast link, e.g.
+step-detecting estimates (``node/linkestimate.py``): a change beyond the threshold
+seen by two probes in a row is published at once (the confirming probe runs a
+quarter period after the first), noise within it never moves a figure past it, and probes
+queued behind this node's own data are skipped (on shaped links the leader re-plans
+on a 50% change); a probe whose padded ping is not measurably slower than the small one (a fast link, e.g.
 loopback) is reported at the probe's resolution ``2 * extra pad / MIN_EXTRA_S`` instead
 of dividing by almost nothing (the 1,047,552 Mbit/s figures of hand-started nodes).
 """
@@ -79,15 +82,17 @@ def access_latency(base: Mesh | None, me: str) -> float:
 
 
 class Periodic(threading.Thread):
-    """Calls ``fn`` every ``period`` seconds until stopped (errors are logged)."""
+    """Calls ``fn`` every ``period`` seconds until stopped (errors are logged);
+    ``period`` may be a callable, asked before each wait."""
 
-    def __init__(self, period: float, fn: Callable[[], None], name: str) -> None:
+    def __init__(self, period: float | Callable[[], float], fn: Callable[[], None],
+                 name: str) -> None:
         super().__init__(daemon=True, name=name)
         self._period, self._fn = period, fn
         self._stop = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self._period):
+        while not self._stop.wait(self._period() if callable(self._period) else self._period):
             try:
                 self._fn()
             except Exception:
