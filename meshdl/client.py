@@ -243,7 +243,10 @@ class MeshClient(_JobAttempts):
             return self._attempts.get(job)
 
     def _on_status(self, topic: str, payload: Any, retained: bool) -> None:
-        job = topics.parse(topic).job
+        try:
+            job = topics.parse(topic).job
+        except WireError:
+            return
         a = self._attempt_for(job)
         if a is None:
             return
@@ -266,7 +269,10 @@ class MeshClient(_JobAttempts):
         a.events.put((st.state, st))
 
     def _on_result(self, topic: str, payload: Any, retained: bool) -> None:
-        job = topics.parse(topic).job
+        try:
+            job = topics.parse(topic).job
+        except WireError:
+            return
         a = self._attempt_for(job)
         if a is None:
             return

@@ -112,7 +112,8 @@ class LeaderDuties:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"leader-{me}-t{term}")
-        self.replans = 0
+        self.replans = 0           # full re-plans of every standing request
+        self.plans_made = 0        # plans made (one request each)
 
     @property
     def state(self) -> lp.LeaderState:
@@ -227,13 +228,7 @@ class LeaderDuties:
         """Plan one request (jobs wait for it) on the live mesh."""
         mesh = self._live_mesh()
         self._step(self._members_event(mesh))
-        try:
-            pid = self._publish(self._plan(req, mesh))
-            ev: Any = lp.PlanIssued(req, pid, tuple(self._store.known(pid).plan.devices()),
-                                    frozenset(mesh.devices))
-        except MeshdlError as exc:
-            ev = lp.PlanRefused(req, str(exc))
-        self._step(ev)
+        self._step(self._issue(req, mesh))
         if self._planned_mesh is None or set(mesh.devices) != set(self._planned_mesh.devices):
             # members changed (a fail-over, a device gone): the waiting job was answered
             # on the live mesh first; the other standing requests are re-planned next
@@ -251,19 +246,28 @@ class LeaderDuties:
             self._planned_mesh = mesh
             self.replans += 1
             for req in requests:
-                try:
-                    pid = self._publish(self._plan(req, mesh))
-                    self._step(lp.PlanIssued(req, pid,
-                                             tuple(self._store.known(pid).plan.devices()),
-                                             frozenset(mesh.devices)))
-                except MeshdlError as exc:
-                    log.warning("cannot plan %s on the live mesh: %s", req, exc)
-                    self._step(lp.PlanRefused(req, str(exc)))
+                self._step(self._issue(req, mesh))
         elif self._gate.pending_until is not None:     # look again once it could confirm
             with self._cv:
                 if self._dirty_at is None:
                     self._dirty_at = self._gate.pending_until - self._debounce + 0.01
         self._clear_superseded()
+
+    def _issue(self, req: StandingRequest, mesh: Mesh) -> "lp.PlanIssued | lp.PlanRefused":
+        """Plan ``req`` on ``mesh``, publish and adopt the plan: the machine's event."""
+        self.plans_made += 1
+        try:
+            issued = self._plan(req, mesh)
+            self._publish(issued)
+            return lp.PlanIssued(req, issued.plan_id, tuple(issued.plan.devices()),
+                                 frozenset(mesh.devices))
+        except MeshdlError as exc:
+            log.warning("cannot plan %s on the live mesh: %s", req, exc)
+            return lp.PlanRefused(req, str(exc))
+        except Exception as exc:           # a bug or a model that breaks the planner:
+            log.exception("planning %s failed", req)     # its jobs hear it, named
+            return lp.PlanRefused(req, f"the leader could not plan {req.model}: "
+                                       f"{type(exc).__name__}: {exc}")
 
     def _plan(self, req: StandingRequest, mesh: Mesh) -> IssuedPlan:
         fixed = self._fixed.get(req.model)
