@@ -75,7 +75,7 @@ def test_device_silence_scales_with_the_plans_time_scale(mosquitto, k):
     with MeshClient(mosquitto, "i11ts") as c:
         assert _wait(lambda: plan.plan_id in c._plans), "the retained plan never arrived"
         assert c._time_scale == pytest.approx(k)
-        got = c._plans[plan.plan_id]
+        got = c._plans.get(plan.plan_id)
         silent = c._silent(got, time.monotonic() - 1.5 * STALL_S)
         if k == 1.0:
             assert silent is not None and silent[0] in plan.devices()
