@@ -134,7 +134,7 @@ class Acker:
         self._max_peers = max_peers
         self._done: OrderedDict[Key, tuple[str, str, int, str]] = OrderedDict()
         self._last: OrderedDict[str, tuple[str, str, str, str, int]] = OrderedDict()
-        self._queue: list[tuple[str, str, str, str, int, str]] = []
+        self._queue: list[tuple[str, str, str, str, int, str, bool]] = []
         self._cv = threading.Condition()
         self._stopped = False
         self.frames = 0                  # ack frames sent (a batch counts once)
@@ -154,7 +154,7 @@ class Acker:
                 self._last[peer] = (hop, topic, job, piece, term)
                 while len(self._last) > self._max_peers:
                     self._last.popitem(last=False)
-            self._queue.append((hop, topic, job, piece, term, peer))
+            self._queue.append((hop, topic, job, piece, term, peer, True))
             self._cv.notify()
 
     def reack(self, job: str, piece: str) -> bool:
@@ -168,14 +168,15 @@ class Acker:
         return True
 
     def refresh(self, peer: str) -> bool:
-        """Tell ``peer`` its current grant (the last ack it got, again)."""
+        """Tell ``peer`` its current grant (the last ack it got, again), from the acks
+        thread (the caller never waits on the network)."""
         with self._cv:
             item = self._last.get(peer)
-        if item is None or self._credit is None:
-            return False
-        hop, topic, job, piece, term = item
-        self._emit(hop, topic, job, piece, term, (), peer, active=False)
-        self.refreshes += 1
+            if item is None or self._credit is None:
+                return False
+            self._queue.append((*item, peer, False))
+            self.refreshes += 1
+            self._cv.notify()
         return True
 
     def known_peers(self) -> int:
@@ -199,17 +200,18 @@ class Acker:
                     return
                 batch, self._queue = self._queue, []
             groups: dict[tuple, list[tuple[str, str]]] = {}
-            for hop, topic, job, piece, term, peer in batch:
+            for hop, topic, job, piece, term, peer, active in batch:
                 route = topic.rsplit("/", 1)[0]           # the same for one sender's pieces
-                groups.setdefault((hop, route, job, term, peer), []).append((topic, piece))
-            for (hop, _, job, term, peer), items in groups.items():
+                groups.setdefault((hop, route, job, term, peer, active), []).append(
+                    (topic, piece))
+            for (hop, _, job, term, peer, active), items in groups.items():
                 part: list[tuple[str, str]] = []
                 size = 0
                 for item in items + [None]:       # batches within the frame header limit
                     if part and (item is None or len(part) > MAX_ACK_BATCH
                                  or size + len(item[1]) > 3000):
                         self._emit(hop, part[0][0], job, part[0][1], term,
-                                   tuple(p for _, p in part[1:]), peer)
+                                   tuple(p for _, p in part[1:]), peer, active)
                         part, size = [], 0
                     if item is not None:
                         part.append(item)

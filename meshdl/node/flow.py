@@ -116,6 +116,7 @@ class ReliableSender:
         self._timers: list[tuple[float, int, Key, int]] = []
         self._ids = itertools.count()
         self._pump = False
+        self._resend: list[Transfer] = []        # selective acks: resend the missing chunks
         self._stopped = False
         self.retransmissions = 0
         self.acks = 0
@@ -259,9 +260,12 @@ class ReliableSender:
                 tr.received = got
                 tr.attempts = 1                  # progress: a fresh retry budget
                 self.retransmissions += 1
+                tr.sending = True                # the flow thread resends (never this one)
+                self._resend.append(tr)
+                self._pump = True
+                self._lock.notify_all()
             log.debug("selective resend of %d/%d chunks of %s/%s", len(tr.frames) - len(got),
                       len(tr.frames), job, piece)
-            self._send_round(tr)
             return False
         with self._lock:
             if (job, piece) not in self._live:
@@ -346,7 +350,7 @@ class ReliableSender:
     def _release(self) -> list[Transfer]:
         """Queued transfers the credit now allows, admitted (lock held)."""
         self._pump = False
-        out = []
+        out, self._resend = [t for t in self._resend if (t.job, t.piece) in self._live], []
         for peer in self._peers.values():
             while peer.queue and self._fits(peer, peer.queue[0].nbytes):
                 tr = peer.queue.popleft()
