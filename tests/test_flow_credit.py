@@ -262,3 +262,49 @@ def test_slow_receiver_limits_a_fast_senders_inflight_to_its_grant(tmp_path):
             assert b_dp.acker.refreshes > 0            # b told a when room freed up
             assert a_dp.sender.credit_waits > 0
             assert wait_for(lambda: b_dp.credit.held == 0, 10)
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+def test_pieces_waiting_for_a_receiver_that_leaves_fail_by_name(tmp_path):
+    """pi4-a's pieces wait for pi4-b's credit; pi4-b leaves the mesh: they fail at once
+    naming it (never dropped, never left to wait out their deadline)."""
+    model = meshdl.models.build("tiny_cnn")
+    shape = (1, 3, 256, 256)
+    g = meshdl.trace(model, shape, name="tiny_cnn")
+    mesh = meshdl.load_topology("home-4")
+    plan = rename(meshdl.manual_plan(g, cuts=[1], grids=[(1, 1), (1, 1)]), ["pi4-a"],
+                  "pi4-a", "pi4-a")
+    plan.stages[1].tasks[0].device = "pi4-b"
+    finish_plan(plan, g, mesh, 1)
+    cap = 8 * 127 * 127 * 4 + 1000                     # b holds one piece
+    with EmbeddedBroker(broker_template(tmp_path), backend="mosquitto",
+                        workdir=tmp_path / "b") as b:
+        with InProcessMesh(b.url, mesh, mesh_name="gone", fixed={"tiny_cnn": plan},
+                           chunk_bytes=128 << 10, held_bytes=cap,
+                           initial_grant=cap) as m, MeshClient(b.url, "gone") as c:
+            a_dp, b_dp = m.planes["pi4-a"], m.planes["pi4-b"]
+            gate = threading.Event()
+            b_dp.compute.submit(lambda: gate.wait(60))          # b is busy, then gone
+            failures: list[str] = []
+
+            def run(i):
+                try:
+                    c.infer(torch.randn(*shape), model="tiny_cnn", timeout=60)
+                except meshdl.errors.MeshdlError as exc:
+                    failures.append(str(exc))
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+            try:
+                for t in threads:
+                    t.start()
+                assert wait_for(lambda: a_dp.sender.queued_bytes > 0, 60)
+                t0 = time.monotonic()
+                m.kill("pi4-b")
+                assert wait_for(lambda: not a_dp.sender.pending(), 10)
+                assert a_dp.sender.queued_bytes == 0 and a_dp.sender.inflight_bytes == 0
+                for t in threads:
+                    t.join(90)
+                assert len(failures) == 4, failures
+                assert all("pi4-b" in f for f in failures), failures
+                assert time.monotonic() - t0 < 45
+            finally:
+                gate.set()
