@@ -25,7 +25,7 @@ def test_graph_lru_evicts_graphs_and_their_generated_sources():
     for size in (32, 40, 48, 56, 32, 64):
         g = cache.get("tiny_cnn", (1, 3, size, size))
         assert g.input_shape == (1, 3, size, size)
-    assert len(cache) == 2 and cache.traces == 6         # 32 was dropped, then rebuilt
+    assert cache.size() == 2 and cache.traces == 6         # 32 was dropped, then rebuilt
     # torch.fx keeps every generated forward() source; only the live graphs' remain
     assert cache.sources() <= 2 * 4
     assert len(_fx_sources()[0]) - sources <= cache.sources()

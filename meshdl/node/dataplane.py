@@ -68,7 +68,7 @@ class DataPlane(_DataPlaneRoles):
         self.node_id: str = ctx.node_id
         self.mesh_name: str = ctx.mesh_name
         self.emulate = bool(ctx.emulate)
-        self.graphs = graphs if graphs is not None else GraphCache()   # (an empty one is falsy)
+        self.graphs = graphs if graphs is not None else GraphCache()
         self.chunk_bytes = chunk_bytes
         self.codecs = CodecPolicy(getattr(getattr(ctx, "config", None), "compression", "auto"))
         self._set_threads = set_threads

@@ -143,7 +143,9 @@ class GraphCache:
                     trim_heap()
             return g
 
-    def __len__(self) -> int:
+    def size(self) -> int:
+        """Graphs held now (a method, not ``__len__``: an empty cache must stay truthy
+        for ``graphs or GraphCache()``)."""
         with self._lock:
             return len(self._graphs)
 
