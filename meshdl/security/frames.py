@@ -123,7 +123,7 @@ class KeyRing:
     def aead(self, peer: Entry, job: str) -> Any:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from meshdl.security.aead import Aead
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
         k = (peer.id, peer.seal_pub, job)
         with self._lock:
@@ -137,7 +137,7 @@ class KeyRing:
         lo, hi = sorted((self.me, peer.id))
         info = f"meshdl-seal/1|{self.mesh}|{lo}|{hi}|{job}".encode()
         key = HKDF(hashes.SHA256(), 32, None, info).derive(shared)
-        a = AESGCM(key)
+        a = Aead(key)
         with self._lock:
             self._shared[peer.seal_pub] = shared
             self._d[k] = a
@@ -163,11 +163,8 @@ def seal(ring: KeyRing, entry_raw: bytes, entry_sig: bytes, peer: Entry, job: st
     at = 8 + len(head)
     out = bytearray(at + len(frame) + 16)          # one buffer: no copy after encryption
     out[:4], out[4:8], out[8:at] = SEALED, struct.pack(">I", len(head)), head
-    into = getattr(aead, "encrypt_into", None)
-    if into is not None:
-        into(nonce, frame, aad, memoryview(out)[at:])
-        return out
-    return bytes(out[:at]) + aead.encrypt(nonce, frame, aad)
+    aead.encrypt_into(nonce, frame, aad, memoryview(out)[at:])   # the GIL is released
+    return out
 
 
 def _split(payload: Any) -> tuple[list, memoryview]:
@@ -219,18 +216,16 @@ def relay_frame(payload: Any, job: str, piece: str) -> Any:
 def open_sealed(ring: KeyRing, cache: EntryCache, job: str, piece: str,
                 payload: Any) -> tuple[Entry, bytes]:
     """(sender entry, plaintext frame) of a frame sealed to this identity."""
-    from cryptography.exceptions import InvalidTag
+    from meshdl.security.aead import InvalidTag
     head, ct = _split(payload)
     entry = cache.verify(bytes(head[0]), bytes(head[1]))
     try:
         aead = ring.aead(entry, job)
         aad = _aad(ring.mesh, ring.me, job, piece)
-        into = getattr(aead, "decrypt_into", None)
-        if into is not None and len(ct) >= 16:
-            pt = bytearray(len(ct) - 16)
-            into(bytes(head[2]), ct, aad, pt)
-        else:
-            pt = aead.decrypt(bytes(head[2]), ct, aad)
+        if len(ct) < 16:
+            raise InvalidTag()
+        pt = bytearray(len(ct) - 16)
+        aead.decrypt_into(bytes(head[2]), ct, aad, pt)             # the GIL is released
     except (InvalidTag, ValueError):
         raise SecurityError(f"sealed frame from {entry.id!r} for {job}/{piece} does not "
                             "open (tampered, or not sealed to this node)") from None
