@@ -142,8 +142,15 @@ def test_standing_requests_are_bounded_defaults_kept():
         s, _ = run(s, req(f"j{i}", request=lp.StandingRequest(f"m{i}")))
     assert s.requests[0] == d and len(s.requests) == 3
     assert [r.model for r in s.requests[1:]] == ["m4", "m5"]
-    s, _ = run(s, lp.Replan("m5"))
-    assert lp.StandingRequest("m5") not in s.current
+    m5 = lp.StandingRequest("m5")
+    s, eff = planned(s, request=m5, pid="p5")
+    assert eff == [jp.JobPlanned("p5", 1, "j5")] and s.plan_of(m5) == "p5"
+    s, _ = run(s, lp.Replan("m4"))                     # another model's: p5 stays
+    assert s.plan_of(m5) == "p5"
+    s, _ = run(s, lp.Replan("m5"))                     # a hand-made plan withdrawn
+    assert s.plan_of(m5) is None
+    s, eff = run(s, req("j6", request=m5))
+    assert eff == [lp.MakePlan(m5)]
 
 
 def test_from_wire_names_a_bad_option():
