@@ -459,3 +459,24 @@ def test_relays_cannot_read_the_pieces_they_carry(tmp_path):
         _, hops, job, piece = topics.parse_route(t)
         with pytest.raises(SecurityError, match="does not open"):
             F.open_sealed(ring, cache, job, piece, p)
+
+
+def test_secure_failover_elects_the_best_survivor_by_votes(secure):
+    """Last in this module (it kills the leader): on the secure mesh the best surviving
+    device wins votes from a majority and leads, the client follows it, jobs stay exact."""
+    from meshdl.mesh.loader import load_topology
+    from meshdl.node import election as el
+    up, c = secure["up"], secure["c"]
+    dead = up.watcher.snapshot().leader.node
+    enrolled = {d: dev.flops for d, dev in load_topology("home-4").devices.items()
+                if d != dead}
+    t0 = time.monotonic()
+    up.kill(dead)
+    wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
+              and s.leader.node == el.order(enrolled)[0], "the best survivor leads", 60)
+    took = time.monotonic() - t0
+    x, r = exact_job(c, 21)
+    assert dead not in r.plan.devices()
+    voters = set(up.watcher.snapshot().leader.votes)     # verified by the watcher's bus
+    assert len(voters) >= 2 and dead not in voters, voters       # a majority of the 3 left
+    assert took < 30, f"fail-over took {took:.1f} s"
