@@ -55,3 +55,34 @@ def test_stable_plan_ids_and_a_link_step_seen_within_two_periods(tmp_path):
         # after the first); slack
         # for a loaded 2-core machine
         assert delay <= 4 * PERIOD, f"step seen after {delay / PERIOD:.2f} periods"
+
+
+def test_a_superseded_plan_stays_retained_while_jobs_on_it_finish(mosquitto, tmp_path):
+    """A link change re-plans; the plan it superseded stays retained RETIRE_S (x K) so
+    a job already running on it (pieces still in flight) can finish, then is cleared.
+    Emulated home-4 (no netns needed)."""
+    from meshdl.node.launcher import MeshUp
+    from meshdl.node.leader import RETIRE_S
+    from meshdl.node.probe import Probe, encode_probe
+    from meshdl.wire.topics import node_probe
+    up = MeshUp("home-4", broker=mosquitto, mesh="i11ret", model="tiny_cnn",
+                dataplane=False, log_dir=tmp_path / "logs",
+                node_args=["--strategy", "deepthings"], telemetry_period=1.0)
+    with up:
+        snap = up.wait_ready(90)
+        old = set(snap.plans)
+        assert old
+        # pi4-a's link to pi4-b drops to 100 kbit/s (emulated): the leader re-plans
+        from meshdl.transport.paho_bus import PahoBus
+        with PahoBus(mosquitto) as bus:
+            bus.publish(node_probe("i11ret", "pi4-a"), encode_probe(Probe(
+                "set_link", "test", link={"peer": "pi4-b", "bandwidth_bps": 1e5})), qos=1)
+            bus.flush()
+        snap = up.wait_for(lambda s: set(s.plans) - old, 30, "a new plan")
+        t_new = time.monotonic()
+        assert old <= set(snap.plans)              # the superseded one is still there
+        time.sleep(0.6 * RETIRE_S)
+        assert old <= set(up.watcher.snapshot().plans), "cleared before its grace"
+        snap = up.wait_for(lambda s: not (old & set(s.plans)), RETIRE_S + 10,
+                           "the superseded plan cleared")
+        assert time.monotonic() - t_new >= 0.6 * RETIRE_S

@@ -356,7 +356,8 @@ def test_state_is_immutable():
     ([ON_A1, ON_B1, TEL_A], 30e6, 0.002),                       # measured
     ([ON_A1, ON_B1], 10e6, 0.001),                              # base fallback
     ([ON_A1, ON_B1, Telemetry("a", 0.1, {"b": {"rtt_s": 0.02}})], 10e6, 0.01),  # partial
-    ([ON_A1, ON_B1, TEL_A, Telemetry("b", 0.2, {"a": {"throughput_bps": 5e6}})], 5e6, 0.001),
+    # both ends report: the conservative pair (b's rate, a's RTT: b measured none)
+    ([ON_A1, ON_B1, TEL_A, Telemetry("b", 0.2, {"a": {"throughput_bps": 5e6}})], 5e6, 0.002),
 ])
 def test_telemetry_updates_links(events, expected_bw, expected_lat):
     base = small_mesh()

@@ -260,7 +260,7 @@ def test_rtt_estimates_have_an_absolute_floor():
     p = EstimatorParams(0.5, floor=0.002)
     # 1 ms RTT jittering to 2.5 ms: under the 2 ms floor, no step
     assert run([0.001, 0.0025, 0.0024, 0.0012, 0.0026, 0.0025], p)[-1].steps == 0
-    assert run([0.001, 0.030, 0.031], p)[-1].value == pytest.approx(0.0305)
+    assert run([0.001, 0.030, 0.031], p)[-1].value == pytest.approx(0.031)
 
 
 def test_unusable_samples_change_nothing():
@@ -314,3 +314,24 @@ def test_plan_ids_stay_stable_over_jobs_on_a_stable_noisy_mesh():
         else:
             ids.append(ids[-1])
     assert len(set(ids)) == 1, ids
+
+
+def test_both_ends_of_a_link_reporting_different_figures_do_not_alternate():
+    """Two ends measure one device-to-device link differently: the folded figure is
+    the conservative pair whichever reported last (it used to be the last report, so
+    the leader saw the link flip every period), and it recovers once both say so."""
+    mesh = meshdl.load_topology("home-4")
+    st = MeshState()
+    for d in mesh.devices:
+        st = apply(st, NodeOnline(d, {"profile": "custom"}, 1))
+    key = frozenset(("pi4-a", "pi4-b"))
+    seen = []
+    for i in range(6):
+        a = Telemetry("pi4-a", 0.0, {"pi4-b": {"rtt_s": 0.004, "throughput_bps": 1e5}}, 1)
+        b = Telemetry("pi4-b", 0.0, {"pi4-a": {"rtt_s": 0.002, "throughput_bps": 5e7}}, 1)
+        for ev in ((a, b) if i % 2 else (b, a)):
+            st = apply(st, ev)
+            seen.append((st.links[key].throughput_bps, st.links[key].rtt_s))
+    assert set(seen[1:]) == {(1e5, 0.004)}
+    st = apply(st, Telemetry("pi4-a", 0.0, {"pi4-b": {"throughput_bps": 6e7}}, 1))
+    assert st.links[key].throughput_bps == 5e7         # both ends now say fast

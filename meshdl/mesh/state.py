@@ -100,11 +100,15 @@ class Member:
 
 @dataclass(frozen=True)
 class LinkObs:
-    """The latest measurement of an undirected link (as reported by ``by``)."""
+    """The latest measurement of an undirected link (as reported by ``by``). Both
+    ends of a device-to-device link report it: ``ends`` keeps each end's latest
+    (node, rtt_s, throughput_bps) and the figures are the conservative pair (the
+    larger RTT, the smaller rate), so two ends that disagree do not alternate."""
 
     rtt_s: float | None
     throughput_bps: float | None
     by: str
+    ends: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -296,9 +300,16 @@ def apply(state: MeshState, event: Event) -> MeshState:
             if nb == event.id or (nb not in state.members and nb != BROKER):
                 continue                 # links only between known members (or a node's
                                          # access link to the broker): bounded
-            links[frozenset((event.id, nb))] = LinkObs(
-                rtt_s=_opt(fig.get("rtt_s")), throughput_bps=_opt(fig.get("throughput_bps")),
-                by=event.id)
+            key = frozenset((event.id, nb))
+            prev = state.links.get(key)
+            ends = tuple(e for e in (prev.ends if prev is not None else ())
+                         if e[0] != event.id)[-1:] + (
+                (event.id, _opt(fig.get("rtt_s")), _opt(fig.get("throughput_bps"))),)
+            rtts = [e[1] for e in ends if e[1] is not None]
+            rates = [e[2] for e in ends if e[2] is not None]
+            links[key] = LinkObs(rtt_s=max(rtts) if rtts else None,
+                                 throughput_bps=min(rates) if rates else None,
+                                 by=event.id, ends=ends)
         return MeshState({**state.members, event.id: replace(known, load=float(event.load))},
                          links)
     raise TypeError(f"not a mesh event: {event!r}")

@@ -403,6 +403,13 @@ class NodeAgent(_AgentJoin, _AgentLeader):
                              encode_control(msg), qos=0, retain=True)
         except MeshdlError as exc:
             log.debug("telemetry not sent: %s", exc)
+        # our own figures count at once (its echo is ignored): a leader on a link that
+        # just slowed hears its own telemetry through that link, seconds late
+        from meshdl.node.membership import telemetry_event
+        before = self.membership.state.links
+        self.membership.apply(telemetry_event(msg))
+        if self.membership.state.links != before:
+            self.links_changed()
 
     # ------------------------------------------------------------ leave
     def wait(self, timeout: float | None = None) -> bool:

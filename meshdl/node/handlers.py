@@ -63,6 +63,8 @@ def on_telemetry(agent, topic: str, payload: Any, retained: bool) -> None:
     msg = decode_control(payload, Telemetry)
     if msg.node != p.node:
         raise WireError(f"telemetry of {msg.node!r} published on {p.node!r}'s topic")
+    if msg.node == agent.node_id:
+        return              # our own: folded when published (NodeAgent._maybe_telemetry)
     before = agent.membership.state.links
     agent.membership.apply(telemetry_event(msg))
     if agent.membership.state.links != before:

@@ -38,6 +38,8 @@ __all__ = ["LeaderDuties", "StandingRequest", "needs_replan", "make_plan", "duti
 
 log = logging.getLogger(__name__)
 
+RETIRE_S = 5.0      # a superseded plan stays retained this long (x K): jobs on it finish
+
 # the leader's name for the pure re-plan predicate (ReplanGate adds persistence)
 needs_replan = mesh_changed
 
@@ -105,6 +107,7 @@ class LeaderDuties:
         self._todo: collections.deque[StandingRequest] = collections.deque()
         self._republish = False
         self._planned_mesh: Mesh | None = None
+        self._retiring: dict[str, float] = {}    # superseded plan id -> since (monotonic)
         # link changes must persist confirm_s before a re-plan (no flapping)
         self._gate = ReplanGate(link_threshold, confirm_s)
         self._cv = threading.Condition()
@@ -162,8 +165,9 @@ class LeaderDuties:
 
     def mesh_changed(self) -> None:
         with self._cv:
-            if self._dirty_at is None:
-                self._dirty_at = time.monotonic()
+            now = time.monotonic()     # sooner than a later look (a plan to retire)
+            if self._dirty_at is None or self._dirty_at > now:
+                self._dirty_at = now
             self._cv.notify_all()
 
     def republish(self) -> None:
@@ -317,14 +321,31 @@ class LeaderDuties:
         return live
 
     def _clear_superseded(self) -> None:
-        """Clear every retained plan of this or an older term that is not live."""
+        """Clear every retained plan of this or an older term that is not live. A plan
+        this term superseded stays retained RETIRE_S x K first: nodes drop a cleared
+        plan, so a piece of a job already running on it (a retransmission on a link
+        that just slowed) would wait for it forever."""
         live = self._live()
+        now = time.monotonic()
         stale = [p for p, ip in self._store.retained().items()
                  if ip.term <= self.term and p not in live]
-        for pid in sorted(stale):
+        k = self._planned_mesh.time_scale if self._planned_mesh is not None else 1.0
+        grace = RETIRE_S * max(1.0, k)
+        self._retiring = {p: self._retiring.get(p, now) for p in stale
+                          if self._store.retained()[p].term == self.term}
+        due = [p for p in stale if now - self._retiring.get(p, now - grace) >= grace]
+        left = [t for p, t in self._retiring.items() if p not in due]
+        if left:                                  # look again when the next one is due
+            with self._cv:
+                at = min(left) + grace - self._debounce + 0.01
+                if self._dirty_at is None or self._dirty_at > at:
+                    self._dirty_at = at
+                self._cv.notify_all()
+        for pid in sorted(due):
             log.info("leader %s: clearing superseded plan %s", self.me, pid)
             self._bus.publish(topics.plan(self.mesh_name, pid), b"", qos=1, retain=True)
             self._store.drop(pid)
+            self._retiring.pop(pid, None)
 
 
 def default_models(agent) -> list[str]:

@@ -9,8 +9,9 @@ prober keeps an ``Estimate`` per figure and feeds it each probe sample.
   the probe paddings sized from them, hold still under noise); a lone outlier beyond
   the band is held as *pending* and changes nothing.
 - ``confirm`` consecutive samples beyond the band on the same side are a step: the
-  estimate jumps to their median and the window restarts from them (no waiting for a
-  median of old samples to turn over).
+  estimate jumps to the newest of them (the first may be only a bound: a probe that
+  timed out) and the window restarts from them (no waiting for a median of old
+  samples to turn over).
 - A sample taken while this node's own data traffic was crossing the link (``loaded``)
   is biased low (the padded ping queues behind the data): it is skipped unless it says
   the link got faster, confirms a pending step, or ``max_skip`` loaded samples were
@@ -79,8 +80,8 @@ def update(est: Estimate, sample: float, p: EstimatorParams = EstimatorParams(),
         value = m if abs(m - est.value) > p.deadband * est.value else est.value
         return Estimate(value, window, (), 0, est.steps)
     pending = (est.pending + (sample,)) if confirms else (sample,)
-    if len(pending) >= p.confirm:
-        return Estimate(float(statistics.median(pending)), pending, (), 0, est.steps + 1)
+    if len(pending) >= p.confirm:     # the newest: the confirming probe is sized for
+        return Estimate(pending[-1], pending, (), 0, est.steps + 1)     # the new level
     return replace(est, pending=pending, skipped=0)
 
 
