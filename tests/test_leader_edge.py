@@ -95,3 +95,45 @@ def test_plan_show_and_the_leader_make_the_same_plan(home):
     ours = m.leader.duties._plan(req, m.mesh)
     assert ours.plan_id == shown.plan_id and ours.plan.term == m.book.term
     assert shown.term == 0 and shown.meta["request"] == ours.plan.meta["request"]
+
+
+def test_plans_of_requests_the_lru_drops_are_cleared(home):
+    from meshdl.node.graphs import GraphCache
+    from meshdl.node.leader import LeaderDuties
+    from meshdl.node.planstore import PlanStore
+    b, m, _ = home
+    store = PlanStore()
+    answers: dict[str, str] = {}
+    cv = threading.Condition()
+
+    def on_status(topic, payload, retained):
+        st = decode_control(payload, JobStatus)
+        with cv:
+            answers[st.job] = st.detail
+            cv.notify_all()
+    with PahoBus(b.url) as bus:
+        bus.subscribe(topics.job_all("lru", "status", "t"), on_status, qos=1)
+        duties = LeaderDuties(me="L", mesh_name="lru", term=1, bus=bus,
+                              live_mesh=lambda: m.mesh, graphs=GraphCache(), defaults=[],
+                              store=store, adopt=store.adopt, max_requests=2)
+        duties.start()
+        try:
+            end = time.monotonic() + 10                 # its first full (empty) re-plan done:
+            while duties.replans < 1 and time.monotonic() < end:    # no later one clears
+                time.sleep(0.02)
+            pids = []
+            for i, source in enumerate(("pi4-a", "pi4-b", "nano")):   # 3 requests, room for 2
+                job = topics.job_name("t", f"lru-{i}")
+                duties.job_request(JobRequest(job, "t", "tiny_cnn", "local", options={
+                    "source": source, "alpha": 1.0, "input_shape": [1, 3, 32, 32]}))
+                assert wait(cv, lambda: job in answers), f"no answer to {job}"
+                pids.append(answers[job])
+            assert len(set(pids)) == 3
+            end = time.monotonic() + 10
+            while store.known(pids[0]) is not None and time.monotonic() < end:
+                time.sleep(0.05)
+            assert store.known(pids[0]) is None                  # dropped request: cleared
+            assert store.known(pids[1]) is not None and store.known(pids[2]) is not None
+            assert [r.source for r in duties.state.requests] == ["pi4-b", "nano"]
+        finally:
+            duties.stop()

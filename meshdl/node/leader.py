@@ -233,6 +233,7 @@ class LeaderDuties:
         mesh = self._live_mesh()
         self._step(self._members_event(mesh))
         self._step(self._issue(req, mesh))
+        self._clear_superseded(dropped_only=True)   # plans of requests the LRU let go
         if self._planned_mesh is None or set(mesh.devices) != set(self._planned_mesh.devices):
             # members changed (a fail-over, a device gone): the waiting job was answered
             # on the live mesh first; the other standing requests are re-planned next
@@ -320,20 +321,24 @@ class LeaderDuties:
             live |= {d.get("plan_id") for d in (reps or []) if isinstance(d, dict)}
         return live
 
-    def _clear_superseded(self) -> None:
-        """Clear every retained plan of this or an older term that is not live. A plan
+    def _clear_superseded(self, dropped_only: bool = False) -> None:
+        """Clear every retained plan of this or an older term that is not live (only
+        those of requests no longer standing, with ``dropped_only``). A plan
         this term superseded stays retained RETIRE_S x K first: nodes drop a cleared
         plan, so a piece of a job already running on it (a retransmission on a link
         that just slowed) would wait for it forever."""
         live = self._live()
         now = time.monotonic()
-        stale = [p for p, ip in self._store.retained().items()
-                 if ip.term <= self.term and p not in live]
+        retained = self._store.retained()
+        stale = [p for p, ip in retained.items() if ip.term <= self.term and p not in live]
         k = self._planned_mesh.time_scale if self._planned_mesh is not None else 1.0
         grace = RETIRE_S * max(1.0, k)
         self._retiring = {p: self._retiring.get(p, now) for p in stale
-                          if self._store.retained()[p].term == self.term}
+                          if retained[p].term == self.term}
         due = [p for p in stale if now - self._retiring.get(p, now - grace) >= grace]
+        if dropped_only:
+            standing = set(self._state.requests)
+            due = [p for p in due if StandingRequest.from_plan(retained[p].plan) not in standing]
         left = [t for p, t in self._retiring.items() if p not in due]
         if left:                                  # look again when the next one is due
             with self._cv:
