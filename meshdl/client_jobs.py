@@ -34,6 +34,13 @@ def plan_time_scale(plan: Plan | None) -> float:
     return float(k)
 
 
+def input_s(plan: Plan) -> float:
+    """Expected seconds for the input to reach the plan's source (``meta["input_s"]``,
+    from the leader's view of its downlink; 50 ms when not given): the resend timer."""
+    v = (getattr(plan, "meta", None) or {}).get("input_s")
+    return float(v) if type(v) in (int, float) and 0.0 <= v <= 3600.0 else 0.05
+
+
 def scaled_timeouts(time_scale: float) -> tuple[float, float, float]:
     """(request re-send, device silence, no mesh) in seconds on a mesh dilated K times:
     its heartbeats, answers and statuses cross links K times slower, so each wait is K
@@ -106,7 +113,7 @@ class _JobAttempts:
                                                      term=plan.term)]
         t_send = time.time()
         self._sender.send(a.job, piece, plan.source, [self.client_id, plan.source], frames,
-                          0.05, lambda msg: a.events.put(("failed", msg)))
+                          input_s(plan), lambda msg: a.events.put(("failed", msg)))
         resend, _, no_mesh = scaled_timeouts(plan_time_scale(plan))
         st = jp.Attempt(a.job, time.monotonic(), deadline, jp.Params(resend, no_mesh),
                         phase=jp.PLANNED, plan_id=pid)

@@ -183,3 +183,25 @@ def test_link_trace_parses_and_gives_the_mesh_of_each_moment():
                        ("", "no events")):
         with pytest.raises(TraceError, match=match):
             parse_trace(bad).check(m)
+
+
+def test_input_time_to_the_source_sets_the_clients_resend_timer():
+    """A client's input crosses the source's downlink; the leader records that time in
+    the plan (meta input_s) and the client's resend timer uses it: a fixed 50 ms timer
+    resent a slow link's input twice per job, ahead of the answer (2.3x the prediction)."""
+    from meshdl.client_jobs import input_s
+    mesh = meshdl.load_topology("home-wifi-n")
+    star = mesh.star
+    assert star.inbound_time("pi5", 1e6) == 0.0            # the broker's own device
+    acc = star.access["zero"]
+    assert star.inbound_time("zero", 602112) == pytest.approx(
+        acc.latency_s + 602112 * 8 / acc.down_bps)
+    assert mesh.dilated(10).star.inbound_time("zero", 602112) == pytest.approx(
+        10 * star.inbound_time("zero", 602112))
+    plan = meshdl.plan(meshdl.trace(meshdl.models.build("tiny_cnn"), input_shape=(1, 3, 32, 32)),
+                       mesh, strategy="local", source="zero", sink="zero")
+    assert input_s(plan) == 0.05                           # not given: the old default
+    import dataclasses
+    for bad in (-1.0, float("nan"), "2", 1e9):
+        assert input_s(dataclasses.replace(plan, meta={"input_s": bad})) == 0.05
+    assert input_s(dataclasses.replace(plan, meta={"input_s": 2.5})) == 2.5

@@ -333,6 +333,11 @@ def main() -> None:
     ap.add_argument("--max-time-scale", type=float, default=1e4,
                     help="with --netns: cap the time scale picked per row (keeps runs short; "
                     "rows over the cap may show pacing warnings)")
+    ap.add_argument("--min-job-s", type=float, default=2.0,
+                    help="with --netns: a time scale at least this over the predicted job "
+                    "time (fixed per-piece costs of this machine stay small against it)")
+    ap.add_argument("--time-scale", type=float, help="with --netns: this time scale for "
+                    "every row (default: picked per row)")
     args = ap.parse_args()
     if args.netns:
         return main_netns(args)
@@ -377,7 +382,8 @@ def main_netns(args) -> None:
     models = args.models.split(",") if args.models else MODELS
     cmd = " ".join(["python tools/bench_mesh.py", *sys.argv[1:]])
     rows = bench_star(topologies, models, args.runs, out, max_k=args.max_time_scale,
-                      on_rows=lambda r: write_star(out, r, cmd))
+                      on_rows=lambda r: write_star(out, r, cmd), min_job_s=args.min_job_s,
+                      time_scale=args.time_scale)
     print(write_star(out, rows, cmd))
 
 

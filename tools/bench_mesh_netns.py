@@ -144,7 +144,8 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
 
 def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                modes: tuple[str, ...] = ("netns", "emulator"),
-               max_k: float = 1e4, on_rows=None) -> list[dict]:
+               max_k: float = 1e4, on_rows=None, min_job_s: float = 0.0,
+               time_scale: float | None = None) -> list[dict]:
     import meshdl
     rows = []
     real = {m: real_forward_s(m) for m in models}
@@ -159,8 +160,12 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
         for model in models:
             g = graphs[model]
             plan0 = meshdl.plan(g, mesh, strategy="meshdl", source=src, sink=src, alpha=1.0)
-            want = max(pick_time_scale(mesh, {model: g}, real),
-                       task_time_scale(g, plan0, mesh))
+            # K: every task computes here faster than its (dilated) device, and a job
+            # lasts at least min_job_s dilated, so fixed per-piece costs of this machine
+            # (Python, MQTT, thread hops: milliseconds) stay small against it
+            want = time_scale or max(pick_time_scale(mesh, {model: g}, real),
+                                     task_time_scale(g, plan0, mesh),
+                                     math.ceil(min_job_s / plan0.latency_s))
             k = min(want, max_k)
             log.info("%s %s: time scale %g%s", topo, model, k,
                      f" (capped; {want:g} wanted)" if k < want else "")

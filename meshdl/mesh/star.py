@@ -118,6 +118,12 @@ class Star:
     def path_time(self, a: str, b: str, nbytes: float) -> float:
         return sum(lat + nbytes * 8.0 / bps for _, _, bps, lat in self.hops(a, b))
 
+    def inbound_time(self, dev: str, nbytes: float) -> float:
+        """Seconds for ``nbytes`` from the broker's side (a client's input) to reach
+        ``dev``: its downlink (0 for the broker's own device)."""
+        acc = self.link_of(dev)
+        return 0.0 if acc is None else acc.latency_s + nbytes * 8.0 / acc.down_bps
+
     def virtual(self, a: str, b: str) -> tuple[float, float]:
         """(bandwidth_bps, latency_s) of the virtual a-b link (slower direction)."""
         def per_bit(x: str, y: str) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict
@@ -76,6 +77,10 @@ def make_plan(req: StandingRequest, mesh: Mesh, g: Any, leader: str = "",
                             "members": sorted(mesh.devices)}
     if mesh.time_scale != 1.0:      # emulated K times slower: times / K are the real ones
         meta["time_scale"] = mesh.time_scale
+    if mesh.star is not None:
+        # the input's time to the source (its downlink): the client's resend timer
+        # (a fixed 50 ms resent a slow link's input several times, ahead of the answer)
+        meta["input_s"] = mesh.star.inbound_time(source, 4 * math.prod(g.input_shape))
     return dataclasses.replace(plan, meta=meta, notes=[*plan.notes, *notes])
 
 
