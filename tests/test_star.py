@@ -198,8 +198,12 @@ def test_input_time_to_the_source_sets_the_clients_resend_timer():
         acc.latency_s + 602112 * 8 / acc.down_bps)
     assert mesh.dilated(10).star.inbound_time("zero", 602112) == pytest.approx(
         10 * star.inbound_time("zero", 602112))
-    plan = meshdl.plan(meshdl.trace(meshdl.models.build("tiny_cnn"), input_shape=(1, 3, 32, 32)),
-                       mesh, strategy="local", source="zero", sink="zero")
+    from meshdl.node.leader import make_plan
+    from meshdl.node.leaderproto import StandingRequest
+    g = meshdl.trace(meshdl.models.build("tiny_cnn"), input_shape=(1, 3, 32, 32))
+    plan = make_plan(StandingRequest("tiny_cnn", "local", source="zero", sink="zero"), mesh, g)
+    assert input_s(plan) == pytest.approx(star.inbound_time("zero", 4 * 3 * 32 * 32))
+    plan = meshdl.plan(g, mesh, strategy="local", source="zero", sink="zero")
     assert input_s(plan) == 0.05                           # not given: the old default
     import dataclasses
     for bad in (-1.0, float("nan"), "2", 1e9):
