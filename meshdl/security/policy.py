@@ -159,7 +159,9 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
     if p.kind == "leader":
         if msg.node != e.id:
             return no(f"{who} claimed leadership for {sanitise(msg.node)}")
-        voters = _verified_voters(msg, verify_vote)
+        with adm.lock:
+            known = frozenset(adm.live)
+        voters = _verified_voters(msg, verify_vote, known)
         with adm.lock:
             key = (msg.term, e.id)
             _put(adm.records, key, adm.records.get(key, frozenset()) | voters)
@@ -226,15 +228,26 @@ def _job(adm: Admission, p: ParsedTopic, e: Entry, msg: Any) -> Verdict:
     return YES
 
 
-def _verified_voters(msg: Any, verify_vote: Any) -> frozenset:
+MAX_CHECKED_VOTES = 64     # signature checks one leader record may cost
+
+
+def _verified_voters(msg: Any, verify_vote: Any, live: frozenset = frozenset()) -> frozenset:
     """The leader plus every enrolled device whose signed vote for (leader, term) the
-    record carries; forged, foreign or mismatched votes are left out (logged)."""
+    record carries; forged, foreign or mismatched votes are left out (logged). Only
+    votes of devices known to be live are checked (any, when none is known yet), at
+    most ``MAX_CHECKED_VOTES``: a flood of records cannot buy many signature checks."""
     from meshdl.security.identity import SecurityError
     from meshdl.wire.control import Campaign, decode_control
     out = {msg.node}
+    checked = 0
     for voter, frame in msg.votes.items():
-        if not frame or verify_vote is None:
+        if not frame or verify_vote is None or (live and voter not in live):
             continue
+        checked += 1
+        if checked > MAX_CHECKED_VOTES:
+            log.warning("leader record of %s carries more than %d votes; the rest are "
+                        "ignored", sanitise(msg.node), MAX_CHECKED_VOTES)
+            break
         try:
             ve, vbody = verify_vote(frame if isinstance(frame, bytes) else frame.encode())
             v = decode_control(vbody, Campaign)
