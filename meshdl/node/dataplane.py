@@ -467,6 +467,7 @@ class DataPlane(_DataPlaneRoles):
                                 self.node_id, self.jobs.ttl_s)
                 self.sender.cancel_job(st.job)
                 self.credit.release_job(st.job)
+                self.phased.forget(st.job)      # partials of an expired job go too
             self.reasm.expire()
             self._refresh_credit()      # a lost credit update costs a second at most
             now = time.monotonic()
