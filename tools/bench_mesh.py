@@ -142,7 +142,8 @@ def _bare_receiver(url: str, topic: str, n: int, q) -> None:
 def _piece_receiver(url: str, mesh: str, me: str, n: int, q, stop) -> None:
     """The data plane's receive path (as ``DataPlane._on_piece``): verify the crc,
     reassemble, dedupe, ack back (``flow.Acker``, batched)."""
-    from meshdl.node.flow import Acker, ReceiveLog
+    from meshdl.node.credit import Acker, CreditLedger
+    from meshdl.node.flow import ReceiveLog
     from meshdl.transport.paho_bus import PahoBus
     from meshdl.wire import topics
     from meshdl.wire.codec import PieceFrame, decode_frame
@@ -152,7 +153,8 @@ def _piece_receiver(url: str, mesh: str, me: str, n: int, q, stop) -> None:
     got = [0]
     done = threading.Event()
     with PahoBus(url, max_inbound=100000) as bus:
-        acker = Acker(me, lambda hop, topic, payload: bus.publish(topic, payload, qos=1))
+        acker = Acker(me, lambda hop, topic, payload: bus.publish(topic, payload, qos=1),
+                      credit=CreditLedger().grant)     # grants as a node's data plane does
 
         def on(topic, payload, retained):
             step = topics.next_hop(topic, me)
@@ -162,7 +164,7 @@ def _piece_receiver(url: str, mesh: str, me: str, n: int, q, stop) -> None:
             if reasm.add(f) is not None and seen.mark((f.job, f.piece)):
                 back = [f.src_task[1:]]
                 acker.ack(back[0], topics.route_topic(mesh, back, step.job, step.piece),
-                          f.job, f.piece, f.term)
+                          f.job, f.piece, f.term, peer=back[0])
                 got[0] += 1
                 if got[0] >= n:
                     done.set()
@@ -212,8 +214,7 @@ def _run_pieces(ctx, url: str, n: int, payload) -> dict:
         def on_ack(topic, data, retained):
             f = decode_frame(data)
             if isinstance(f, AckFrame):
-                for piece in f.pieces:
-                    sender.on_ack(f.job, piece, f.ok, f.chunks)
+                sender.on_ack_frame(f)          # the receiver's credit, then its pieces
         bus.subscribe(topics.route_inbox(mesh, "tx"), on_ack, qos=1)
         time.sleep(0.3)
         c0, t0 = _cpu(), time.time()
