@@ -13,9 +13,10 @@ prober keeps an ``Estimate`` per figure and feeds it each probe sample.
   timed out) and the window restarts from them (no waiting for a median of old
   samples to turn over).
 - A sample taken while this node's own data traffic was crossing the link (``loaded``)
-  is biased low (the padded ping queues behind the data): it is skipped unless it says
-  the link got faster, confirms a pending step, or ``max_skip`` loaded samples were
-  already skipped in a row (a link busy all the time is still measured).
+  is noise (the pings queue behind the data, by varying amounts): it is skipped unless
+  ``max_skip`` loaded samples were already skipped in a row (a link busy all the time
+  is still measured). A probe that found the link saturated (its empty ping queued)
+  is not *loaded*: the rate the link carried meanwhile is then the measurement.
 
 So a step persisting ``confirm`` probes is published within ``confirm`` probe periods;
 noise inside the band never moves the estimate by more than the band, and an outlier
@@ -34,7 +35,7 @@ class EstimatorParams:
     threshold: float = 0.5     # a step: the sample is beyond value x (1 + threshold) or / it
     confirm: int = 2           # consecutive samples beyond the band on one side
     window: int = 5            # in-band samples kept; the estimate is their median
-    max_skip: int = 2          # loaded samples skipped in a row before one counts
+    max_skip: int = 3          # loaded samples skipped in a row before one counts
     floor: float = 0.0         # absolute band half-width floor (e.g. 2 ms for RTTs)
     deadband: float = 0.1      # the window's median moves the estimate only past this
 
@@ -70,10 +71,10 @@ def update(est: Estimate, sample: float, p: EstimatorParams = EstimatorParams(),
         if loaded and est.skipped < p.max_skip:
             return replace(est, skipped=est.skipped + 1)
         return Estimate(sample, (sample,), (), 0, est.steps)
+    if loaded and est.skipped < p.max_skip:
+        return replace(est, skipped=est.skipped + 1)
     s = side(est.value, sample, p)
     confirms = bool(est.pending) and side(est.value, est.pending[-1], p) == s
-    if loaded and s <= 0 and est.skipped < p.max_skip and not confirms:
-        return replace(est, skipped=est.skipped + 1)
     if s == 0:
         window = (est.window + (sample,))[-p.window:]
         m = float(statistics.median(window))

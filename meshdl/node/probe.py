@@ -156,6 +156,7 @@ class Prober:
         self._params = {"throughput_bps": EstimatorParams(threshold, window=SAMPLES),
                         "rtt_s": EstimatorParams(threshold, window=SAMPLES, floor=0.002)}
         self._traffic, self._on_step = traffic, on_step
+        self._quiet_rtt: dict[str, float] = {}   # empty-ping RTT on an idle link
         self._cursor = 0
 
     def on_pong(self, p: Probe) -> None:
@@ -209,24 +210,32 @@ class Prober:
         after = self._traffic() if before is not None else None
         moved = None if before is None or after is None else \
             (after[0] - before[0], after[1] - before[1])
-        if small is None:
-            if moved is None:
-                return None
-            # even the empty ping queued past its timeout (behind data, or behind the
-            # padding of a probe that timed out): the busy link carried at least this
-            fig = {"rtt_s": elapsed, "throughput_bps": le.passive_series_bps(*moved, elapsed)}
-            loaded = True
+        with self._lock:
+            quiet = self._quiet_rtt.get(peer)
+        pads = SMALL_PAD + (0 if small is None else base_pad) + (
+            0 if base is None else base_pad + extra_pad)
+        loaded = le.probe_loaded(None if moved is None else sum(moved),
+                                 (4 if peer == BROKER else 2) * pads)
+        # other traffic, and the empty ping queued (timed out, or 2x + 20 ms over its
+        # quiet RTT): the link was saturated, so what it carried meanwhile is its rate
+        saturated = loaded and (small is None or (
+            quiet is not None and small > 2 * quiet + 0.02))
+        if small is None and not saturated:
+            return None
+        if saturated:
+            fig = {"rtt_s": elapsed if small is None else small,
+                   "throughput_bps": le.passive_series_bps(*moved, elapsed)}
+            loaded = False
         else:
             if base is None:          # slower than the timeout allows: report that bound
                 fig = probe_figures(small, elapsed, base_pad - SMALL_PAD)
             else:
                 fig = probe_figures(base, elapsed if big is None else big, extra_pad)
                 fig["rtt_s"] = small
-            sent = (4 if peer == BROKER else 2) * (SMALL_PAD + 2 * base_pad + extra_pad)
-            loaded = le.probe_loaded(None if moved is None else sum(moved), sent)
-            if loaded:                # queued behind data: at least what the link carried
-                fig["throughput_bps"] = max(fig["throughput_bps"],
-                                            le.passive_series_bps(*moved, elapsed))
+            if not loaded:
+                with self._lock:
+                    self._quiet_rtt[peer] = small if quiet is None else min(
+                        small, 0.8 * quiet + 0.2 * small)
         if peer == BROKER:
             # the latency is the node's own (netem is absent; a veth adds ~0); a small
             # ping queued behind data on the shaped link would overstate it badly
