@@ -1,13 +1,21 @@
 """Shared fixtures: real brokers on free loopback ports (mosquitto; amqtt fallback)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
+
+# CI (and a plain `pytest`) draws the same examples every run, so a red run is
+# reproducible and a green one is not luck; HYPOTHESIS_PROFILE=explore draws anew.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 NO_MOSQUITTO = "mosquitto binary not installed (apt-get install mosquitto; CI installs it)"
 
