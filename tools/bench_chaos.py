@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import random
 import signal
@@ -135,11 +136,21 @@ def _wait(pred, timeout: float, step: float = 0.05) -> float | None:
 
 
 def _planned_without(snap, node: str) -> bool:
+    """The leader's current plans (per standing request, the one it published last in
+    its term) leave ``node`` out. A superseded plan stays retained a few seconds so
+    jobs on it finish (``leader.RETIRE_S``): it is not a current plan."""
     if snap.leader is None:
         return False
-    cur = [m for m in snap.plans.values() if m.term == snap.leader.term]
-    return bool(cur) and all(node not in (m.plan.get("meta") or {}).get("members", [node])
-                             for m in cur)
+    newest: dict[str, object] = {}
+    for m in snap.plans.values():
+        if m.term != snap.leader.term:
+            continue
+        key = json.dumps((m.plan.get("meta") or {}).get("request"), sort_keys=True,
+                         default=str)
+        if key not in newest or m.ts > newest[key].ts:
+            newest[key] = m
+    return bool(newest) and all(node not in (m.plan.get("meta") or {}).get("members", [node])
+                                for m in newest.values())
 
 
 def run(args) -> list[Scenario]:
