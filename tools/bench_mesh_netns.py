@@ -9,7 +9,10 @@ For each topology (default home-wifi, home-wifi-n, home-jetson) one mesh per mod
 Both run at one time scale K per (topology, model), picked so this machine computes
 every task of the plan faster than the (K times slower) emulated device: each task of
 the plan is timed here on one thread (as the nodes run) and K = ceil(SAFETY x the worst
-real / emulated ratio). Reported times are divided by K.
+real / emulated ratio), and so a job lasts at least ``min_job_s`` dilated (this
+machine's fixed per-piece costs stay small against it); a row whose node logs show
+pacing warnings anyway (other load) runs again at 2K, once. ``--time-scale`` fixes K.
+Reported times are divided by K.
 
 Per (topology, model, mode): measured median (source holds the input -> sink holds
 the answer), the plan's prediction, their ratio, pacing warnings (from the node logs),
@@ -145,7 +148,7 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
 def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                modes: tuple[str, ...] = ("netns", "emulator"),
                max_k: float = 1e4, on_rows=None, min_job_s: float = 0.0,
-               time_scale: float | None = None) -> list[dict]:
+               time_scale: float | None = None, retries: int = 1) -> list[dict]:
     import meshdl
     rows = []
     real = {m: real_forward_s(m) for m in models}
@@ -169,18 +172,26 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
             k = min(want, max_k)
             log.info("%s %s: time scale %g%s", topo, model, k,
                      f" (capped; {want:g} wanted)" if k < want else "")
-            results = {}
-            for mode in modes:
-                log_dir = out / "logs" / f"{topo}-{model}-{mode}"
-                log_dir.mkdir(parents=True, exist_ok=True)
-                for f in [*log_dir.glob("*.log"), *log_dir.glob("*.warm")]:
-                    f.unlink()
-                try:
-                    results[mode] = run_mode(mode, topo, [model], k, runs, log_dir)
-                except meshdl.MeshdlError as exc:
-                    log.warning("%s %s %s failed: %s", topo, model, mode, exc)
-                    results[mode] = {}
-                results[mode]["_pacing"] = pacing_warnings(log_dir)
+            for attempt in range(retries + 1):
+                results = {}
+                for mode in modes:
+                    log_dir = out / "logs" / f"{topo}-{model}-{mode}"
+                    log_dir.mkdir(parents=True, exist_ok=True)
+                    for f in [*log_dir.glob("*.log"), *log_dir.glob("*.warm")]:
+                        f.unlink()
+                    try:
+                        results[mode] = run_mode(mode, topo, [model], k, runs, log_dir)
+                    except meshdl.MeshdlError as exc:
+                        log.warning("%s %s %s failed: %s", topo, model, mode, exc)
+                        results[mode] = {}
+                    results[mode]["_pacing"] = pacing_warnings(log_dir)
+                warned = sum(r["_pacing"] for r in results.values())
+                if not warned or time_scale or k >= max_k or attempt == retries:
+                    break
+                # this machine was slower than K allowed (other load): dilate more
+                k = min(2 * k, max_k)
+                log.info("%s %s: %d pacing warning(s); again at time scale %g", topo, model,
+                         warned, k)
             single_dev, single_s = best_single(g, mesh, src)
             for mode in modes:
                 got = results[mode].get(model)
@@ -253,7 +264,7 @@ def write_star(out: Path, rows: list[dict], cmd: str) -> str:
                     f" (rows within 15%: {sum(abs(r['ratio'] - 1) <= 0.15 for r in mine)}/"
                     f"{len(mine)}); min meshdl / best single device: "
                     f"{min(r['vs_best_single'] for r in mine):.3f}; "
-                    f"pacing warnings: {sum({r['mesh']: r['pacing_warnings_mesh'] for r in mine}.values())}")
+                    f"pacing warnings: {sum(r['pacing_warnings_mesh'] for r in mine)}")
     text = "\n".join(lines) + "\n"
     (out / "bench_mesh_netns.md").write_text(text)
     return text
