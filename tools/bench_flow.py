@@ -83,7 +83,7 @@ def _receiver(url: str, n: int, held_mb: float, hold_ms: float, q, stop) -> None
 
 
 def one_run(ctx, url: str, n: int, payload, credit: bool, held_mb: float,
-            hold_ms: float) -> dict:
+            hold_ms: float, initial_mb: float = 16.0) -> dict:
     from meshdl.node.emulation import Links
     from meshdl.node.flow import ReliableSender
     from meshdl.transport.paho_bus import PahoBus
@@ -97,7 +97,7 @@ def one_run(ctx, url: str, n: int, payload, credit: bool, held_mb: float,
     with PahoBus(url) as bus:
         links = Links("tx", lambda t, b: bus.publish(t, b, qos=1))
         sender = ReliableSender("tx", lambda tr, fr, done: links.send(tr.path[1], fr, done),
-                                credit=credit)
+                                credit=credit, initial_grant=int(initial_mb * MIB))
 
         def on_ack(topic, data, retained):
             f = decode_frame(data)
@@ -150,6 +150,8 @@ def main() -> None:
                     help="the receiver's held-pieces cap (its credit)")
     ap.add_argument("--hold-ms", type=float, default=0.0,
                     help="the receiver keeps each piece this long before it is used")
+    ap.add_argument("--initial-mb", type=float, default=16.0,
+                    help="what the sender may have in flight before the first grant")
     ap.add_argument("--out", default="results")
     args = ap.parse_args()
     import numpy as np
@@ -162,18 +164,19 @@ def main() -> None:
     with EmbeddedBroker(str(data_dir("broker") / "plain.conf"), backend="mosquitto") as b:
         for credit in (True, False):                              # warm-up
             one_run(ctx, b.url, max(5, args.pieces // 10), payload, credit, args.held_mb,
-                    args.hold_ms)
+                    args.hold_ms, args.initial_mb)
         for rep in range(args.runs):
             for credit in ((True, False) if rep % 2 == 0 else (False, True)):
                 r = one_run(ctx, b.url, args.pieces, payload, credit, args.held_mb,
-                            args.hold_ms)
+                            args.hold_ms, args.initial_mb)
                 r["run"] = rep + 1
                 rows.append(r)
                 print(r, flush=True)
     med = {m: statistics.median(r["MiB_per_s"] for r in rows if r["mode"] == m)
            for m in ("credit", "window only")}
     print(f"\n{args.pieces} pieces of {args.piece_mb} MiB, receiver cap {args.held_mb} MiB, "
-          f"hold {args.hold_ms} ms, {args.runs} interleaved runs per mode\n")
+          f"hold {args.hold_ms} ms, initial grant {args.initial_mb} MiB, {args.runs} interleaved "
+          "runs per mode\n")
     print("| mode | run | MiB/s | peak in flight MiB | peak held MiB | credit waits | "
           "retransmissions | failed |")
     print("|---|---|---|---|---|---|---|---|")

@@ -53,7 +53,7 @@ PIECE_QOS = 1
 INLINE_RESULT = 1 << 20     # larger answers go to the client as a piece, not inline
 LOOPBACK_BPS = 2e9          # what a hop costs when not emulated (rto estimate only)
 HELD_BYTES = 256 << 20      # acked pieces a node holds before they are used (its credit)
-INITIAL_GRANT = 4 << 20     # what a sender may have in flight before a receiver's first grant
+INITIAL_GRANT = 16 << 20    # what a sender may have in flight before a receiver's first grant
 
 
 class DataPlane(_DataPlaneRoles):

@@ -94,7 +94,7 @@ class ReliableSender:
 
     def __init__(self, node_id: str, transmit: Callable[..., None],
                  *, rto_min_s: float = 1.0, max_retries: int = 6,
-                 window_bytes: int = 256 << 20, initial_grant: int = 4 << 20,
+                 window_bytes: int = 256 << 20, initial_grant: int = 16 << 20,
                  max_queued_bytes: int = 1 << 30, credit: bool = True,
                  max_peers: int = 4096, clock: Callable[[], float] = time.monotonic
                  ) -> None:
