@@ -4,7 +4,10 @@
     python tools/bench_mesh.py --netns [--topologies home-wifi,...] [--models ...]
 
 ``--netns`` (root, iproute2): realistic star meshes over real shaped links side by side
-with the plain emulator (tools/bench_mesh_netns.py), instead of 1. and 2. below.
+with the plain emulator (tools/bench_mesh_netns.py), instead of 1. and 2. below; each
+row also runs the best single device (input shipped to it) in the same mesh, jobs
+alternating with meshdl's, and reports measured / measured. ``--modes emulator`` runs
+the plain emulator only (no root needed).
 
 1. Latency: every device of a topology runs as an emulated DataPlane (compute paced
    to the device's FLOP/s, every hop to its link) in this process, on a mosquitto
@@ -339,6 +342,8 @@ def main() -> None:
                     "time (fixed per-piece costs of this machine stay small against it)")
     ap.add_argument("--time-scale", type=float, help="with --netns: this time scale for "
                     "every row (default: picked per row)")
+    ap.add_argument("--modes", default="netns,emulator", help="with --netns: comma-separated "
+                    "meshes to run, of netns (shaped links, root) and emulator (loopback)")
     args = ap.parse_args()
     if args.netns:
         return main_netns(args)
@@ -382,9 +387,13 @@ def main_netns(args) -> None:
     topologies = args.topologies.split(",") if args.topologies else TOPOLOGIES
     models = args.models.split(",") if args.models else MODELS
     cmd = " ".join(["python tools/bench_mesh.py", *sys.argv[1:]])
+    bad = set(args.modes.split(",")) - {"netns", "emulator"}
+    if bad:
+        raise SystemExit(f"--modes: unknown mode(s) {', '.join(sorted(bad))}; "
+                         "use netns and/or emulator")
     rows = bench_star(topologies, models, args.runs, out, max_k=args.max_time_scale,
                       on_rows=lambda r: write_star(out, r, cmd), min_job_s=args.min_job_s,
-                      time_scale=args.time_scale)
+                      time_scale=args.time_scale, modes=tuple(args.modes.split(",")))
     print(write_star(out, rows, cmd))
 
 

@@ -16,10 +16,19 @@ Reported times are divided by K.
 
 Per (topology, model, mode): measured median (source holds the input -> sink holds
 the answer), the plan's prediction, their ratio, pacing warnings (from the node logs),
-the best single device with the input shipped to it (cost model, every device tried)
-and meshdl's speed-up over it (measured meshdl vs predicted best single, and predicted
-vs predicted), and that speed-up as a share of the ideal (sum of FLOP/s over the
-fastest device's).
+the best single device with the input shipped to it (cost model, every device that
+holds the model tried) and meshdl's speed-up over it. The best single device is also
+RUN, in the same mesh, by the same client, jobs alternating with meshdl's (meshdl,
+single, single, meshdl, ...: load hits both arms alike): a job of strategy ``local``
+with that device as its source and the real source as its sink (the whole model on
+the device, the answer shipped back to the source, measured by the nodes' clocks like
+meshdl's jobs). When the device is not the source, the input's hop source -> device
+(the source's uplink + the device's downlink, store and forward) is added from the
+cost model (``input_hop_s``; the runtime has no job that ships an input on between
+two devices without computing). Reported: measured meshdl / measured best single
+(``vs_best_single``), the old measured meshdl / predicted best single
+(``speedup_measured``) and predicted / predicted (``speedup_predicted``), and the share
+of the ideal speed-up (sum of FLOP/s over the fastest device's).
 """
 from __future__ import annotations
 
@@ -88,11 +97,31 @@ def task_time_scale(g, plan, mesh, safety: float = SAFETY, slack_s: float = 0.00
 
 
 def best_single(g, mesh, source: str) -> tuple[str, float]:
-    from meshdl.planner.local import whole_plan
+    """The device that runs the whole model fastest with the input shipped to it from
+    ``source`` and the answer back (cost model), among those that hold the model."""
+    from meshdl.planner.local import local_fits, whole_plan
     from meshdl.planner.simulate import simulate
     best = min((simulate(whole_plan(g, d, source, source), g, mesh).latency_s, d)
-               for d in mesh.devices)
+               for d in mesh.devices if local_fits(g, mesh, d) or d == source)
     return best[1], best[0]
+
+
+def input_hop_s(g, mesh, source: str, device: str) -> float:
+    """The cost model's time for the input's hop ``source`` -> ``device`` (0 when they
+    are the same): the best-single plan with the input at the source, minus the same
+    plan with the input already on the device."""
+    from meshdl.planner.local import whole_plan
+    from meshdl.planner.simulate import simulate
+    if device == source:
+        return 0.0
+    return (simulate(whole_plan(g, device, source, source), g, mesh).latency_s
+            - simulate(whole_plan(g, device, device, source), g, mesh).latency_s)
+
+
+def arm_order(i: int) -> tuple[str, str]:
+    """Job ``i``'s order of the two arms: meshdl first on even jobs, the best single
+    device first on odd ones (meshdl, single, single, meshdl, ...)."""
+    return ("meshdl", "single") if i % 2 == 0 else ("single", "meshdl")
 
 
 def pacing_warnings(log_dir: Path) -> int:
@@ -108,8 +137,11 @@ def pacing_warnings(log_dir: Path) -> int:
 
 
 def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
-             log_dir: Path) -> dict:
-    """{model: (measured_s list in real units, plan)} for one mesh."""
+             log_dir: Path, singles: dict | None = None) -> dict:
+    """{model: (meshdl measured_s list in real units, plan, plan ids, best single
+    measured_s list)} for one mesh; ``singles``: {model: (device, source)} adds the
+    best-single arm (strategy local on the device, answer to the source), its jobs
+    alternating with meshdl's."""
     import torch
     import meshdl
     from meshdl.client import MeshClient
@@ -128,18 +160,36 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
         try:
             x = torch.randn(1, 3, 224, 224)
             for model in models:
-                try:
-                    c.infer(x, model=model, alpha=1.0, timeout=300)     # warm-up
-                except meshdl.MeshdlError as exc:                      # once more
-                    log.warning("%s %s warm-up failed (%s); again", mode, model, exc)
-                    c.infer(x, model=model, alpha=1.0, timeout=300)
+                arms = {"meshdl": dict(model=model, alpha=1.0, timeout=300)}
+                if singles and model in singles:
+                    dev, src = singles[model]
+                    arms["single"] = dict(model=model, strategy="local", source=dev,
+                                          sink=src, alpha=1.0, timeout=300)
+                for arm, opts in arms.items():
+                    try:
+                        c.infer(x, **opts)                                 # warm-up
+                    except meshdl.MeshdlError as exc:                      # once more
+                        log.warning("%s %s %s warm-up failed (%s); again", mode, model,
+                                    arm, exc)
+                        c.infer(x, **opts)
                 for f in log_dir.glob("*.log"):       # count the timed jobs' warnings only
                     f.with_suffix(".warm").write_text(f.read_text(errors="replace"))
-                res = [c.infer(x, model=model, alpha=1.0, timeout=300) for _ in range(runs)]
-                meas = [(r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s)
-                        / k for r in res]
-                out[model] = (meas, res[-1].plan, {r.plan.plan_id for r in res})
-                log.info("%s %s %s: %s", mode, topo, model, [round(v, 3) for v in meas])
+                res: dict[str, list] = {a: [] for a in arms}
+                for i in range(runs):
+                    for arm in arm_order(i):
+                        if arm in arms:
+                            res[arm].append(c.infer(x, **arms[arm]))
+
+                def meas(rs):
+                    return [(r.mesh_latency_s if r.mesh_latency_s is not None
+                             else r.latency_s) / k for r in rs]
+                m = meas(res["meshdl"])
+                single = meas(res["single"]) if "single" in res else None
+                out[model] = (m, res["meshdl"][-1].plan,
+                              {r.plan.plan_id for r in res["meshdl"]}, single)
+                log.info("%s %s %s: meshdl %s single %s", mode, topo, model,
+                         [round(v, 3) for v in m],
+                         single and [round(v, 3) for v in single])
         finally:
             c.__exit__(None, None, None)
     return out
@@ -172,6 +222,8 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
             k = min(want, max_k)
             log.info("%s %s: time scale %g%s", topo, model, k,
                      f" (capped; {want:g} wanted)" if k < want else "")
+            single_dev, single_s = best_single(g, mesh, src)
+            hop = input_hop_s(g, mesh, src, single_dev)
             for attempt in range(retries + 1):
                 results = {}
                 for mode in modes:
@@ -180,7 +232,8 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                     for f in [*log_dir.glob("*.log"), *log_dir.glob("*.warm")]:
                         f.unlink()
                     try:
-                        results[mode] = run_mode(mode, topo, [model], k, runs, log_dir)
+                        results[mode] = run_mode(mode, topo, [model], k, runs, log_dir,
+                                                 {model: (single_dev, src)})
                     except meshdl.MeshdlError as exc:
                         log.warning("%s %s %s failed: %s", topo, model, mode, exc)
                         results[mode] = {}
@@ -192,13 +245,13 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                 k = min(2 * k, max_k)
                 log.info("%s %s: %d pacing warning(s); again at time scale %g", topo, model,
                          warned, k)
-            single_dev, single_s = best_single(g, mesh, src)
             for mode in modes:
                 got = results[mode].get(model)
                 if got is None:
                     continue
-                meas, plan, ids = got
+                meas, plan, ids, smeas = got
                 measured = statistics.median(meas)
+                single_m = statistics.median(smeas) + hop if smeas else None
                 predicted = plan.latency_s / k
                 rows.append({
                     "mesh": topo, "model": model, "mode": mode, "time_scale": k,
@@ -206,6 +259,9 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                     "measured_s": round(measured, 4), "predicted_s": round(predicted, 4),
                     "ratio": round(measured / predicted, 3),
                     "best_single": single_dev, "best_single_pred_s": round(single_s, 4),
+                    "best_single_measured_s": None if single_m is None else round(single_m, 4),
+                    "best_single_input_hop_pred_s": round(hop, 4),
+                    "vs_best_single": None if single_m is None else round(single_m / measured, 3),
                     "speedup_measured": round(single_s / measured, 3),
                     "speedup_predicted": round(single_s / predicted, 3),
                     "ideal_speedup": round(ideal, 3),
@@ -218,19 +274,14 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
     return rows
 
 
-def vs_single(r: dict) -> float:
-    """meshdl over the best single device with the input shipped to it: 1.0 when the
-    planner chose that very plan (the run measured is the best single device's run),
-    else measured meshdl vs the cost model's best single device."""
-    if r["plan"] == r["best_single"]:
-        return 1.0
-    return round(float(r["best_single_pred_s"]) / float(r["measured_s"]), 3)
+def plan_label(plan: str, best: str) -> str:
+    """The plan column: the devices, marked when they are the best single device (then
+    both arms run the same plan and measured / measured is ~1.0 by construction)."""
+    return f"{plan} (= best single)" if plan == best else plan
 
 
 def write_star(out: Path, rows: list[dict], cmd: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        r["vs_best_single"] = vs_single(r)
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with open(out / "bench_mesh_netns.csv", "w", newline="") as f:
@@ -240,8 +291,10 @@ def write_star(out: Path, rows: list[dict], cmd: str) -> str:
     lines = [f"# realistic star meshes: shaped links (netns) vs emulator\n\n`{cmd}`\n",
              "| mesh | model | K | plan | netns measured s | emulator measured s | "
              "predicted s | netns ratio | emulator ratio | best single (pred s) | "
-             "vs best single netns | vs best single emulator | share of ideal (netns) | "
-             "pacing warn netns/emu |", "|" + "---|" * 14]
+             "best single measured s netns / emu | vs best single netns / emu "
+             "(measured/measured) | predicted vs best single | vs predicted best single "
+             "netns / emu | share of ideal (netns / emu) | pacing warn netns/emu |",
+             "|" + "---|" * 16]
     by = {(r["mesh"], r["model"], r["mode"]): r for r in rows}
     for (mesh, model) in dict.fromkeys((r["mesh"], r["model"]) for r in rows):
         n, e = by.get((mesh, model, "netns")), by.get((mesh, model, "emulator"))
@@ -249,21 +302,29 @@ def write_star(out: Path, rows: list[dict], cmd: str) -> str:
 
         def f(r, key):
             return "-" if r is None else r[key]
-        lines.append(f"| {mesh} | {model} | {a['time_scale']:g} | {a['plan']} | "
+        hop = float(a.get("best_single_input_hop_pred_s") or 0)
+        lines.append(f"| {mesh} | {model} | {a['time_scale']:g} | "
+                     f"{plan_label(a['plan'], a['best_single'])} | "
                      f"{f(n, 'measured_s')} | {f(e, 'measured_s')} | {a['predicted_s']} | "
                      f"{f(n, 'ratio')} | {f(e, 'ratio')} | {a['best_single']} "
-                     f"({a['best_single_pred_s']}) | {f(n, 'vs_best_single')} | "
-                     f"{f(e, 'vs_best_single')} | {f(n, 'share_of_ideal')} | "
+                     f"({a['best_single_pred_s']}{f'; input hop {hop:.3f} pred' if hop else ''}) | "
+                     f"{f(n, 'best_single_measured_s')} / {f(e, 'best_single_measured_s')} | "
+                     f"{f(n, 'vs_best_single')} / {f(e, 'vs_best_single')} | "
+                     f"{a['speedup_predicted']} | "
+                     f"{f(n, 'speedup_measured')} / {f(e, 'speedup_measured')} | "
+                     f"{f(n, 'share_of_ideal')} / {f(e, 'share_of_ideal')} | "
                      f"{f(n, 'pacing_warnings_mesh')}/{f(e, 'pacing_warnings_mesh')} |")
     if rows:
         for mode in ("netns", "emulator"):
             mine = [r for r in rows if r["mode"] == mode]
+            vs = [r["vs_best_single"] for r in mine if r.get("vs_best_single") is not None]
             if mine:
                 lines.append(
                     f"\n{mode}: median measured/predicted {statistics.median(r['ratio'] for r in mine):.3f}"
                     f" (rows within 15%: {sum(abs(r['ratio'] - 1) <= 0.15 for r in mine)}/"
-                    f"{len(mine)}); min meshdl / best single device: "
-                    f"{min(r['vs_best_single'] for r in mine):.3f}; "
+                    f"{len(mine)}); min meshdl vs best single device, measured side by "
+                    f"side: {min(vs) if vs else float('nan'):.3f} (rows >= 1.0: "
+                    f"{sum(v >= 1.0 for v in vs)}/{len(vs)}); "
                     f"pacing warnings: {sum(r['pacing_warnings_mesh'] for r in mine)}")
     text = "\n".join(lines) + "\n"
     (out / "bench_mesh_netns.md").write_text(text)
