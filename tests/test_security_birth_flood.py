@@ -64,6 +64,25 @@ def test_never_heard_members_are_out_and_do_not_count_as_a_silent_mesh():
     assert lv.excluded(online, "me") == {"b"} | lv.unconfirmed
 
 
+def test_an_unheard_birth_delays_a_claim_by_two_heartbeats_at_most_and_never_plans():
+    """A node joining a running mesh reads retained births before their heartbeats:
+    the election gives such a member two heartbeats (it must not claim ahead of a
+    better member it has not heard yet); plans never take it; heard, it is in both."""
+    lv = Liveness(LivenessParams(period=0.5, stall_after=2.5))
+    online = ["me", "best", "fake"]
+    assert lv.excluded_from_election(online, "me", 10.0) == set()       # just seen
+    assert lv.excluded(online, "me") == {"best", "fake"}                 # plans: strict
+    _, changed = lv.tick(10.5, online, "me")
+    assert lv.excluded_from_election(online, "me", 10.9) == set()
+    lv.heard("best", 10.9)
+    _, changed = lv.tick(11.2, online, "me")
+    assert changed                                     # the fake left its grace: re-elect
+    assert lv.excluded_from_election(online, "me", 11.2) == {"fake"}
+    assert lv.excluded(online, "me") == {"fake"}
+    lv.forget(["me", "best"])                          # the fake's record went: forgotten
+    assert lv.excluded_from_election(["me", "best", "fake"], "me", 20.0) == set()
+
+
 # ------------------------------------------------------------------ real mesh
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 def test_a_flood_of_fake_retained_births_does_not_stop_the_mesh(tmp_path):

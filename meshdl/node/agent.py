@@ -43,6 +43,7 @@ from meshdl.node.agent_leader import _AgentLeader
 __all__ = ["NodeAgent", "BusFactory", "DEFAULT_KEEPALIVE", "keepalive_s"]
 
 log = logging.getLogger(__name__)
+STOP_WAIT_S = 5.0      # stop() waits this long for a plan or trace in flight
 
 BusFactory = Callable[[str, "Will | None"], Any]
 
@@ -96,6 +97,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         self._early_jobs: list[tuple[float, JobRequest]] = []   # asked while leaderless
         self._job_clients: dict[str, str] = {}                  # job -> client (bounded)
         self._warmed = False
+        self._helpers: list[threading.Thread] = []
         self.dataplane: Any = None
 
     # ------------------------------------------------------------ NodeContext
@@ -197,8 +199,14 @@ class NodeAgent(_AgentJoin, _AgentLeader):
             self.data_bus = self._bus_factory(f"{cid[:100]}-d", None)
         from meshdl.node.model_store import attach
         attach(self)        # user models: manifests and weights over MQTT (issue 13)
-        threading.Thread(target=self._start_dataplane, daemon=True, name="dataplane-start").start()
+        self._spawn(self._start_dataplane, "dataplane-start")
         return self
+
+    def _spawn(self, target: Any, name: str) -> None:
+        """A one-off worker thread (warm-up, start-up) that ``stop`` waits for."""
+        t = threading.Thread(target=target, daemon=True, name=name)
+        self._helpers = [h for h in self._helpers if h.is_alive()] + [t]
+        t.start()
 
     def _enqueue(self, tag: str):
         def handler(topic: str, payload: Any, retained: bool) -> None:
@@ -325,7 +333,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         with self._lock:
             self.liveness.forget(online)
             stalled = self.liveness.stalled
-            out = self.liveness.excluded(online, self.node_id)
+            out = self.liveness.excluded_from_election(online, self.node_id, time.monotonic())
         live = {n: f for n, f in online.items() if n not in out}
         self._elect_step(el.Members(live))
         if self._duties is not None:
@@ -433,7 +441,9 @@ class NodeAgent(_AgentJoin, _AgentLeader):
             except Exception:
                 log.exception("data plane stop failed")
         was_leader = self.is_leader
-        self._stop_duties()
+        deadline = time.monotonic() + STOP_WAIT_S
+        self._stop_duties(wait=STOP_WAIT_S)
+        self._join_helpers(deadline)
         if self.bus is None:
             return
         final = None
@@ -452,3 +462,13 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         if self.data_bus is not None:
             self.data_bus.close(timeout=1.0)
         log.info("node %s left mesh %s", self.node_id, self.mesh_name)
+
+    def _join_helpers(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for work in flight in torch (a warm-up trace, a
+        plan): a process must not exit inside torch's C++ (it aborts, exit code 134)."""
+        models = getattr(self.graphs, "models", None)
+        if models is not None and hasattr(models, "stop"):
+            models.stop()
+        for t in self._helpers:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))

@@ -40,11 +40,13 @@ class _AgentLeader:
 
         def warm() -> None:
             for model in default_models(self):
+                if self._stopped.is_set():
+                    return
                 try:
                     self.graphs.get(model)
                 except Exception as exc:   # a bad model name shows when planning
                     log.debug("warm-up of %s failed: %s", model, exc)
-        threading.Thread(target=warm, daemon=True, name="warm-graphs").start()
+        self._spawn(warm, "warm-graphs")
 
     def _raise_fence(self, term: int) -> None:
         old = self.plan_store.fence(term)
@@ -130,10 +132,12 @@ class _AgentLeader:
         self._duties = duties_for(self, term)
         self._duties.start()
 
-    def _stop_duties(self, close_bus: bool = True) -> None:
+    def _stop_duties(self, close_bus: bool = True, wait: float = 0.0) -> None:
         duties, self._duties = self._duties, None
         if duties is not None:
-            duties.stop()
+            duties.stop(wait)
+            if duties.thread.is_alive():    # still making a plan: stop() waits for it
+                self._helpers = [h for h in self._helpers if h.is_alive()] + [duties.thread]
         if close_bus:
             with self._lock:
                 lb, self._leader_bus = self._leader_bus, None

@@ -124,6 +124,10 @@ class LeaderDuties:
         self.plans_made = 0        # plans made (one request each)
 
     @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    @property
     def state(self) -> lp.LeaderState:
         return self._state
 
@@ -162,11 +166,16 @@ class LeaderDuties:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """Stop answering; with ``wait``, also wait that long for a plan being made
+        (the node is leaving: its process must not exit inside torch)."""
         with self._cv:
             self._stopped = True
             self._state, _ = lp.step(self._state, lp.LeaderChanged(None, self.term + 1))
             self._cv.notify_all()
+        t = self._thread
+        if wait > 0 and t.is_alive() and t is not threading.current_thread():
+            t.join(wait)
 
     def mesh_changed(self) -> None:
         with self._cv:

@@ -10,7 +10,11 @@ is *stalled*: it is out of the live mesh (plans, election members) until it is
 heard again. A member never heard at all (only its retained birth, which anyone
 could have left there) is *unconfirmed* and out of the live mesh the same way, so a
 flood of fake retained births neither crowds the election nor keeps a silent mesh
-from being judged. A process that was itself stopped cannot judge others: when its own
+from being judged. Only the election gives an unconfirmed member ``confirm_within``
+(two heartbeats) from when this node first saw it: a node joining a running mesh
+reads the retained births before their heartbeats, and must not claim ahead of a
+better member it has simply not heard yet (a fake birth delays a claim by that much,
+once, and never enters a plan). A process that was itself stopped cannot judge others: when its own
 clock jumped (a gap of ``stall_after / 2`` between ticks), every member counts as
 just heard; and when at least two members and half of the others fall silent at
 once, the broker, the network or this host is the likelier culprit: nobody is
@@ -31,6 +35,11 @@ HEARTBEAT = "heartbeat"
 class LivenessParams:
     period: float = 0.5            # heartbeat interval
     stall_after: float = 2.5       # unheard this long -> stalled
+    confirm_within: float | None = None   # election grace for an unheard birth (2 x period)
+
+    @property
+    def grace(self) -> float:
+        return 2.0 * self.period if self.confirm_within is None else self.confirm_within
 
 
 class Liveness:
@@ -40,9 +49,12 @@ class Liveness:
         self._last_tick: float | None = None
         self._stalled: frozenset[str] = frozenset()
         self._unconfirmed: frozenset[str] = frozenset()
+        self._first_seen: dict[str, float] = {}     # unheard members: when first seen
+        self._ungraced: frozenset[str] = frozenset()
 
     def heard(self, node: str, now: float) -> None:
         self._heard[node] = now
+        self._first_seen.pop(node, None)
 
     def last_heard(self, node: str) -> float | None:
         return self._heard.get(node)
@@ -52,6 +64,8 @@ class Liveness:
         keep = set(keep)
         for n in [n for n in self._heard if n not in keep]:
             del self._heard[n]
+        for n in [n for n in self._first_seen if n not in keep]:
+            del self._first_seen[n]
 
     def tick(self, now: float, online: Iterable[str], me: str | None = None
              ) -> tuple[frozenset[str], bool]:
@@ -71,6 +85,7 @@ class Liveness:
             at = self._heard.get(n)
             if at is None:
                 unconfirmed.add(n)
+                self._first_seen.setdefault(n, now)
                 continue
             others += 1
             if now - at > p.stall_after:
@@ -82,8 +97,10 @@ class Liveness:
                 self._heard[n] = now
             stalled = set()
         new, unc = frozenset(stalled), frozenset(unconfirmed)
-        changed = new != self._stalled or unc != self._unconfirmed
-        self._stalled, self._unconfirmed = new, unc
+        ungraced = frozenset(n for n in unc if now - self._first_seen[n] > p.grace)
+        changed = (new != self._stalled or unc != self._unconfirmed
+                   or ungraced != self._ungraced)
+        self._stalled, self._unconfirmed, self._ungraced = new, unc, ungraced
         return new, changed
 
     @property
@@ -96,6 +113,18 @@ class Liveness:
         heard (checked now, not at the last tick: a fake birth never counts)."""
         return self._stalled | frozenset(n for n in online
                                          if n != me and n not in self._heard)
+
+    def excluded_from_election(self, online: Iterable[str], me: str | None,
+                               now: float) -> frozenset[str]:
+        """Members of ``online`` out of the election now: stalled, or never heard
+        ``grace`` seconds after this node first saw them (see the module doc)."""
+        grace = self.params.grace
+        out = set(self._stalled)
+        for n in online:
+            if n != me and n not in self._heard:
+                if now - self._first_seen.setdefault(n, now) > grace:
+                    out.add(n)
+        return frozenset(out)
 
     @property
     def stalled(self) -> frozenset[str]:

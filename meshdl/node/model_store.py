@@ -100,12 +100,14 @@ class Provider:
         self.bus.subscribe(topics.model_want_all(self.mesh), self._on_want, qos=1)
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 1.0) -> None:
         self._stop.set()
         try:
             self.bus.unsubscribe(topics.model_want_all(self.mesh))
         except Exception:   # the bus may be closed already
             pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(wait)
 
     def offer(self, model_id: str, manifest: dict, blobs: dict[str, bytes]) -> None:
         """Pin ``blobs`` and publish the manifest retained (the mesh can fetch it)."""
@@ -399,6 +401,9 @@ class NodeModels:
         self.timeout = timeout
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        self.provider.stop()
 
     def _model_lock(self, model_id: str) -> threading.Lock:
         with self._lock:
