@@ -116,3 +116,32 @@ def test_graph_cache_keeps_one_weight_copy_per_model():
     assert len(ptrs) == len(list(graphs[0].module.parameters()))
     assert len(gc._graphs) == 3                     # LRU bound on traced graphs
     assert graphs[1].input_shape == (1, 3, 40, 40) and graphs[3].input_shape == (1, 3, 56, 56)
+
+
+def test_a_stopped_node_lets_its_process_exit_cleanly_while_it_was_planning():
+    """A leader stopped while its planner thread is inside torch (a fresh process
+    importing and tracing the model) waits for it: the process exits with 0, not
+    with torch's abort at interpreter exit (134)."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import time
+        from meshdl.mesh import Device, Power
+        from meshdl.node.agent import NodeAgent
+        from meshdl.node.config import NodeConfig
+        from meshdl.transport.memory import MemoryBroker
+        broker = MemoryBroker()
+        cfg = NodeConfig(node_id="a", mesh="m", emulate=True, models=("resnet18",))
+        dev = Device("a", "generic", 2e9, 1 << 30, Power(3.0, 1.0, 1.0, 0.5))
+        a = NodeAgent(cfg, device=dev, base=None, dataplane=False,
+                      bus_factory=lambda cid, will: broker.bus(cid, will)).start()
+        deadline = time.monotonic() + 30
+        while not a.is_leader and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.is_leader, "never led"
+        a.stop()                 # its planner is importing torch and tracing the model
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
