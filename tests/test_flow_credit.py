@@ -18,15 +18,7 @@ from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
 from meshdl.wire.codec import AckFrame, decode_frame, encode_ack
 
 from test_dataplane import broker_template, close_enough, rename
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
+from proc_util import wait_for
 
 
 class Wire:

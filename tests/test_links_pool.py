@@ -6,15 +6,7 @@ import threading
 import time
 
 from meshdl.node.emulation import Links
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
+from proc_util import wait_for
 
 
 class Published:
