@@ -3,18 +3,24 @@
     python tools/bench_dynamics.py [--topology home-jetson] [--model resnet18]
         [--trace FILE] [--time-scale K] [--out results/dynamics]
 
-Runs ``NetnsMeshUp`` (root, iproute2), plays the trace with ``tc class change`` while a
-client sends jobs back to back, and compares, job by job, over the same stream:
-- meshdl: measured (source holds the input -> sink holds the answer, / K), with the
-  plan the leader chose from its measured telemetry;
-- fixed: the plan made at the start, kept fixed, scored by the cost model on the links
-  of each job's moment (``Trace.mesh_at``);
-- oracle: a plan made for the links of each job's moment, scored the same way;
-- meshdl (model): the plan meshdl used, scored the same way (like for like with the
-  two above).
-Re-plan delay: for each trace event, the time until the leader published a plan for
-the new links (the first new plan id seen on the broker), in seconds and in telemetry
-periods. Writes dynamics.csv (per job) and dynamics.md.
+Runs ``NetnsMeshUp`` (root, iproute2) and plays the trace three times with ``tc class
+change`` (the links reset to the topology's figures between passes), once per arm,
+every arm measured for real on the same mesh:
+- meshdl: a client sends jobs back to back; the leader plans from its measured
+  telemetry (``MeshClient.infer``);
+- fixed: the same jobs, released at the meshdl pass's start times relative to the
+  trace (a job waits for the one before it), each on the plan made at the start for
+  the topology's links, pinned: issued to the mesh as the leader issues plans and run
+  through ``MeshClient.run_on_plan`` (tools/dynamics_arms.py);
+- oracle: the same jobs and release times, each on the plan the planner makes for
+  the trace's links of its start moment (knows the trace: every segment's plan is
+  issued, and so warmed by the nodes, before the pass).
+Measured: source holds the input -> sink holds the answer, / K. Each arm's plans are
+also scored by the cost model on the links of each job's start moment (second
+column). Re-plan delay (meshdl pass): per trace event, the time until the target
+device published a link step, the leader a plan other than the one in use, and the
+first job ran on it, in telemetry periods. Writes dynamics.csv (per job, per arm)
+and dynamics.md.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 log = logging.getLogger("bench_dynamics")
 
@@ -38,6 +45,7 @@ DEFAULT_TRACE = """# time_s, device, bandwidth_mbps   (real-world seconds from t
 3.0, jetson, 4
 7.0, jetson, 900
 """
+ARMS = ("meshdl", "fixed", "oracle")
 
 
 def main() -> None:
@@ -64,6 +72,7 @@ def main() -> None:
     from meshdl.node.netns import in_netns
     from meshdl.node.netns_up import NetnsMeshUp
     from meshdl.planner.simulate import simulate
+    from dynamics_arms import PassResult, Pinner, plan_for, reset_links, run_pinned
 
     mesh = meshdl.load_topology(args.topology)
     trace = (load_trace(args.trace) if args.trace else parse_trace(DEFAULT_TRACE)).check(mesh)
@@ -73,20 +82,22 @@ def main() -> None:
     start_plan = meshdl.plan(g, mesh, strategy="meshdl", source=src, sink=src, alpha=1.0)
     k = args.time_scale
     if k is None:
-        sys.path.insert(0, str(ROOT / "tools"))
         from bench_mesh_netns import pick_time_scale, real_forward_s, task_time_scale
         k = max(pick_time_scale(mesh, {args.model: g}, {args.model: real_forward_s(args.model)}),
                 task_time_scale(g, start_plan, mesh))
     log.info("time scale %g", k)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    appeared: list[tuple[float, str]] = []   # (wall time, plan id) a plan appeared
-    jobs = []
-    job_starts: list[tuple[float, str]] = []  # (monotonic start, plan id) per timed job
-    failed: list[tuple[float, str]] = []      # (start, error) of jobs that failed
+    tele = args.telemetry_period
+    appeared: list[tuple[float, str]] = []   # (monotonic time, plan id) a plan appeared
+    job_starts: list[tuple[float, str]] = []  # (monotonic start, plan id), meshdl pass
+    res: dict[str, PassResult] = {}
+    pacing: dict[str, int] = {}
+    schedule: list[float] = []                # real-world release times (meshdl pass)
+    seg_t = [-1.0] + trace.times              # the oracle's plan per link segment
+    oracle_plans: dict[float, object] = {}
     with NetnsMeshUp(args.topology, time_scale=k, mesh="dyn", models=[args.model],
-                     log_dir=out / "logs", verbose=True,
-                     telemetry_period=args.telemetry_period) as up:
+                     log_dir=out / "logs", verbose=True, telemetry_period=tele) as up:
         up.wait_ready(600)
         c = in_netns(up.ns.broker_ns, lambda: MeshClient(up.url, "dyn").__enter__())
         stop = threading.Event()
@@ -98,90 +109,144 @@ def main() -> None:
                 appeared.extend((time.monotonic(), pid) for pid, _ in sorted(cur - prev))
                 prev = cur
         threading.Thread(target=watch, daemon=True).start()
+        pinner = Pinner(c, up.watcher, "dyn")
+        pinner.start()
         x = torch.randn(1, 3, 224, 224)
+        leader = pinner.leader()[0]
+
+        def oracle_at(t: float):
+            seg = max(s for s in seg_t if s <= t)
+            if seg not in oracle_plans:
+                oracle_plans[seg] = plan_for(g, trace.mesh_at(mesh, seg), k, args.model,
+                                             leader)
+            return oracle_plans[seg]
+        fixed_plan = oracle_at(-1.0)
         try:
-            settle = time.monotonic() + 4 * args.telemetry_period   # estimates settle
-            while time.monotonic() < settle:
-                c.infer(x, model=args.model, alpha=1.0, timeout=600)        # warm-up
-            player = TracePlayer(trace, up.shape, time_scale=k)
-            player.start()
-            while player.t0 is None:
-                time.sleep(0.01)
-            t0 = player.t0
-            marks = {f: f.stat().st_size for f in (out / "logs").glob("*.log")}
-            while (time.monotonic() - t0) / k < args.duration:
-                mono = time.monotonic()
-                started = (mono - t0) / k
-                try:
-                    r = c.infer(x, model=args.model, alpha=1.0, timeout=max(60.0, 20 * k))
-                except MeshdlError as exc:
-                    failed.append((started, str(exc)))
-                    log.warning("t=%.2f s: job failed: %s", started, exc)
-                    continue
-                meas = (r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s) / k
-                jobs.append((started, meas, r.plan))
-                job_starts.append((mono, r.plan.plan_id))
-                log.info("t=%.2f s: %.3f s on %s (%s)", started, meas, r.plan.plan_id,
-                         "+".join(sorted(r.plan.devices())))
-            t_last = time.monotonic()
-            player.stop()
+            for arm in ARMS:
+                log.info("pass %s", arm)
+                reset_links(up, mesh, trace)
+                pinner.clear()
+                if arm == "fixed":
+                    pinner.issue(fixed_plan)
+                elif arm == "oracle":                  # knows the trace: issued (warmed) early
+                    for s in seg_t:
+                        pinner.issue(oracle_at(s))
+                settle = time.monotonic() + 4 * tele   # estimates settle, plans warm
+                while time.monotonic() < settle:
+                    c.infer(x, model=args.model, alpha=1.0, timeout=600)        # warm-up
+                marks = {f: f.stat().st_size for f in (out / "logs").glob("*.log")}
+                player = TracePlayer(trace, up.shape, time_scale=k)
+                player.start()
+                while player.t0 is None:
+                    time.sleep(0.01)
+                t0 = player.t0
+                if arm == "meshdl":
+                    r = res[arm] = PassResult()
+                    t0_meshdl, applied = t0, player.applied
+                    while (time.monotonic() - t0) / k < args.duration:
+                        mono = time.monotonic()
+                        started = (mono - t0) / k
+                        schedule.append(started)
+                        try:
+                            ans = c.infer(x, model=args.model, alpha=1.0,
+                                          timeout=max(60.0, 20 * k))
+                        except MeshdlError as exc:
+                            r.failed.append((started, str(exc)))
+                            log.warning("t=%.2f s: job failed: %s", started, exc)
+                            r.jobs.append((started, None, None))
+                            continue
+                        meas = (ans.mesh_latency_s if ans.mesh_latency_s is not None
+                                else ans.latency_s) / k
+                        r.jobs.append((started, meas, ans.plan))
+                        job_starts.append((mono, ans.plan.plan_id))
+                        log.info("t=%.2f s: %.3f s on %s (%s)", started, meas,
+                                 ans.plan.plan_id, "+".join(sorted(ans.plan.devices())))
+                    t_end_meshdl = time.monotonic()
+                else:
+                    res[arm] = run_pinned(
+                        c, pinner, x, schedule, t0, k,
+                        (lambda t: fixed_plan) if arm == "fixed" else oracle_at,
+                        timeout=max(60.0, 20 * k))
+                player.stop()
+                pacing[arm] = sum(f.read_bytes()[at:].count(b"emulated device")
+                                  for f, at in marks.items())
         finally:
             stop.set()
+            pinner.stop()
+            pinner.clear()
             c.__exit__(None, None, None)
+    # ---------------------------------------------------------------- figures
+    import json
+    (out / "dynamics_raw.json").write_text(json.dumps({   # the passes, before any figure
+        "time_scale": k, "schedule": schedule, "pacing": pacing,
+        "jobs": {arm: [[t, m, None if p is None else p.plan_id,
+                        None if p is None else simulate(p, g, trace.mesh_at(mesh, t)).latency_s]
+                       for t, m, p in res[arm].jobs] for arm in ARMS},
+        "failed": {arm: res[arm].failed for arm in ARMS}}, indent=1))
+    per: dict[str, dict[int, tuple]] = {}
+    for arm in ARMS:
+        done = {i: j for i, j in enumerate(res[arm].jobs) if j[1] is not None}
+        per[arm] = {i: (t, meas, plan, simulate(plan, g, trace.mesh_at(mesh, t)).latency_s)
+                    for i, (t, meas, plan) in done.items()}
+    common = sorted(set.intersection(*(set(p) for p in per.values())))
+    tot = {arm: (sum(per[arm][i][1] for i in common), sum(per[arm][i][3] for i in common))
+           for arm in ARMS}
     rows = []
-    oracle_cache: dict[float, tuple] = {}
-    for started, meas, plan in jobs:
-        links_t = max([e.t for e in trace.events if e.t <= started], default=-1.0)
-        now = trace.mesh_at(mesh, started)
-        if links_t not in oracle_cache:
-            best = meshdl.plan(g, now, strategy="meshdl", source=src, sink=src, alpha=1.0)
-            oracle_cache[links_t] = (best, best.latency_s)
-        rows.append({"t_s": round(started, 3), "plan": plan.plan_id,
-                     "devices": "+".join(sorted(plan.devices())),
-                     "meshdl_measured_s": round(meas, 4),
-                     "meshdl_model_s": round(simulate(plan, g, now).latency_s, 4),
-                     "fixed_model_s": round(simulate(start_plan, g, now).latency_s, 4),
-                     "oracle_model_s": round(oracle_cache[links_t][1], 4)})
-    tele = args.telemetry_period
-    # trace events on the wall clock (the nodes' log lines carry wall-clock times)
-    shift = time.time() - time.monotonic()
-    applied = [(t, e) for t, e in player.applied]
-    steps = step_lines(out / "logs", since=t0 + shift)
-    delays = replan_delays([(e, t) for t, e in applied], appeared, steps, shift, job_starts)
-    flaps = stable_plan_changes([t for t, _ in applied], job_starts, settle_s=3 * tele)
-    pacing = sum(f.read_bytes()[at:].count(b"emulated device") for f, at in marks.items())
+    for i in common:
+        row = {"job": i, "release_s": round(schedule[i], 3)}
+        for arm in ARMS:
+            t, meas, plan, model_s = per[arm][i]
+            row.update({f"{arm}_t_s": round(t, 3), f"{arm}_plan": plan.plan_id,
+                        f"{arm}_devices": "+".join(sorted(plan.devices())),
+                        f"{arm}_measured_s": round(meas, 4), f"{arm}_model_s": round(model_s, 4)})
+        rows.append(row)
     with open(out / "dynamics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    tot = {key: sum(r[key] for r in rows) for key in
-           ("meshdl_measured_s", "meshdl_model_s", "fixed_model_s", "oracle_model_s")}
+    shift = time.time() - time.monotonic()   # node log lines carry wall-clock times
+    steps = step_lines(out / "logs", since=t0_meshdl + shift)
+    delays = replan_delays([(e, t) for t, e in applied], appeared, steps, shift, job_starts,
+                           end=t_end_meshdl)
+    flaps = stable_plan_changes([t for t, _ in applied], job_starts, settle_s=3 * tele)
+    mo, mf = tot["oracle"], tot["fixed"]
     lines = [f"# dynamics: {args.model} on {args.topology}, time scale {k:g}\n",
              f"`python tools/bench_dynamics.py {' '.join(sys.argv[1:])}`\n",
-             f"{len(rows)} jobs back to back over {args.duration:g} s (real-world); trace: "
-             + "; ".join(str(e) for e in trace.events) + f"; telemetry period {tele:g} s "
-             f"wall ({tele / k:.3g} s real-world); pacing warnings: {pacing}; failed "
-             f"jobs: {len(failed)}\n",
-             "Every arm is scored on the same jobs (start times of the measured stream), "
-             "each by the cost model on the links of the job's start moment; the measured "
-             "row is the real stream (it also pays for jobs caught by a change mid-way).\n",
-             "| total over the stream | seconds | / oracle | / fixed |", "|---|---|---|---|"]
-    for key, label in (("meshdl_measured_s", "meshdl, measured"),
-                       ("meshdl_model_s", "meshdl's plans, cost model on the moment's links"),
-                       ("fixed_model_s", "fixed start plan, cost model"),
-                       ("oracle_model_s", "oracle (plan per moment), cost model")):
-        lines.append(f"| {label} | {tot[key]:.3f} | {tot[key] / tot['oracle_model_s']:.3f} | "
-                     f"{tot[key] / tot['fixed_model_s']:.3f} |")
-    lines.append("\n| trace event | link step published (periods) | new plan (periods) | "
-                 "first job on it (periods) | new plan, real-world s |\n|---|---|---|---|---|")
+             f"{len(schedule)} jobs over {args.duration:g} s (real-world) per arm, {len(common)} "
+             "completed in every arm; trace: " + "; ".join(str(e) for e in trace.events)
+             + f"; telemetry period {tele:g} s wall ({tele / k:.3g} s real-world)\n",
+             "Each arm ran for real, one pass of the trace each on the same netns mesh: "
+             "meshdl back to back (its start times are the release times), fixed and oracle "
+             "on pinned plans released at the same moments of the trace (a job waits for the "
+             "one before it). Totals over the jobs completed in every arm; the cost-model "
+             "columns score each arm's plans on the links of each job's start moment.\n",
+             "| arm | measured total s | / oracle | / fixed | cost model total s | / oracle "
+             "| / fixed | failed jobs | re-runs | pacing warnings | max late s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        r = res[arm]
+        m, cm = tot[arm]
+        lines.append(f"| {arm} | {m:.3f} | {m / mo[0]:.3f} | {m / mf[0]:.3f} | {cm:.3f} | "
+                     f"{cm / mo[1]:.3f} | {cm / mf[1]:.3f} | {len(r.failed)} | {r.reruns} | "
+                     f"{pacing[arm]} | {max(r.late, default=0.0):.3f} |")
+    lines.append(f"\nmeshdl / oracle measured {tot['meshdl'][0] / mo[0]:.3f} (target <= 1.20), "
+                 f"meshdl / fixed measured {tot['meshdl'][0] / mf[0]:.3f} (target < 1); pinned "
+                 f"plans re-issued after the leader cleared them: {pinner.reissued}")
+    lines.append("\n| trace event (meshdl pass) | link step published (periods) | new plan "
+                 "(periods) | first job on it (periods) | new plan, real-world s |\n"
+                 "|---|---|---|---|---|")
     for d in delays:
         lines.append(f"| {d['event']} | {_f(d['step_s'], tele)} | {_f(d['plan_s'], tele)} | "
                      f"{_f(d['job_s'], tele)} | "
                      f"{_f(d['plan_s'], k, 3)} |")
-    lines.append(f"\nplans used: {len({r['plan'] for r in rows})}; plan changes between "
-                 f"jobs on stable stretches (no trace event within 3 periods): {flaps}; median job "
-                 "measured/model: "
-                 f"{statistics.median(r['meshdl_measured_s'] / r['meshdl_model_s'] for r in rows):.3f}")
+    ratios = [per["meshdl"][i][1] / per["meshdl"][i][3] for i in common]
+    lines.append(f"\nplans used by meshdl: {len({r['meshdl_plan'] for r in rows})}; plan "
+                 f"changes between jobs on stable stretches (no trace event within 3 periods): "
+                 f"{flaps}; median job measured/model: meshdl "
+                 f"{statistics.median(ratios):.3f}, fixed "
+                 f"{statistics.median(per['fixed'][i][1] / per['fixed'][i][3] for i in common):.3f}"
+                 f", oracle "
+                 f"{statistics.median(per['oracle'][i][1] / per['oracle'][i][3] for i in common):.3f}")
     text = "\n".join(lines) + "\n"
     (out / "dynamics.md").write_text(text)
     print(text)
@@ -207,7 +272,8 @@ def step_lines(log_dir: Path, since: float) -> list[tuple[float, str]]:
     return sorted(out)
 
 
-def replan_delays(events, appeared, steps, shift: float, job_starts):
+def replan_delays(events, appeared, steps, shift: float, job_starts,
+                  end: float = float("inf")):
     """Per trace event (event, monotonic time applied): seconds until the target device
     published a link step (``steps``: wall time, device), until the leader issued a
     plan other than the one the last job before the event ran on (``appeared``:
@@ -215,7 +281,7 @@ def replan_delays(events, appeared, steps, shift: float, job_starts):
     monotonic time, plan id); None: not before the next event."""
     out = []
     for i, (e, t) in enumerate(events):
-        nxt = events[i + 1][1] if i + 1 < len(events) else float("inf")
+        nxt = events[i + 1][1] if i + 1 < len(events) else end
         dev = e.target.split("-")[0]
         step = next((ts - shift for ts, d in steps if d == dev and t <= ts - shift < nxt), None)
         was = next((pid for ts, pid in reversed(job_starts) if ts <= t), None)
