@@ -55,3 +55,19 @@ def test_arms_alternate_so_each_goes_first_half_the_time():
 def test_plan_label_marks_the_best_single_plan():
     assert bn.plan_label("pi5", "pi5") == "pi5 (= best single)"
     assert bn.plan_label("jetson+pi4-a", "jetson") == "jetson+pi4-a"
+
+
+def test_shipped_counts_the_input_hop_from_the_send():
+    # sent at 10.0; stage 0 ran 0.5 s from the device holding the input and ended at
+    # 10.8 (held at 10.3); the sink held the answer 0.6 s after the device held the input
+    total, hop = bn.shipped_s(10.0, 10.8, 0.5, 0.6)
+    assert hop == pytest.approx(0.3)
+    assert total == pytest.approx(0.9)
+
+
+def test_below_one_counts_only_rows_on_another_plan():
+    rows = [{"vs_best_single": 0.999, "plan": "pi5", "best_single": "pi5"},
+            {"vs_best_single": 0.97, "plan": "jetson+pi4-a", "best_single": "jetson"},
+            {"vs_best_single": 1.4, "plan": "jetson+pi4-a", "best_single": "jetson"},
+            {"vs_best_single": None, "plan": "pi5", "best_single": "pi4"}]
+    assert bn.below_on_other_plan(rows) == 1

@@ -23,9 +23,10 @@ single, single, meshdl, ...: load hits both arms alike): a job of strategy ``loc
 with that device as its source and the real source as its sink (the whole model on
 the device, the answer shipped back to the source, measured by the nodes' clocks like
 meshdl's jobs). When the device is not the source, the input's hop source -> device
-(the source's uplink + the device's downlink, store and forward) is added from the
-cost model (``input_hop_s``; the runtime has no job that ships an input on between
-two devices without computing). Reported: measured meshdl / measured best single
+(the source's uplink + the device's downlink, store and forward) is measured on netns:
+that arm's client runs in the source's namespace and times its input from the send to
+the device holding it (``shipped_s``); on the emulator (the client sits on no device)
+it is added from the cost model (``input_hop_s``). Reported: measured meshdl / measured best single
 (``vs_best_single``), the old measured meshdl / predicted best single
 (``speedup_measured``) and predicted / predicted (``speedup_predicted``), and the share
 of the ideal speed-up (sum of FLOP/s over the fastest device's).
@@ -124,6 +125,30 @@ def arm_order(i: int) -> tuple[str, str]:
     return ("meshdl", "single") if i % 2 == 0 else ("single", "meshdl")
 
 
+def shipped_s(t_send: float, stage0_end: float, stage0_s: float, mesh_s: float
+              ) -> tuple[float, float]:
+    """(input sent at the source -> sink held the answer, the input's hop) of a job
+    whose client sat on the source (its namespace) and sent the input at ``t_send``:
+    the device held the input ``stage0_s`` (stage 0's measured time) before stage 0
+    ended at ``stage0_end``, and the sink held the answer ``mesh_s`` after that. Wall
+    clocks of one machine."""
+    held_in = stage0_end - stage0_s
+    return held_in + mesh_s - t_send, held_in - t_send
+
+
+def _send_clock(client) -> dict:
+    """{job: wall time its input was handed to the client's reliable sender} (the
+    benchmark times the input's hop from the client it runs on the source)."""
+    sent: dict = {}
+    send = client._sender.send
+
+    def timed(job, *a, **kw):
+        sent.setdefault(job, time.time())
+        return send(job, *a, **kw)
+    client._sender.send = timed
+    return sent
+
+
 def pacing_warnings(log_dir: Path) -> int:
     """Pacing warnings in the node logs after the warm-up job (``*.warm`` holds each
     log as it was when the timed jobs began)."""
@@ -139,9 +164,12 @@ def pacing_warnings(log_dir: Path) -> int:
 def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
              log_dir: Path, singles: dict | None = None) -> dict:
     """{model: (meshdl measured_s list in real units, plan, plan ids, best single
-    measured_s list)} for one mesh; ``singles``: {model: (device, source)} adds the
-    best-single arm (strategy local on the device, answer to the source), its jobs
-    alternating with meshdl's."""
+    measured_s list, its measured input hops or None)} for one mesh; ``singles``:
+    {model: (device, source)} adds the best-single arm (strategy local on the device,
+    answer to the source), its jobs alternating with meshdl's. On netns, when the
+    device is not the source, that arm's client runs in the source's namespace, so its
+    input crosses the source's shaped uplink and the device's downlink (measured);
+    otherwise the input's hop is left to the caller (cost model)."""
     import torch
     import meshdl
     from meshdl.client import MeshClient
@@ -157,41 +185,58 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
         up.wait_ready(600)
         make = lambda: MeshClient(up.url, name).__enter__()      # noqa: E731
         c = in_netns(up.ns.broker_ns, make) if mode == "netns" else make()
+        clients = [c]
         try:
             x = torch.randn(1, 3, 224, 224)
             for model in models:
                 arms = {"meshdl": dict(model=model, alpha=1.0, timeout=300)}
+                by = {"meshdl": c}
+                sent = None
                 if singles and model in singles:
                     dev, src = singles[model]
                     arms["single"] = dict(model=model, strategy="local", source=dev,
                                           sink=src, alpha=1.0, timeout=300)
+                    by["single"] = c
+                    if mode == "netns" and dev != src:
+                        cs = in_netns(up.namespace(src), make)
+                        clients.append(cs)
+                        sent, by["single"] = _send_clock(cs), cs
                 for arm, opts in arms.items():
                     try:
-                        c.infer(x, **opts)                                 # warm-up
+                        by[arm].infer(x, **opts)                           # warm-up
                     except meshdl.MeshdlError as exc:                      # once more
                         log.warning("%s %s %s warm-up failed (%s); again", mode, model,
                                     arm, exc)
-                        c.infer(x, **opts)
+                        by[arm].infer(x, **opts)
                 for f in log_dir.glob("*.log"):       # count the timed jobs' warnings only
                     f.with_suffix(".warm").write_text(f.read_text(errors="replace"))
                 res: dict[str, list] = {a: [] for a in arms}
                 for i in range(runs):
                     for arm in arm_order(i):
                         if arm in arms:
-                            res[arm].append(c.infer(x, **arms[arm]))
+                            res[arm].append(by[arm].infer(x, **arms[arm]))
 
                 def meas(rs):
                     return [(r.mesh_latency_s if r.mesh_latency_s is not None
                              else r.latency_s) / k for r in rs]
                 m = meas(res["meshdl"])
                 single = meas(res["single"]) if "single" in res else None
+                hops = None
+                if sent is not None:
+                    got = [shipped_s(sent[r.job], max(t["end"] for t in r.tasks
+                                                      if t["stage"] == 0),
+                                     r.stages[0].measured_s, r.mesh_latency_s)
+                           for r in res["single"]]
+                    single = [a / k for a, _ in got]
+                    hops = [h / k for _, h in got]
                 out[model] = (m, res["meshdl"][-1].plan,
-                              {r.plan.plan_id for r in res["meshdl"]}, single)
-                log.info("%s %s %s: meshdl %s single %s", mode, topo, model,
-                         [round(v, 3) for v in m],
-                         single and [round(v, 3) for v in single])
+                              {r.plan.plan_id for r in res["meshdl"]}, single, hops)
+                log.info("%s %s %s: meshdl %s single %s hop %s", mode, topo, model,
+                         [round(v, 3) for v in m], single and [round(v, 3) for v in single],
+                         hops and [round(v, 3) for v in hops])
         finally:
-            c.__exit__(None, None, None)
+            for cl in clients:
+                cl.__exit__(None, None, None)
     return out
 
 
@@ -249,9 +294,11 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                 got = results[mode].get(model)
                 if got is None:
                     continue
-                meas, plan, ids, smeas = got
+                meas, plan, ids, smeas, hops = got
                 measured = statistics.median(meas)
-                single_m = statistics.median(smeas) + hop if smeas else None
+                # the input's hop measured (netns: client on the source), else predicted
+                single_m = (None if not smeas else statistics.median(smeas) if hops
+                            else statistics.median(smeas) + hop)
                 predicted = plan.latency_s / k
                 rows.append({
                     "mesh": topo, "model": model, "mode": mode, "time_scale": k,
@@ -261,6 +308,8 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                     "best_single": single_dev, "best_single_pred_s": round(single_s, 4),
                     "best_single_measured_s": None if single_m is None else round(single_m, 4),
                     "best_single_input_hop_pred_s": round(hop, 4),
+                    "best_single_input_hop_measured_s":
+                        round(statistics.median(hops), 4) if hops else "",
                     "vs_best_single": None if single_m is None else round(single_m / measured, 3),
                     "speedup_measured": round(single_s / measured, 3),
                     "speedup_predicted": round(single_s / predicted, 3),
@@ -278,6 +327,13 @@ def plan_label(plan: str, best: str) -> str:
     """The plan column: the devices, marked when they are the best single device (then
     both arms run the same plan and measured / measured is ~1.0 by construction)."""
     return f"{plan} (= best single)" if plan == best else plan
+
+
+def below_on_other_plan(rows: list[dict]) -> int:
+    """Rows where meshdl measured slower than the best single device while running a
+    different plan (on the same plan both arms run one plan: ~1.0 by construction)."""
+    return sum(1 for r in rows if r.get("vs_best_single") is not None
+               and float(r["vs_best_single"]) < 1.0 and r["plan"] != r["best_single"])
 
 
 def write_star(out: Path, rows: list[dict], cmd: str) -> str:
@@ -303,11 +359,14 @@ def write_star(out: Path, rows: list[dict], cmd: str) -> str:
         def f(r, key):
             return "-" if r is None else r[key]
         hop = float(a.get("best_single_input_hop_pred_s") or 0)
+        hop_m = n.get("best_single_input_hop_measured_s") if n else ""
+        hop_txt = f"; input hop {hop:.3f} pred" if hop else ""
+        hop_txt += f", {float(hop_m):.3f} netns" if hop_m not in ("", None) else ""
         lines.append(f"| {mesh} | {model} | {a['time_scale']:g} | "
                      f"{plan_label(a['plan'], a['best_single'])} | "
                      f"{f(n, 'measured_s')} | {f(e, 'measured_s')} | {a['predicted_s']} | "
                      f"{f(n, 'ratio')} | {f(e, 'ratio')} | {a['best_single']} "
-                     f"({a['best_single_pred_s']}{f'; input hop {hop:.3f} pred' if hop else ''}) | "
+                     f"({a['best_single_pred_s']}{hop_txt}) | "
                      f"{f(n, 'best_single_measured_s')} / {f(e, 'best_single_measured_s')} | "
                      f"{f(n, 'vs_best_single')} / {f(e, 'vs_best_single')} | "
                      f"{a['speedup_predicted']} | "
@@ -324,7 +383,8 @@ def write_star(out: Path, rows: list[dict], cmd: str) -> str:
                     f" (rows within 15%: {sum(abs(r['ratio'] - 1) <= 0.15 for r in mine)}/"
                     f"{len(mine)}); min meshdl vs best single device, measured side by "
                     f"side: {min(vs) if vs else float('nan'):.3f} (rows >= 1.0: "
-                    f"{sum(v >= 1.0 for v in vs)}/{len(vs)}); "
+                    f"{sum(v >= 1.0 for v in vs)}/{len(vs)}; below 1.0 on a plan other "
+                    f"than the best single device's own: {below_on_other_plan(mine)}); "
                     f"pacing warnings: {sum(r['pacing_warnings_mesh'] for r in mine)}")
     text = "\n".join(lines) + "\n"
     (out / "bench_mesh_netns.md").write_text(text)
