@@ -155,8 +155,14 @@ def main() -> None:
                             log.warning("t=%.2f s: job failed: %s", started, exc)
                             r.jobs.append((started, None, None))
                             continue
-                        meas = (ans.mesh_latency_s if ans.mesh_latency_s is not None
-                                else ans.latency_s) / k
+                        # attempts before the one that answered: their time is lost
+                        # (the pinned arms count re-runs the same way)
+                        lost = max(0.0, time.monotonic() - mono - ans.total_s) \
+                            if ans.attempts > 1 else 0.0
+                        if lost:
+                            res[arm].reruns += ans.attempts - 1
+                        meas = ((ans.mesh_latency_s if ans.mesh_latency_s is not None
+                                 else ans.latency_s) + lost) / k
                         r.jobs.append((started, meas, ans.plan))
                         job_starts.append((mono, ans.plan.plan_id))
                         log.info("t=%.2f s: %.3f s on %s (%s)", started, meas,
