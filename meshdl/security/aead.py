@@ -34,6 +34,25 @@ def _sodium() -> tuple[Any, Any] | None:
         return None
 
 
+@lru_cache(maxsize=1)
+def _bytearray_uninit() -> Any:
+    import ctypes
+    f = ctypes.pythonapi.PyByteArray_FromStringAndSize     # holds the GIL (PyDLL)
+    f.restype = ctypes.py_object
+    f.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    return f
+
+
+def out_buffer(n: int) -> bytearray:
+    """A ``bytearray`` of ``n`` bytes that is not zeroed first, for a buffer the cipher
+    (and the caller) overwrite entirely: ``bytearray(n)`` clears a reused megabyte of
+    heap before AES-GCM writes it again, a whole extra pass per sealed or opened
+    piece. Callers size it exactly and discard it if the cipher fails."""
+    if n < 0:
+        raise ValueError("negative buffer size")
+    return _bytearray_uninit()(None, n)
+
+
 class Aead:
     """AES-256-GCM with one key (see the module doc)."""
 

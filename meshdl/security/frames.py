@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from meshdl.security.aead import out_buffer
 from meshdl.security.identity import Entry, SecurityError, verify_entry
 
 SIGNED = b"MDS1"
@@ -161,7 +162,8 @@ def seal(ring: KeyRing, entry_raw: bytes, entry_sig: bytes, peer: Entry, job: st
     aead = ring.aead(peer, job)
     aad = _aad(ring.mesh, peer.id, job, piece)
     at = 8 + len(head)
-    out = bytearray(at + len(frame) + 16)          # one buffer: no copy after encryption
+    # one buffer, not zeroed first (every byte is written below): no copy after encryption
+    out = out_buffer(at + memoryview(frame).nbytes + 16)
     out[:4], out[4:8], out[8:at] = SEALED, struct.pack(">I", len(head)), head
     aead.encrypt_into(nonce, frame, aad, memoryview(out)[at:])   # the GIL is released
     return out
@@ -224,7 +226,7 @@ def open_sealed(ring: KeyRing, cache: EntryCache, job: str, piece: str,
         aad = _aad(ring.mesh, ring.me, job, piece)
         if len(ct) < 16:
             raise InvalidTag()
-        pt = bytearray(len(ct) - 16)
+        pt = out_buffer(len(ct) - 16)           # not zeroed: the cipher writes it all
         aead.decrypt_into(bytes(head[2]), ct, aad, pt)             # the GIL is released
     except (InvalidTag, ValueError):
         raise SecurityError(f"sealed frame from {entry.id!r} for {job}/{piece} does not "
