@@ -8,7 +8,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from meshdl.security.aead import Aead, InvalidTag, _sodium
+from meshdl.security.aead import Aead, InvalidTag, _sodium, out_buffer
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (1 << 20) + 3])
@@ -42,3 +42,21 @@ def test_the_fast_path_is_used_when_the_cpu_has_aes():
     if " aes" not in flags:
         pytest.skip("no AES-NI: the cryptography fallback is used")
     assert _sodium() is not None and Aead(os.urandom(32)).releases_gil
+
+
+def test_unzeroed_buffers_round_trip_every_size():
+    """Sealing and opening write into unzeroed buffers: every byte must come from the
+    cipher (a stale heap byte would corrupt the piece or fail the tag)."""
+    a = Aead(os.urandom(32))
+    for size in (0, 1, 15, 16, 4095, 1 << 20):
+        data = os.urandom(size)
+        nonce = os.urandom(12)
+        ct = out_buffer(size + 16)
+        assert isinstance(ct, bytearray) and len(ct) == size + 16
+        a.encrypt_into(nonce, data, b"aad", ct)
+        assert bytes(ct) == AESGCM(a._key).encrypt(nonce, data, b"aad")
+        pt = out_buffer(size)
+        a.decrypt_into(nonce, ct, b"aad", pt)
+        assert bytes(pt) == data
+    with pytest.raises(ValueError):
+        out_buffer(-1)
