@@ -112,6 +112,7 @@ class PassResult:
     #                                              s, Plan), (started, None, None) if failed
     failed: list = field(default_factory=list)   # (started, error)
     late: list = field(default_factory=list)     # real seconds behind the schedule, per job
+    wall: dict = field(default_factory=dict)     # job index -> client's wall time / K
     reruns: int = 0
 
 
@@ -122,7 +123,7 @@ def run_pinned(c: Any, pinner: Pinner, x: Any, schedule: list[float], t0: float,
     from meshdl.client_results import RetryableJobError
     from meshdl.errors import MeshdlError
     out = PassResult()
-    for due in schedule:
+    for i, due in enumerate(schedule):
         wait = t0 + due * k - time.monotonic()
         if wait > 0:
             time.sleep(wait)
@@ -149,6 +150,7 @@ def run_pinned(c: Any, pinner: Pinner, x: Any, schedule: list[float], t0: float,
             meas = ((r.mesh_latency_s if r.mesh_latency_s is not None else r.latency_s)
                     + lost) / k
             out.jobs.append((started, meas, plan))
+            out.wall[i] = (time.monotonic() - mono) / k
             log.info("t=%.2f s: %.3f s on %s (%s)", started, meas, plan.plan_id,
                      "+".join(sorted(plan.devices())))
             break
