@@ -145,3 +145,54 @@ def test_a_stopped_node_lets_its_process_exit_cleanly_while_it_was_planning():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_plan_cleared_while_a_node_was_away_is_dropped_after_it_reconnects():
+    """An empty retained record is not re-sent: a node that was disconnected (frozen,
+    its will fired) when the leader cleared a superseded plan would hold it for good,
+    and its view would never agree with the mesh again. After a reconnect, the plans
+    the broker does not show again within RECONCILE_S are dropped; those it shows stay."""
+    import threading
+    import time
+    from test_election import el_leader, mem_agent
+    from meshdl.node import agent as agent_mod
+    from meshdl.transport.memory import MemoryBroker
+    from meshdl.wire import topics
+    from meshdl.wire.control import Campaign, PlanMessage, encode_control
+    broker = MemoryBroker()
+    pub = broker.bus("test")
+    plan = {"version": 1, "model": "tiny_cnn", "input_shape": [1, 3, 8, 8], "num_ops": 1,
+            "stages": [], "source": "a", "sink": "a"}
+    pub.publish(topics.node_state("m", "L"), encode_control(
+        NodeState("L", True, 1, "generic", 9e9, 1 << 30, {"compute_w": 1, "tx_w": 1})),
+        retain=True)
+    pub.publish(topics.leader("m"), encode_control(el_leader("L", 1)), retain=True)
+    for pid in ("old", "new"):
+        pub.publish(topics.plan("m", pid), encode_control(PlanMessage(pid, 1, plan)),
+                    retain=True)
+    stop = threading.Event()
+
+    def leader_heartbeats():                 # "L" is alive: "a" follows it
+        while not stop.wait(0.2):
+            pub.publish(topics.election("m"), encode_control(
+                Campaign("L", 1, "heartbeat", 9e9, "", time.time())))
+    threading.Thread(target=leader_heartbeats, daemon=True).start()
+    a = mem_agent(broker, "a", 1e9, models=()).start()
+    try:
+        deadline = time.monotonic() + 5
+        while (a.plan("old") is None or a.plan("new") is None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.plan("old") is not None and a.plan("new") is not None
+        with broker._lock:              # cleared while "a" was away: it never saw the clear
+            del broker._retained[topics.plan("m", "old")]
+        a._reannounce()                 # what its control thread does on a reconnect
+        pub.publish(topics.plan("m", "new"), encode_control(PlanMessage("new", 1, plan)),
+                    retain=True)        # the broker shows the plans it still holds
+        deadline = time.monotonic() + getattr(agent_mod, "RECONCILE_S", 2.0) + 5
+        while a.plan("old") is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.plan("old") is None and a.plan("new") is not None
+        assert "old" not in a.view()[2] and "new" in a.view()[2]
+    finally:
+        stop.set()
+        a.stop()

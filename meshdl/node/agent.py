@@ -44,6 +44,7 @@ __all__ = ["NodeAgent", "BusFactory", "DEFAULT_KEEPALIVE", "keepalive_s"]
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0      # stop() waits this long for a plan or trace in flight
+RECONCILE_S = 2.0      # after a reconnect, plans not shown again by then were cleared
 
 BusFactory = Callable[[str, "Will | None"], Any]
 
@@ -94,6 +95,9 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         self._tele_soon = threading.Event()     # a measured link stepped: publish now
         self._connects = 0             # bus.connects at the last (re-)announcement
         self._reassert_at: float | None = None   # leader: re-publish its record then
+        # after a reconnect: plans held here that the broker has not shown again yet
+        self._unseen_plans: set[str] = set()
+        self._reconcile_at: float | None = None
         self._early_jobs: list[tuple[float, JobRequest]] = []   # asked while leaderless
         self._job_clients: dict[str, str] = {}                  # job -> client (bounded)
         self._warmed = False
@@ -303,9 +307,25 @@ class NodeAgent(_AgentJoin, _AgentLeader):
                 self._publish_leader(self._elect.leader_term)
                 if self._duties is not None:
                     self._duties.republish()
+        if self._reconcile_at is not None and time.monotonic() >= self._reconcile_at:
+            self._reconcile_at = None
+            with self._lock:
+                gone, self._unseen_plans = self._unseen_plans, set()
+            for pid in sorted(gone) if not self.is_leader else ():
+                # cleared while we were away (an empty retained record is not re-sent)
+                log.info("plan %s is no longer on the broker: dropped", pid)
+                self.adopt_plan(pid, None)
+
+    def plan_seen(self, plan_id: str) -> None:
+        """A plan record arrived (retained or live): it is still current."""
+        with self._lock:
+            self._unseen_plans.discard(plan_id)
 
     def _reannounce(self) -> None:
         log.info("%s (re)connected: publishing the birth state again", self.node_id)
+        with self._lock:     # the broker shows its retained plans again; the rest are gone
+            self._unseen_plans = set(self.plan_store.plans())
+        self._reconcile_at = time.monotonic() + RECONCILE_S * max(1.0, self.config.time_scale)
         try:
             self.bus.publish(topics.node_state(self.mesh_name, self.node_id),
                              encode_control(self._state(True)), qos=1, retain=True)

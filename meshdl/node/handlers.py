@@ -94,6 +94,9 @@ def on_leader(agent, topic: str, payload: Any, retained: bool) -> None:
 
 def on_plan(agent, topic: str, payload: Any, retained: bool) -> None:
     p = _parse(agent, topic, "plan")
+    seen = getattr(agent, "plan_seen", None)
+    if seen is not None:
+        seen(p.plan_id)
     if not len(payload):
         agent.adopt_plan(p.plan_id, None)
         return
