@@ -59,7 +59,8 @@ def run(args) -> tuple[list[dict], dict]:
         for s in sizes:
             x = torch.randn(1, 3, s, s, generator=gen)
             inputs.append((x, model(x)))
-    work = Path(tempfile.mkdtemp(prefix="meshdl-mem-"))
+    tmp = tempfile.TemporaryDirectory(prefix="meshdl-mem-")   # removed at exit, also on error
+    work = Path(tmp.name)
     conf = work / "broker.conf"
     conf.write_text((data_dir("broker") / "plain.conf").read_text())
     samples: list[dict] = []

@@ -125,7 +125,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-models-"))
+    tmp = tempfile.TemporaryDirectory(prefix="bench-models-")   # removed at exit, also on error
+    work = Path(tmp.name)
     os.environ["MESHDL_CACHE_DIR"] = str(work / "client-cache")   # not the user's cache
     model = work / "new.onnx"
     export_model(model)
