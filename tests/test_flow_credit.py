@@ -4,6 +4,7 @@ blocking anybody, and fails by name when the receiver is gone."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 import time
 
 import pytest
@@ -43,10 +44,19 @@ def frames(n: int):
 
 
 # ----------------------------------------------------------------- pure sender logic
+@contextmanager
+def sending(wire, **kw):
+    """A ReliableSender "a" on ``wire`` (no retransmission within a test), stopped after."""
+    s = ReliableSender("a", wire, rto_min_s=30.0, **kw)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 def test_sender_keeps_inflight_within_the_grant_and_queues_without_blocking():
     wire, failures = Wire(), []
-    s = ReliableSender("a", wire, rto_min_s=30.0, initial_grant=1000)
-    try:
+    with sending(wire, initial_grant=1000) as s:
         t0 = time.monotonic()
         for i in range(5):
             s.send("j", f"p{i}", "b", ["a", "b"], frames(400), 0.0, failures.append)
@@ -61,14 +71,11 @@ def test_sender_keeps_inflight_within_the_grant_and_queues_without_blocking():
         assert wait_for(lambda: wire.pieces() == ["p0", "p1", "p2", "p3", "p4"])
         assert s.inflight_to("b") == 1200 <= s.grant_of("b")
         assert s.credit_waits == 3 and not failures
-    finally:
-        s.stop()
 
 
 def test_zero_grant_holds_everything_until_an_update():
     wire, failures = Wire(), []
-    s = ReliableSender("a", wire, rto_min_s=30.0, initial_grant=10_000)
-    try:
+    with sending(wire, initial_grant=10_000) as s:
         s.on_credit("b", 0)
         s.send("j", "p0", "b", ["a", "b"], frames(10), 0.0, failures.append)
         time.sleep(0.1)
@@ -80,27 +87,21 @@ def test_zero_grant_holds_everything_until_an_update():
         assert wire.pieces() == ["p0"]                 # ... but never a second one
         assert s.on_ack("j", "p0")
         assert wait_for(lambda: wire.pieces() == ["p0", "p1"])
-    finally:
-        s.stop()
 
 
 def test_waiting_for_credit_fails_by_name_at_its_deadline():
     wire, failures = Wire(), []
-    s = ReliableSender("a", wire, rto_min_s=30.0, initial_grant=100)
-    try:
+    with sending(wire, initial_grant=100) as s:
         s.on_credit("b", 0)
         s.send("j", "p0", "b", ["a", "b"], frames(10), 0.0, failures.append, wait_s=0.2)
         assert wait_for(lambda: failures, 5.0)
         assert "credit" in failures[0] and "p0" in failures[0] and "device b" in failures[0]
         assert s.queued_bytes == 0 and not s.pending()
-    finally:
-        s.stop()
 
 
 def test_a_dropped_receiver_fails_sent_and_waiting_pieces_by_name():
     wire, failures = Wire(), []
-    s = ReliableSender("a", wire, rto_min_s=30.0, initial_grant=100)
-    try:
+    with sending(wire, initial_grant=100) as s:
         s.send("j", "p0", "b", ["a", "b"], frames(80), 0.0, failures.append)
         s.send("j", "p1", "b", ["a", "b"], frames(80), 0.0, failures.append)   # queued
         s.send("j", "p2", "c", ["a", "c"], frames(80), 0.0, failures.append)   # other peer
@@ -108,14 +109,11 @@ def test_a_dropped_receiver_fails_sent_and_waiting_pieces_by_name():
         assert len(failures) == 2 and all("stopped responding" in f for f in failures)
         assert {f.split()[1] for f in failures} == {"p0", "p1"}
         assert s.pending() == [("j", "p2")] and s.inflight_bytes == 80
-    finally:
-        s.stop()
 
 
 def test_cancel_job_forgets_waiting_pieces_and_peers_stay_bounded():
     wire, failures = Wire(), []
-    s = ReliableSender("a", wire, rto_min_s=30.0, initial_grant=100, max_peers=8)
-    try:
+    with sending(wire, initial_grant=100, max_peers=8) as s:
         s.send("j", "p0", "b", ["a", "b"], frames(80), 0.0, failures.append)
         s.send("j", "p1", "b", ["a", "b"], frames(80), 0.0, failures.append)
         assert s.cancel_job("j") == 2 and s.queued_bytes == 0 and s.inflight_bytes == 0
@@ -124,19 +122,14 @@ def test_cancel_job_forgets_waiting_pieces_and_peers_stay_bounded():
             s.send(f"k{i}", "p", f"n{i}", ["a", f"n{i}"], frames(10), 0.0, failures.append)
             s.on_ack(f"k{i}", "p")
         assert s.peers() <= 8 and not failures
-    finally:
-        s.stop()
 
 
 def test_without_credit_the_grant_is_ignored():
     wire = Wire()
-    s = ReliableSender("a", wire, rto_min_s=30.0, initial_grant=10, credit=False)
-    try:
+    with sending(wire, initial_grant=10, credit=False) as s:
         for i in range(4):
             s.send("j", f"p{i}", "b", ["a", "b"], frames(100), 0.0, lambda m: None)
         assert len(wire.pieces()) == 4
-    finally:
-        s.stop()
 
 
 # ----------------------------------------------------------------- receiver side
