@@ -95,6 +95,9 @@ class _AgentLeader:
         elif isinstance(a, el.Ignored):
             log.warning("ignored %s's leadership of term %d: %s", sanitise(a.node), a.term,
                         a.reason)
+        elif isinstance(a, el.Kept):
+            log.warning("ignored a clear of the leader record: %s (term %d) is live, still "
+                        "following it", sanitise(a.node), a.term)
         elif isinstance(a, el.AssertLeader):
             self._publish_leader(a.term)
         elif isinstance(a, el.StepDown):

@@ -36,6 +36,10 @@ enrolled device and checked before it gets here):
   the leader can re-publish its record with one more vote), and an ``Ignored``
   action reports it. A claim from a node that is not the best live member does not
   move the term or unseat anyone: a stolen weaker device cannot jump terms.
+- A cleared leader record (an empty payload: unsigned, so any device may send it)
+  does not un-seat a leader that is still a live member (``Kept``); its death shows
+  as its signed offline will or heartbeat silence, which take it out of ``Members``.
+  The leader itself re-publishes its record when it sees it cleared.
 """
 from __future__ import annotations
 
@@ -80,7 +84,8 @@ class VoteSeen:
 
 @dataclass(frozen=True)
 class LeaderCleared:
-    """The retained leader record was cleared (the leader's will, or a step-down)."""
+    """The retained leader record was cleared (the leader's will, a step-down, or, on a
+    secure mesh, any device: an empty payload is unsigned)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,13 @@ class Vote:
 
 
 @dataclass(frozen=True)
+class Kept:
+    """Quorum mode: the leader record was cleared but its leader is live: still followed."""
+    node: str
+    term: int
+
+
+@dataclass(frozen=True)
 class Ignored:
     """A leader record or claim not acted on (quorum mode): log it."""
     node: str
@@ -148,7 +160,7 @@ class Ignored:
     reason: str
 
 
-Action = Union[Claim, BecomeLeader, StepDown, AssertLeader, LeaderChanged, Vote, Ignored]
+Action = Union[Claim, BecomeLeader, StepDown, AssertLeader, LeaderChanged, Vote, Ignored, Kept]
 
 
 # ------------------------------------------------------------------ state
@@ -261,6 +273,11 @@ def step(s: ElectionState, event: Event, now: float) -> tuple[ElectionState, lis
     elif isinstance(event, LeaderCleared):
         if s.role == LEADER:
             acts.append(AssertLeader(s.leader_term))
+        elif s.leader is not None and s.params.quorum and s.leader in s.members:
+            # anyone may clear the record (empty payloads are unsigned): leadership
+            # comes from verified records and ends with the leader's liveness (its
+            # signed offline will, or heartbeat silence, takes it out of the members)
+            acts.append(Kept(s.leader, s.leader_term))
         elif s.leader is not None:
             acts.append(LeaderChanged(None, s.term))
             s = replace(s, leader=None)

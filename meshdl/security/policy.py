@@ -15,15 +15,29 @@ included, are a majority of the live devices this side knows (verified online
 births), looked at when used, so a record that arrived before the births is judged
 against them. A client drops a record without that majority; a node hands it to its
 election machine, which judges it against its own live members.
+
+Liveness here is signed: a device counts as live while its verified online birth or
+its last verified election message (heartbeats every 0.5 s) is younger than
+``SILENT_S``, so a device that went silent (frozen, or revoked: the broker's ACL then
+refuses its heartbeats) stops counting against a majority even though its retained
+birth still says "online".
+
+Pieces (``piece_problem``): a sealed piece opened at its destination must come from
+the device (or, for the input, the client) that the verified plan names as its
+producer, and an ack from its consumer; a piece of a plan not verified here is
+refused (its sender resends it). So a stolen device cannot slip a forged tensor into a
+job it does not compute, nor answer a client in the sink's place.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple
 
 from meshdl.errors import MeshdlError
 from meshdl.security.bounds import sanitise
@@ -32,6 +46,16 @@ from meshdl.wire.topics import ParsedTopic
 
 log = logging.getLogger(__name__)
 _KEEP = 512
+SILENT_S = 6.0        # a device unheard this long (no birth, no heartbeat) is not live
+
+
+class PlanInfo(NamedTuple):
+    """What a verified plan tells about who may send what for it."""
+    sink: str
+    devices: frozenset
+    leader: str
+    source: str = ""
+    tasks: Mapping[str, str] = MappingProxyType({})    # task id -> device
 
 
 @dataclass(frozen=True)
@@ -55,39 +79,57 @@ class Admission:
     me: str
     role: str
     claims: OrderedDict = field(default_factory=OrderedDict)       # term -> best (node, flops)
-    plans: OrderedDict = field(default_factory=OrderedDict)        # plan id -> (sink, devices)
+    plans: OrderedDict = field(default_factory=OrderedDict)        # plan id -> PlanInfo
     job_plan: OrderedDict = field(default_factory=OrderedDict)     # job -> plan id
     records: OrderedDict = field(default_factory=OrderedDict)      # (term, node) -> voters
-    live: OrderedDict = field(default_factory=OrderedDict)         # devices born online
+    live: OrderedDict = field(default_factory=OrderedDict)         # born online -> when
+    heard: OrderedDict = field(default_factory=OrderedDict)        # device -> last heard
     my_votes: OrderedDict = field(default_factory=OrderedDict)     # term -> {voter: frame}
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def note_state(adm: Admission, node: str, online: bool) -> None:
+def note_state(adm: Admission, node: str, online: bool, now: float | None = None) -> None:
     """A verified birth (online) or offline/cleared record of a device."""
     with adm.lock:
         if online:
-            _put(adm.live, node, True)
+            _put(adm.live, node, time.monotonic() if now is None else now)
         else:
             adm.live.pop(node, None)
 
 
-def _majority(adm: Admission, voters: frozenset) -> bool:
-    return 2 * len(voters) > len(set(adm.live) | voters)
+def note_heard(adm: Admission, node: str, now: float) -> None:
+    """A verified election message (heartbeat, campaign, vote) of a device."""
+    with adm.lock:
+        _put(adm.heard, node, now)
+
+
+def live_devices(adm: Admission, now: float | None = None) -> set:
+    """Devices born online and heard (birth or election message) within ``SILENT_S``.
+    Call with ``adm.lock`` held."""
+    now = time.monotonic() if now is None else now
+    return {n for n, born in adm.live.items()
+            if now - max(born, adm.heard.get(n, born)) < SILENT_S}
+
+
+def _majority(adm: Admission, voters: frozenset, live: set) -> bool:
+    return 2 * len(voters) > len(live | voters)
 
 
 def leader_of(adm: Admission, term: int) -> str | None:
     """The leader of ``term`` whose record holds a majority now, or None."""
     with adm.lock:
+        live = live_devices(adm)
         cands = [(len(v), n) for (t, n), v in adm.records.items()
-                 if t == term and _majority(adm, v)]
+                 if t == term and _majority(adm, v, live)]
     return max(cands)[1] if cands else None
 
 
 def current_leader(adm: Admission) -> str | None:
     """The leader of the newest term whose record holds a majority now."""
     with adm.lock:
-        ok = [(t, len(v), n) for (t, n), v in adm.records.items() if _majority(adm, v)]
+        live = live_devices(adm)
+        ok = [(t, len(v), n) for (t, n), v in adm.records.items()
+              if _majority(adm, v, live)]
     return max(ok)[2] if ok else None
 
 
@@ -144,6 +186,7 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
     if p.kind == "election":
         if msg.node != e.id:
             return no(f"{who} campaigned in the name of {sanitise(msg.node)}")
+        note_heard(adm, e.id, now)
         cap = e.caps.get("flops")
         prio = min(msg.priority, cap) if cap else msg.priority
         if msg.kind == "campaign":
@@ -166,7 +209,7 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
             key = (msg.term, e.id)
             _put(adm.records, key, adm.records.get(key, frozenset()) | voters)
             voters = adm.records[key]
-            live = len(set(adm.live) | voters)
+            live = len(live_devices(adm, now) | voters)
         if adm.role == "client" and not 2 * len(voters) > live:
             return no(f"{who} announced itself leader of term {msg.term} with the votes of "
                       f"{len(voters)} of {live} live devices (no majority)")
@@ -186,13 +229,15 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
         if leader is not None and leader != e.id:
             return no(f"{who} published plan {sanitise(p.plan_id)} of term {msg.term}, which "
                       f"{sanitise(leader)} leads")
-        devices = set()
+        tasks = {}
         for st in plan.get("stages") or ():
             for t in (st.get("tasks") or ()) if isinstance(st, dict) else ():
                 if isinstance(t, dict):
-                    devices.add(str(t.get("device")))
+                    tasks[str(t.get("id"))] = str(t.get("device"))
         with adm.lock:
-            _put(adm.plans, p.plan_id, (str(plan.get("sink", "")), frozenset(devices), e.id))
+            _put(adm.plans, p.plan_id, PlanInfo(
+                str(plan.get("sink", "")), frozenset(tasks.values()), e.id,
+                str(plan.get("source", "")), MappingProxyType(tasks)))
         return YES
     if p.kind == "job":
         return _job(adm, p, e, msg)
@@ -316,3 +361,44 @@ def _probe(p: ParsedTopic, e: Entry, body: bytes) -> Verdict:
     if pr.kind in ("claim", "here") and p.node != e.id:
         return no(f"{sanitise(e.id)} sent a {pr.kind} for node id {sanitise(p.node)}")
     return YES
+
+
+def piece_ends(info: PlanInfo, job: str, piece: str) -> tuple[str, str] | None:
+    """(producer, consumer) of a piece of a verified plan (ids of devices, or of the
+    job's client), from the piece id (``meshdl.node.jobs``); None if it names none."""
+    from meshdl.wire.topics import JOB_SEP
+    owner = job.partition(JOB_SEP)[0] if JOB_SEP in job else ""
+    parts = piece.split(".")[1:]
+    t = info.tasks
+    if parts == ["in"]:
+        return owner, info.source
+    if parts == ["res"]:
+        return info.sink, owner
+    if len(parts) == 2 and parts[0] == "src" and parts[1] in t:
+        return info.source, t[parts[1]]
+    if len(parts) == 2 and parts[1] == "out" and parts[0] in t:
+        return t[parts[0]], info.sink
+    if len(parts) in (2, 3) and parts[0] in t and parts[1] in t:     # halo, or partials
+        return t[parts[0]], t[parts[1]]
+    return None
+
+
+def piece_problem(adm: Admission, job: str, piece: str, kind: str, e: Entry) -> str | None:
+    """Why ``e`` may not have sent this sealed frame (``kind``: the codec frame type,
+    "piece", "ack" or "credit"), or None. A piece must come from its producer, anything
+    else (acks, credit) from its consumer, both as the verified plan names them."""
+    pid = piece.partition(".")[0]
+    with adm.lock:
+        info = adm.plans.get(pid)
+    who = f"{e.role} {sanitise(e.id)}"
+    if info is None:
+        return f"{who} sent {sanitise(piece)} of job {sanitise(job)}: its plan is not verified here"
+    ends = piece_ends(info, job, piece)
+    if ends is None:
+        return f"{who} sent {sanitise(piece)}, which plan {sanitise(pid)} does not name"
+    want = ends[0] if kind == "piece" else ends[1]
+    if e.id != want:
+        role = "producer" if kind == "piece" else "consumer"
+        return (f"{who} sent a {sanitise(kind)} of {sanitise(piece)} of job {sanitise(job)}, "
+                f"whose {role} is {sanitise(want)}")
+    return None

@@ -6,8 +6,16 @@ made), so the runtime code stays as it is. On publish: control topics are signed
 (``frames.seal``), job results also sealed to the requesting client. On receive,
 before any handler runs: the frame must verify, and ``policy.admit`` must accept
 the sender for that topic; otherwise it is dropped and logged (with a count per
-reason in ``rejected``). Empty payloads (cleared retained records) pass: the
-broker's ACL decides who may clear what.
+reason in ``rejected``). Sealed pieces must come from the producer the verified plan
+names (``policy.piece_problem``).
+
+Empty payloads are unsigned, and the ACL lets every device write the leader, plan and
+job topics, so on those an empty payload proves nothing: an empty leader record goes
+to the election (which keeps following a live leader), a plan is retired only by its
+leader's signed (empty-bodied) retirement, which ``publish`` sends before clearing the
+retained copy, and empty statuses or results are dropped. A plan record we published
+and someone else cleared is put back. Node records may be cleared (only their owner
+may write them).
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from meshdl.security import frames as F
 from meshdl.security.bounds import sanitise
 from meshdl.security.bundle import Bundle
 from meshdl.security.identity import Entry, SecurityError
-from meshdl.security.policy import Admission, admit, leader_of, note_state
+from meshdl.security.policy import Admission, admit, leader_of, note_state, piece_problem
 from meshdl.transport.bus import Will
 from meshdl.transport.urls import is_loopback
 from meshdl.wire import topics
@@ -44,6 +52,7 @@ class SecureBus:
         self.mesh = bundle.mesh
         self._raw, self._sig = bundle.entry.raw, bundle.entry.sig
         self.rejected: Counter = Counter()
+        self._mine: OrderedDict[str, bytes] = OrderedDict()   # plan records we retain
         self.sealed_out = self.sealed_in = 0
         if share is not None:
             self.cache, self.ring, self._lock = share.cache, share.ring, share._lock
@@ -77,6 +86,17 @@ class SecureBus:
         return getattr(self.inner, name)
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        if "/plan/" in topic and retain:
+            if not len(payload):      # a retirement: signed, then the retained copy cleared
+                with self._lock:
+                    self._mine.pop(topic, None)
+                self.inner.publish(topic, self.signed(topic, b""), qos=qos, retain=False)
+            else:
+                out = self.wrap(topic, payload)
+                with self._lock:
+                    _put_last(self._mine, topic, out, 256)
+                self.inner.publish(topic, out, qos=qos, retain=retain)
+                return
         self.inner.publish(topic, self.wrap(topic, payload), qos=qos, retain=retain)
 
     def subscribe(self, pattern: str, handler: Any, qos: int = 0) -> None:
@@ -204,33 +224,69 @@ class SecureBus:
             while len(self.adm.my_votes) > 8:
                 self.adm.my_votes.popitem(last=False)
 
-    def _hold(self, term: int, signer: str, topic: str, body: bytes, retained: bool,
+    def _hold(self, term: int, signer: Entry, topic: str, body: bytes, retained: bool,
               handler: Any) -> None:
         with self._lock:
             self._held.append((term, signer, topic, body, retained, handler))
 
     def _release(self, term: int, leader: str) -> None:
         with self._lock:
-            go = [h for h in self._held if h[0] == term and h[1] == leader]
+            go = [h for h in self._held if h[0] == term and h[1].id == leader]
             keep = [h for h in self._held if h[0] != term]
             self._held.clear()
             self._held.extend(keep)
-        for _, _, topic, body, retained, handler in go:
-            if handler is not None:
+        for _, entry, topic, body, retained, handler in go:
+            # admitted again, now that its leader is known (so the plan is recorded)
+            verdict = admit(self.adm, topics.parse(topic), entry, body, time.monotonic(),
+                            retained, self._verify_vote)
+            if not verdict.ok:
+                self._reject(topic, verdict.reason)
+            elif handler is not None:
                 log.info("released plan on %s: %s leads term %d", sanitise(topic, 120),
                          sanitise(leader), term)
                 handler(topic, body, retained)
+
+    def _empty(self, topic: str, payload: Any) -> Any:
+        """An empty (unsigned) payload: what the handler gets, or None (dropped)."""
+        try:
+            p = topics.parse(topic)
+        except MeshdlError:
+            return None
+        if p.kind == "state":
+            note_state(self.adm, p.node, False)       # cleared (only its owner may)
+        elif p.kind == "plan":
+            with self._lock:
+                mine = self._mine.get(topic)
+            if mine is not None:                      # ours, still current: put it back
+                log.warning("the retained record of our plan %s was cleared by someone "
+                            "else: published again", sanitise(p.plan_id))
+                self.inner.publish(topic, mine, qos=1, retain=True)
+            else:
+                log.info("ignored an unsigned clear of plan %s (a plan ends with its "
+                         "leader's signed retirement)", sanitise(p.plan_id))
+            self.rejected["unsigned clear of a plan"] += 1
+            return None
+        elif p.kind == "job" and p.job_kind in ("status", "result"):
+            self._reject(topic, "an empty job status or result (unsigned)")
+            return None
+        return payload
+
+    def _retired(self, topic: str, p: topics.ParsedTopic, e: Entry) -> Any:
+        """A signed retirement of a plan: from its issuer or the current leader only."""
+        from meshdl.security.policy import current_leader
+        with self.adm.lock:
+            info = self.adm.plans.get(p.plan_id)
+        if e.role != "device" or e.id not in ((info.leader if info else None),
+                                              current_leader(self.adm)):
+            raise SecurityError(f"{e.role} {sanitise(e.id)} retired plan "
+                                f"{sanitise(p.plan_id)}, which it neither issued nor leads")
+        return b""
 
     def unwrap(self, topic: str, payload: Any, handler: Any = None,
                retained: bool = False) -> Any:
         """The inner payload for the handler, or None (dropped and logged)."""
         if not len(payload):
-            if "/node/" in topic and topic.endswith("/state"):
-                try:
-                    note_state(self.adm, topics.parse(topic).node, False)   # cleared
-                except MeshdlError:
-                    pass
-            return payload
+            return self._empty(topic, payload)
         try:
             p = topics.parse(topic)
             if p.kind == "route":
@@ -241,11 +297,17 @@ class SecureBus:
                 if len(p.hops) > 1:
                     return payload              # we relay it: it stays sealed
                 entry, pt = F.open_sealed(self.ring, self.cache, p.job, p.piece, payload)
+                kind = F.peek(payload).type
+                why = piece_problem(self.adm, p.job, p.piece, kind, entry)
+                if why is not None:
+                    raise SecurityError(why)
                 self.sealed_in += 1
                 if entry.id != p.hops[0]:
                     self._learn(entry)
                 return pt
             entry, body = F.verify(self.cache, topic, payload)
+            if p.kind == "plan" and not len(body):
+                return self._retired(topic, p, entry)
             if p.kind == "job" and p.job_kind == "result" and F.is_sealed(body):
                 if self.adm.role != "client":
                     return None                   # sealed to a client: not for us
@@ -254,7 +316,7 @@ class SecureBus:
                             self._verify_vote)
             if verdict.hold_term is not None:
                 log.info("%s", verdict.reason)
-                self._hold(verdict.hold_term, entry.id, topic, body, retained, handler)
+                self._hold(verdict.hold_term, entry, topic, body, retained, handler)
                 return None
             if not verdict.ok:
                 raise SecurityError(verdict.reason)
@@ -270,6 +332,13 @@ class SecureBus:
         except (SecurityError, MeshdlError) as exc:
             self._reject(topic, str(exc))
             return None
+
+
+def _put_last(d: OrderedDict, k: Any, v: Any, keep: int) -> None:
+    d[k] = v
+    d.move_to_end(k)
+    while len(d) > keep:
+        d.popitem(last=False)
 
 
 def _client_key(mesh: str, client: str) -> str:
