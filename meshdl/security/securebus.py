@@ -280,6 +280,8 @@ class SecureBus:
                                               current_leader(self.adm)):
             raise SecurityError(f"{e.role} {sanitise(e.id)} retired plan "
                                 f"{sanitise(p.plan_id)}, which it neither issued nor leads")
+        with self._lock:
+            self._mine.pop(topic, None)          # retired by a newer leader: not ours now
         return b""
 
     def unwrap(self, topic: str, payload: Any, handler: Any = None,

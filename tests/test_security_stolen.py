@@ -1,0 +1,275 @@
+"""One stolen device bundle against a secure mesh, beyond what test_security_attacks
+covers: a device may write the leader, plan and job topics (the ACL cannot tell which
+device leads or serves a job), and it may send pieces to anyone. Each attack runs on a
+real mosquitto set up by meshdl's own secure path while legitimate jobs run; each is
+blocked, logged, and the jobs stay exact. The pure rules behind them are tested first."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from meshdl.node import election as el
+from meshdl.security import policy as P
+from meshdl.security.identity import Entry
+from meshdl.transport.broker import mosquitto_binary
+from meshdl.wire import topics
+
+from test_security_attacks import (MESH, THIEF, alive, exact_job, node_logs, rejected,  # noqa: F401
+                                   secure, wait_log, wait_true)
+
+
+# ------------------------------------------------------------------ pure rules
+def _following(quorum: bool) -> el.ElectionState:
+    s = el.initial("b", 1.0, 0.0, el.Params(quorum=quorum))
+    s, _ = el.step(s, el.Members({"a": 2.0, "b": 1.0, "c": 0.5}), 0.0)
+    s, _ = el.step(s, el.LeaderSeen("a", 1, frozenset({"a", "c"})), 0.1)
+    assert s.leader == "a"
+    return s
+
+
+def test_a_cleared_leader_record_does_not_unseat_a_live_leader_on_a_secure_mesh():
+    s = _following(quorum=True)
+    s, acts = el.step(s, el.LeaderCleared(), 5.0)           # anyone may send an empty record
+    assert s.leader == "a" and acts == [el.Kept("a", 1)]
+    s, acts = el.step(s, el.Tick(), 20.0)                   # no claim while it is live
+    assert s.leader == "a" and not [a for a in acts if isinstance(a, el.Claim)]
+    # its death still shows: its offline will (or silence) takes it out of the members
+    s, acts = el.step(s, el.Members({"b": 1.0, "c": 0.5}), 21.0)
+    assert s.leader is None and el.LeaderChanged(None, 1) in acts
+    assert el.Claim(2) in acts                 # at once: b is now the best live member
+
+
+def test_a_cleared_record_still_drops_the_leader_on_a_plain_mesh():
+    s, acts = el.step(_following(quorum=False), el.LeaderCleared(), 5.0)
+    assert s.leader is None and acts[0] == el.LeaderChanged(None, 1)
+
+
+def test_a_leader_puts_its_cleared_record_back():
+    s = el.initial("a", 2.0, 0.0, el.Params(quorum=True))
+    s = el.ElectionState(**{**s.__dict__, "role": el.LEADER, "leader": "a", "leader_term": 3,
+                            "term": 3})
+    s, acts = el.step(s, el.LeaderCleared(), 1.0)
+    assert acts == [el.AssertLeader(3)] and s.is_leader
+
+
+def _entry(ident: str, role: str = "device") -> Entry:
+    return Entry(MESH, ident, role, b"", b"")
+
+
+def _adm_with_plan() -> P.Admission:
+    adm = P.Admission(me="n1", role="device")
+    adm.plans["p1"] = P.PlanInfo("sink", frozenset({"src", "mid", "sink"}), "lead", "src",
+                                 {"s0t0": "src", "s1t0": "mid", "s1t1": "sink"})
+    return adm
+
+
+@pytest.mark.parametrize("piece,producer,consumer", [
+    ("p1.in", "alice", "src"), ("p1.res", "sink", "alice"), ("p1.src.s1t0", "src", "mid"),
+    ("p1.s0t0.s1t0", "src", "mid"), ("p1.s1t0.out", "mid", "sink"),
+    ("p1.s1t0.s1t1.r0", "mid", "sink")])
+def test_pieces_come_only_from_their_producer_and_acks_from_their_consumer(piece, producer,
+                                                                           consumer):
+    adm, job = _adm_with_plan(), "alice~j1"
+    assert P.piece_ends(adm.plans["p1"], job, piece) == (producer, consumer)
+    prole = "client" if producer == "alice" else "device"
+    crole = "client" if consumer == "alice" else "device"
+    assert P.piece_problem(adm, job, piece, "piece", _entry(producer, prole)) is None
+    assert P.piece_problem(adm, job, piece, "ack", _entry(consumer, crole)) is None
+    why = P.piece_problem(adm, job, piece, "piece", _entry("thief"))
+    assert why and f"whose producer is {producer}" in why
+    assert "consumer" in P.piece_problem(adm, job, piece, "ack", _entry("thief"))
+
+
+def test_pieces_of_unverified_plans_or_unnamed_pieces_are_refused():
+    adm = _adm_with_plan()
+    assert "not verified" in P.piece_problem(adm, "alice~j", "p2.in", "piece", _entry("alice"))
+    assert "does not name" in P.piece_problem(adm, "alice~j", "p1.s9t9.out", "piece",
+                                              _entry("mid"))
+
+
+def test_a_silent_device_stops_counting_against_a_majority():
+    adm = P.Admission(me="c", role="client")
+    for n in ("a", "b", "thief"):
+        P.note_state(adm, n, True, now=0.0)
+    adm.records[(1, "a")] = frozenset({"a"})
+    for n in ("a", "b", "thief"):
+        P.note_heard(adm, n, 1.0)
+    with adm.lock:
+        assert P.live_devices(adm, 2.0) == {"a", "b", "thief"}
+    for t in (2.0, 4.0, 6.0, 8.0):                 # a and b keep beating, the thief is silent
+        P.note_heard(adm, "a", t)
+        P.note_heard(adm, "b", t)
+    with adm.lock:
+        assert P.live_devices(adm, 8.5) == {"a", "b"}
+
+
+# ------------------------------------------------------------------ on a real mosquitto
+real = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+
+
+def _fresh_retained(secure, topic: str) -> bytes:
+    """The retained record on ``topic`` as a new subscriber gets it (b"" if none)."""
+    from meshdl.security.bundle import Bundle
+    from meshdl.transport.paho_bus import PahoBus
+    with PahoBus(secure["br"].url, **Bundle.load(secure["d"] / "watch.bundle").tls_files()
+                 ) as fresh:
+        got: list[bytes] = []
+        fresh.subscribe(topic, lambda t, p, r: got.append(bytes(p)) if r else None, qos=1)
+        end = time.monotonic() + 3.0
+        while not got and time.monotonic() < end:
+            time.sleep(0.05)
+        return got[-1] if got else b""
+
+
+def _body(secure, topic: str, frame: bytes):
+    from meshdl.security import frames as F
+    from meshdl.wire.control import decode_control
+    _, body = F.verify(F.EntryCache(secure["stolen"].mesh_pub, MESH), topic, frame)
+    return decode_control(body)
+
+
+@real
+def test_clearing_the_leader_record_does_not_make_the_mesh_leaderless(secure):
+    """The thief clears the retained leader record over and over while jobs run: no
+    node drops the live leader it verified (logged), the leader puts its record back,
+    and the jobs stay exact."""
+    thief, up, c = secure["thief"], secure["up"], secure["c"]
+    wait_true(lambda: up.watcher.snapshot().leader is not None, "a leader")
+    leader = up.watcher.snapshot().leader
+    none_before = node_logs(up).count("leader is now (none)")
+    stop = threading.Event()
+
+    def clear() -> None:
+        while not stop.is_set():
+            thief.publish(topics.leader(MESH), b"", qos=1, retain=True)
+            stop.wait(0.05)
+    runner = threading.Thread(target=clear, daemon=True)
+    runner.start()
+    try:
+        for seed in (31, 32):
+            exact_job(c, seed)
+    finally:
+        stop.set()
+        runner.join(5)
+    wait_log(up, f"ignored a clear of the leader record: {leader.node} (term {leader.term})")
+    assert node_logs(up).count("leader is now (none)") == none_before
+    wait_true(lambda: (f := _fresh_retained(secure, topics.leader(MESH)))
+              and _body(secure, topics.leader(MESH), f).node == leader.node,
+              "the leader's record retained again")
+    s = up.watcher.snapshot()
+    assert (s.leader.node, s.leader.term) == (leader.node, leader.term)
+    alive(up)
+
+
+@real
+def test_clearing_plans_and_empty_answers_do_not_kill_jobs(secure):
+    """The thief clears every retained plan record and sends empty statuses and results
+    for every job it sees requested (an empty result used to fail the job at the
+    client): nodes and client keep the plans, the leader puts its records back, the
+    empty answers are dropped (logged), and the jobs stay exact."""
+    thief, up, c = secure["thief"], secure["up"], secure["c"]
+    exact_job(c, 40)                            # the plan exists
+    plans = list(up.watcher.snapshot().plans)
+    assert plans
+    before = rejected(c)
+    seen: list[str] = []
+
+    def empty_answers(topic: str, payload, retained: bool) -> None:
+        job = topics.parse(topic).job
+        seen.append(job)
+        for kind in ("status", "result"):
+            thief.publish(topics.job(MESH, job, kind), b"", qos=1)
+    thief.subscribe(topics.job_all(MESH, "request"), empty_answers, qos=1)
+    stop = threading.Event()
+
+    def clear() -> None:
+        while not stop.is_set():
+            for pid in plans:
+                thief.publish(topics.plan(MESH, pid), b"", qos=1, retain=True)
+            stop.wait(0.1)
+    runner = threading.Thread(target=clear, daemon=True)
+    runner.start()
+    try:
+        for seed in (41, 42, 43):
+            exact_job(c, seed)
+    finally:
+        stop.set()
+        runner.join(5)
+        thief.unsubscribe(topics.job_all(MESH, "request"))
+    assert seen
+    assert rejected(c) >= before + len(seen)                 # every empty answer dropped
+    assert any("empty job status or result" in k for k in
+               (*c.bus.rejected, *c.data_bus.rejected))
+    wait_log(up, "was cleared by someone else: published again")
+    for pid in plans:
+        wait_true(lambda: _fresh_retained(secure, topics.plan(MESH, pid)) != b"",
+                  f"plan {pid} retained again")
+    assert set(plans) <= set(up.watcher.snapshot().plans)
+    alive(up)
+
+
+def _thief_secure_bus(secure):
+    """The thief with meshdl's own SecureBus over its stolen bundle: it seals what it
+    sends like a real device would (so receivers must check who the producer is)."""
+    from meshdl.security.securebus import SecureBus
+    from meshdl.transport.paho_bus import PahoBus
+    stolen = secure["stolen"]
+    bus = SecureBus(PahoBus(secure["br"].url, **stolen.tls_files()), stolen)
+    plans: dict[str, dict] = {}
+
+    def on_plan(topic: str, payload, retained: bool) -> None:
+        from meshdl.wire.control import PlanMessage, decode_control
+        if len(payload):
+            msg = decode_control(payload, PlanMessage)
+            plans[msg.plan_id] = {"term": msg.term, **msg.plan}
+    for t in (topics.node_state_all(MESH), topics.election(MESH), topics.leader(MESH)):
+        bus.subscribe(t, lambda *a: None, qos=1)       # peers' keys, the verified leader
+    bus.subscribe(topics.plan_all(MESH), on_plan, qos=1)
+    return bus, plans
+
+
+@real
+def test_forged_pieces_from_a_stolen_device_are_refused(secure):
+    """For every job it sees requested, the thief races the client: it seals a zero
+    input "from the client" to the source of each current plan (and, for every task,
+    a zero tensor "from the source"), before the real input. The receivers check that
+    a piece comes from the producer the verified plan names: refused (logged), and the
+    answers stay exact (they would be the logits of zeros otherwise)."""
+    from meshdl.node import jobs as J
+    from meshdl.wire.codec import encode_frames
+    up, c = secure["up"], secure["c"]
+    exact_job(c, 50)
+    bus, plans = _thief_secure_bus(secure)
+    try:
+        wait_true(lambda: plans, "the thief read the retained plans")
+        sent: list[str] = []
+
+        def forge(topic: str, payload, retained: bool) -> None:
+            job = topics.parse(topic).job
+            client = topics.job_owner(job)
+            for pid, plan in list(plans.items()):
+                zeros = np.zeros((1, 3, 32, 32), np.float32)
+                pieces = [(plan["source"], J.input_piece(pid), "@" + client, "")]
+                for st in plan.get("stages") or ():
+                    for t in st.get("tasks") or ():
+                        pieces.append((t["device"], J.source_piece(pid, t["id"]), "", t["id"]))
+                for dst, piece, src, dtask in pieces:
+                    if dst == THIEF:
+                        continue
+                    for fr in encode_frames(job, piece, zeros, src_task=src, dst_task=dtask,
+                                            term=plan["term"]):
+                        bus.publish(topics.route_topic(MESH, [dst], job, piece), bytes(fr),
+                                    qos=1)
+                    sent.append(piece)
+        bus.subscribe(topics.job_all(MESH, "request"), forge, qos=1)
+        for seed in (51, 52, 53):
+            exact_job(c, seed)
+        assert sent
+        wait_log(up, f"device {THIEF} sent a piece of ")
+        wait_log(up, "whose producer is alice")
+    finally:
+        bus.close()
+    alive(up)
