@@ -65,6 +65,7 @@ class Verdict:
     body: bytes | None = None          # a rewritten body (capped figures), if any
     hold_term: int | None = None       # a plan to hold until this term's leader is known
     vote_term: int | None = None       # a vote for this side in that term: keep its frame
+    waits: bool = False                # a leader record short of its majority: look again
 
 
 def _put(d: OrderedDict, k: Any, v: Any) -> None:
@@ -211,8 +212,10 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
             voters = adm.records[key]
             live = len(live_devices(adm, now) | voters)
         if adm.role == "client" and not 2 * len(voters) > live:
-            return no(f"{who} announced itself leader of term {msg.term} with the votes of "
-                      f"{len(voters)} of {live} live devices (no majority)")
+            # looked at again as devices fall silent (a revoked or frozen one)
+            return Verdict(False, f"{who} announced itself leader of term {msg.term} with "
+                           f"the votes of {len(voters)} of {live} live devices (no majority)",
+                           waits=True)
         return Verdict(True, "", _reencode(dataclasses.replace(
             msg, votes={v: b"" for v in sorted(voters)})))
     if p.kind == "plan":

@@ -53,6 +53,7 @@ class SecureBus:
         self._raw, self._sig = bundle.entry.raw, bundle.entry.sig
         self.rejected: Counter = Counter()
         self._mine: OrderedDict[str, bytes] = OrderedDict()   # plan records we retain
+        self._short: OrderedDict = OrderedDict()   # leader records short of a majority
         self.sealed_out = self.sealed_in = 0
         if share is not None:
             self.cache, self.ring, self._lock = share.cache, share.ring, share._lock
@@ -284,6 +285,28 @@ class SecureBus:
             self._mine.pop(topic, None)          # retired by a newer leader: not ours now
         return b""
 
+    def _look_again(self) -> None:
+        """Leader records refused for want of a majority, judged again (a device that
+        went silent, e.g. revoked, no longer counts): delivered once they hold one."""
+        from meshdl.wire.control import decode_control
+        with self._lock:
+            short = list(self._short.items())
+        for key, (topic, entry, body, retained, handler) in short:
+            term = decode_control(body).term
+            if leader_of(self.adm, term) != entry.id:
+                continue
+            with self._lock:
+                self._short.pop(key, None)
+            verdict = admit(self.adm, topics.parse(topic), entry, body, time.monotonic(),
+                            retained, self._verify_vote)
+            if verdict.ok:
+                log.info("%s leads term %d with a majority of the live devices now",
+                         sanitise(entry.id), term)
+                self._release(term, entry.id)
+                if handler is not None:
+                    handler(topic, verdict.body if verdict.body is not None else body,
+                            retained)
+
     def unwrap(self, topic: str, payload: Any, handler: Any = None,
                retained: bool = False) -> Any:
         """The inner payload for the handler, or None (dropped and logged)."""
@@ -321,15 +344,25 @@ class SecureBus:
                 self._hold(verdict.hold_term, entry, topic, body, retained, handler)
                 return None
             if not verdict.ok:
+                if verdict.waits:
+                    with self._lock:
+                        _put_last(self._short, (entry.id, id(handler)),
+                                  (topic, entry, body, retained, handler), 16)
                 raise SecurityError(verdict.reason)
             self._learn(entry)
             if verdict.vote_term is not None:
                 self._keep_vote(verdict.vote_term, entry.id, payload)
+            if p.kind == "election" and self._short:
+                self._look_again()
             if p.kind == "leader":
                 from meshdl.wire.control import decode_control
                 term = decode_control(body).term
                 if leader_of(self.adm, term) == entry.id:
                     self._release(term, entry.id)
+                with self._lock:          # a record that holds: older short ones are moot
+                    for k in [k for k, v in self._short.items()
+                              if decode_control(v[2]).term <= term]:
+                        del self._short[k]
             return verdict.body if verdict.body is not None else body
         except (SecurityError, MeshdlError) as exc:
             self._reject(topic, str(exc))
