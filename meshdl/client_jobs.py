@@ -90,15 +90,18 @@ class _JobAttempts:
             opts["source"] = source
         if sink:
             opts["sink"] = sink
-        t_req = time.time()
+        t_req = a.marks["request"] = time.time()
         pid = self._request(a, model, strategy, opts, deadline)
+        a.marks["planned"] = time.time()
         plan = self._get_plan(pid, deadline)
+        a.marks["plan"] = time.time()
         return self._run_plan(a, x, plan, deadline, t_req)
 
     def _run_plan(self, a: _Attempt, x: Any, plan: Plan, deadline: float,
                   t_req: float) -> InferResult:
         """Send ``x`` as job ``a.job`` on a known ``plan`` and wait for its answer."""
         pid, model = plan.plan_id, plan.model
+        a.marks.setdefault("request", t_req)
         gone = [d for d in plan.devices() if self._online.get(d) is False]
         if gone:
             raise _Retry(f"plan {pid} uses offline device(s) {', '.join(gone)}")
@@ -111,7 +114,7 @@ class _JobAttempts:
         frames = [(topic, f) for f in encode_chunks(a.job, piece, arr,
                                                      src_task=J.CLIENT_PREFIX + self.client_id,
                                                      term=plan.term)]
-        t_send = time.time()
+        t_send = a.marks["send"] = time.time()
         self._sender.send(a.job, piece, plan.source, [self.client_id, plan.source], frames,
                           input_s(plan), lambda msg: a.events.put(("failed", msg)))
         resend, _, no_mesh = scaled_timeouts(plan_time_scale(plan))
@@ -122,10 +125,11 @@ class _JobAttempts:
         a.sink = plan.sink
         self._drive(a, st, effects, plan=plan)
         val = a.result
+        a.marks["result"] = time.time()
         piece = (val.result or {}).get("piece") if isinstance(val.result, dict) else None
         if piece:
             self._await_answer(a, piece, deadline)
-        t_done = time.time()
+        t_done = a.marks["done"] = time.time()
         output = _tensor(val.result, a.answer)
         want = sum(len(s.tasks) for s in plan.stages)
         grace = time.monotonic() + 0.5          # task reports may trail the answer
@@ -135,10 +139,14 @@ class _JobAttempts:
         mesh_s = None
         if a.input_at is not None and isinstance(held, (int, float)) and held >= a.input_at:
             mesh_s = float(held) - a.input_at
+        if a.input_at is not None:
+            a.marks["input_at"] = a.input_at
+        if isinstance(held, (int, float)):
+            a.marks["held"] = float(held)
         t0 = a.input_at if a.input_at is not None else t_send
         return InferResult(output, [], t_done - t_send, t_done - t_req, plan,
                            _stages(plan, a.tasks, t0), 1, a.job, list(a.tasks.values()),
-                           mesh_latency_s=mesh_s)
+                           mesh_latency_s=mesh_s, marks=dict(a.marks))
 
     def _request(self, a: _Attempt, model: str, strategy: str, opts: dict,
                  deadline: float) -> str:
@@ -151,6 +159,8 @@ class _JobAttempts:
             req = JobRequest(a.job, self.client_id, model, strategy,
                              deadline_s=max(0.0, deadline - time.monotonic()), options=opts)
             self.bus.publish(topic, encode_control(req), qos=1)
+            a.marks["requests"] = a.marks.get("requests", 0.0) + 1
+            a.marks["last_request"] = time.time()
         with self._lock:
             leader = self._leader[0] if self._leader else None
             # before the plan is known: the time scale of the mesh's last plan seen
@@ -216,6 +226,8 @@ class _JobAttempts:
     def _event(self, a: _Attempt, st: "jp.Attempt", kind: str, val: Any):
         """What the client saw, as a job protocol event (None: nothing for it)."""
         if kind in ("planned", "failed") and isinstance(val, JobStatus):
+            if kind == "planned":
+                a.marks.setdefault("answered", float(val.ts))    # the leader's clock
             return jp.from_status(val, requesting=st.phase == jp.REQUESTING)
         if kind == "failed":
             return jp.JobFailed(str(val))

@@ -36,6 +36,9 @@ class InferResult:
     # a node did not report. ``latency_s`` also counts client -> source and sink -> client.
     mesh_latency_s: float | None = None
     index: int | None = None       # MeshClient.stream: the frame's position in the input
+    # wall-clock moments of the attempt that answered (request, planned, plan, send,
+    # input_at, held, result, done; those it reached): where a job's time went
+    marks: dict[str, float] = field(default_factory=dict)
     error: str | None = None       # MeshClient.stream: why this frame failed (output None)
 
     @property
@@ -53,6 +56,7 @@ class _Attempt:
         self.sink: str | None = None             # the plan's sink, once the input is sent
         self.answer: Any = None                  # a big answer, reassembled from pieces
         self.answer_piece = ""
+        self.marks: dict[str, float] = {}        # wall-clock moments (InferResult.marks)
 
 
 class _Retry(MeshdlError):

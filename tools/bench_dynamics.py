@@ -60,7 +60,11 @@ def main() -> None:
     ap.add_argument("--telemetry-period", type=float, default=1.0,
                     help="wall-clock seconds between telemetry messages")
     ap.add_argument("--out", default=str(ROOT / "results" / "dynamics"))
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help="arms to run (diagnosis: 'meshdl' alone writes only the raw "
+                    "passes and the per-job timeline)")
     args = ap.parse_args()
+    arms = [a for a in ARMS if a in args.arms.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("meshdl").setLevel(logging.WARNING)
 
@@ -122,7 +126,7 @@ def main() -> None:
             return oracle_plans[seg]
         fixed_plan = oracle_at(-1.0)
         try:
-            for arm in ARMS:
+            for arm in arms:
                 log.info("pass %s", arm)
                 reset_links(up, mesh, trace)
                 pinner.clear()
@@ -165,9 +169,12 @@ def main() -> None:
                                  else ans.latency_s) + lost) / k
                         r.jobs.append((started, meas, ans.plan))
                         r.wall[len(r.jobs) - 1] = (time.monotonic() - mono) / k
+                        r.marks[len(r.jobs) - 1] = ans.marks
                         job_starts.append((mono, ans.plan.plan_id))
-                        log.info("t=%.2f s: %.3f s on %s (%s)", started, meas,
-                                 ans.plan.plan_id, "+".join(sorted(ans.plan.devices())))
+                        log.info("t=%.2f s: %.3f s on %s (%s); client wall %.3f s: %s",
+                                 started, meas, ans.plan.plan_id,
+                                 "+".join(sorted(ans.plan.devices())), r.wall[len(r.jobs) - 1],
+                                 timeline(ans.marks, k))
                     t_end_meshdl = time.monotonic()
                 else:
                     res[arm] = run_pinned(
@@ -188,9 +195,23 @@ def main() -> None:
         "time_scale": k, "schedule": schedule, "pacing": pacing,
         "jobs": {arm: [[t, m, None if p is None else p.plan_id,
                         None if p is None else simulate(p, g, trace.mesh_at(mesh, t)).latency_s]
-                       for t, m, p in res[arm].jobs] for arm in ARMS},
-        "wall": {arm: res[arm].wall for arm in ARMS},
-        "failed": {arm: res[arm].failed for arm in ARMS}}, indent=1))
+                       for t, m, p in res[arm].jobs] for arm in arms},
+        "wall": {arm: res[arm].wall for arm in arms},
+        "marks": {arm: res[arm].marks for arm in arms},
+        "failed": {arm: res[arm].failed for arm in arms}}, indent=1))
+    shift = time.time() - time.monotonic()   # node log lines carry wall-clock times
+    delays = []
+    if "meshdl" in arms:
+        steps = step_lines(out / "logs", since=t0_meshdl + shift)
+        delays = replan_delays([(e, t) for t, e in applied], appeared, steps, shift,
+                               job_starts, end=t_end_meshdl)
+    if arms != list(ARMS):
+        print(f"arms {', '.join(arms)} only: no comparison; raw passes in "
+              f"{out / 'dynamics_raw.json'}")
+        for d in delays:
+            print(f"{d['event']}: link step published {_f(d['step_s'], tele)}, new plan "
+                  f"{_f(d['plan_s'], tele)}, first job on it {_f(d['job_s'], tele)} periods")
+        return
     per: dict[str, dict[int, tuple]] = {}
     for arm in ARMS:
         done = {i: j for i, j in enumerate(res[arm].jobs) if j[1] is not None}
@@ -213,10 +234,6 @@ def main() -> None:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    shift = time.time() - time.monotonic()   # node log lines carry wall-clock times
-    steps = step_lines(out / "logs", since=t0_meshdl + shift)
-    delays = replan_delays([(e, t) for t, e in applied], appeared, steps, shift, job_starts,
-                           end=t_end_meshdl)
     flaps = stable_plan_changes([t for t, _ in applied], job_starts, settle_s=3 * tele)
     mo, mf = tot["oracle"], tot["fixed"]
     lines = [f"# dynamics: {args.model} on {args.topology}, time scale {k:g}\n",
@@ -267,6 +284,16 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     (out / "dynamics.md").write_text(text)
     print(text)
+
+
+def timeline(marks: dict, k: float) -> str:
+    """A job's client moments as real-world seconds from its request (``InferResult.marks``)."""
+    t0 = marks.get("request")
+    if t0 is None:
+        return "-"
+    return " ".join(f"{name} {(v - t0) / k:+.3f}" for name, v in
+                    sorted(((n, v) for n, v in marks.items() if n != "requests"),
+                           key=lambda nv: nv[1])) + f" ({marks.get('requests', 0):g} request(s))"
 
 
 def _f(v: float | None, unit: float, digits: int = 2) -> str:

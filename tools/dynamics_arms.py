@@ -113,6 +113,7 @@ class PassResult:
     failed: list = field(default_factory=list)   # (started, error)
     late: list = field(default_factory=list)     # real seconds behind the schedule, per job
     wall: dict = field(default_factory=dict)     # job index -> client's wall time / K
+    marks: dict = field(default_factory=dict)    # job index -> InferResult.marks
     reruns: int = 0
 
 
@@ -151,8 +152,9 @@ def run_pinned(c: Any, pinner: Pinner, x: Any, schedule: list[float], t0: float,
                     + lost) / k
             out.jobs.append((started, meas, plan))
             out.wall[i] = (time.monotonic() - mono) / k
-            log.info("t=%.2f s: %.3f s on %s (%s)", started, meas, plan.plan_id,
-                     "+".join(sorted(plan.devices())))
+            out.marks[i] = r.marks
+            log.info("t=%.2f s: %.3f s on %s (%s); client wall %.3f s", started, meas,
+                     plan.plan_id, "+".join(sorted(plan.devices())), out.wall[i])
             break
         else:
             out.failed.append((started, "three attempts re-run"))

@@ -192,8 +192,10 @@ class LeaderDuties:
 
     def job_request(self, job: JobRequest) -> None:
         default = self._defaults[0] if self._defaults else StandingRequest("efficientnet_lite0")
-        self._step(self._members_event(self._live_mesh()),
-                   lp.JobRequested.from_wire(job, default, time.monotonic()))
+        answers = self._step(self._members_event(self._live_mesh()),
+                             lp.JobRequested.from_wire(job, default, time.monotonic()))
+        log.debug("leader %s: request of job %s answered %s", self.me, job.job,
+                  ", ".join(type(a).__name__ for a in answers) or "later (planning)")
 
     def invalidate(self, model: str | None = None) -> None:
         """The planner changed (a hand-made plan was added or withdrawn)."""
