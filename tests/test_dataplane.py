@@ -417,3 +417,30 @@ def test_big_answer_travels_as_pieces_to_the_client(home, tiny):
     while sink.sender.pending() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not sink.sender.pending() and sink.sender.acks >= 1
+
+
+def test_sender_waits_for_a_path_that_slowed_before_retransmitting():
+    """The links' figures of now say the piece is still crossing (its path slowed after
+    it left): the timer is re-armed, no copy queues behind it; once past that, the
+    sender retransmits as before."""
+    sent: list[float] = []
+    expected = {"s": 0.0}
+
+    def transmit(tr, frames, on_sent):
+        sent.append(time.monotonic())
+        on_sent()
+
+    s = ReliableSender("a", transmit, rto_min_s=0.05, max_retries=4,
+                       expect=lambda tr, nbytes: expected["s"])
+    try:
+        expected["s"] = 0.4               # the link stepped down after the piece left
+        s.send("j1", "p1", "b", ["a", "b"], [("t", b"x")], 0.0, lambda m: None)
+        deadline = time.monotonic() + 5
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sent) == 2
+        # no copy before rto_min + 2 x the expected time of now (0.85 s), not 0.05 s
+        assert sent[1] - sent[0] >= 0.8
+        assert s.on_ack("j1", "p1")
+    finally:
+        s.stop()

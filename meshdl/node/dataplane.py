@@ -78,7 +78,8 @@ class DataPlane(_DataPlaneRoles):
                            access=self._access_figures,
                            shaped=bool(getattr(cfg, "shaped_links", False)))
         self.sender = ReliableSender(self.node_id, self._transmit, rto_min_s=rto_min_s,
-                                     max_retries=max_retries, initial_grant=initial_grant)
+                                     max_retries=max_retries, initial_grant=initial_grant,
+                                     expect=self._expected_now)
         self.rlog = ReceiveLog()
         # receive side of the credit window: held bytes, grants on every ack
         self.credit = CreditLedger(int(getattr(cfg, "held_bytes", 0) or held_bytes),
@@ -207,6 +208,21 @@ class DataPlane(_DataPlaneRoles):
             bps, lat = self._hop(a, b)
             total += lat + nbytes * 8.0 / bps
         return total + nbytes * 8.0 / LOOPBACK_BPS
+
+    def _expected_now(self, tr: Transfer, nbytes: int) -> float:
+        """``nbytes`` along a piece's path on the live mesh of now (links may step)."""
+        self._mesh, self._mesh_at = self.ctx.live_mesh(), time.monotonic()
+        star, total = self._mesh.star, 0.0
+        for a, b in zip(tr.path, tr.path[1:]):
+            if star is not None:       # sender's uplink, then the receiver's downlink
+                for acc, bps in ((star.link_of(a), "up_bps"), (star.link_of(b), "down_bps")):
+                    if acc is not None:
+                        total += acc.latency_s + nbytes * 8.0 / getattr(acc, bps)
+            else:
+                link = self._mesh.find_link(a, b)
+                if link is not None:
+                    total += link.latency_s + nbytes * 8.0 / link.bandwidth_bps
+        return total
 
     def _hop(self, a: str, b: str) -> tuple[float, float]:
         fig = self._link_figures(a, b) if self.emulate else None

@@ -10,7 +10,13 @@ its consumer, end to end:
 - The sender keeps the encoded frames of every unacked piece. Its retransmission
   timer starts when the last frame left the first hop (so a long emulated link queue
   is not mistaken for loss) and is ``rto_min + 2 x`` the expected time of the
-  remaining hops, doubled on every retry. A retransmission resends every chunk with
+  remaining hops, doubled on every retry. When it fires, the expected time is taken
+  again on the links' current figures (``expect``): a link that slowed since the piece
+  left (a step the probes measured meanwhile) still carries it, behind the other unacked
+  bytes to the same receiver, so the timer is
+  re-armed for the rest instead of queueing another copy behind it on that link (a
+  Jetson whose link fell 225x got three copies of each piece, ~20 s of its downlink
+  that the next job's request to the leader waited behind; issue 11). A retransmission resends every chunk with
   the same (term, seq): the consumer's reassembler keeps the chunks it already has,
   so each round fills the holes of the last. A consumer holding part of a piece
   answers a duplicate chunk with a selective ack (``ok=False`` + the chunks it has);
@@ -57,6 +63,7 @@ class Transfer:
     timer_gen: int = 0
     acked: threading.Event = field(default_factory=threading.Event)
     first_sent: float = 0.0
+    sent_at: float = 0.0                  # when the last round left (its timer's start)
     received: frozenset = frozenset()     # chunks the consumer reported (selective ack)
     sending: bool = False
     first_queued: float = 0.0             # when it was handed to ``send``
@@ -96,9 +103,12 @@ class ReliableSender:
                  *, rto_min_s: float = 1.0, max_retries: int = 6,
                  window_bytes: int = 256 << 20, initial_grant: int = 16 << 20,
                  max_queued_bytes: int = 1 << 30, credit: bool = True,
-                 max_peers: int = 4096, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 max_peers: int = 4096, clock: Callable[[], float] = time.monotonic,
+                 expect: Callable[[Transfer, int], float | None] | None = None) -> None:
         self.node_id = node_id
+        # expect(transfer, nbytes): nbytes' time along the transfer's path on the links'
+        # figures of now (None: unknown)
+        self._expect = expect
         self._transmit = transmit
         self.rto_min_s = rto_min_s
         self.max_retries = max_retries
@@ -341,7 +351,8 @@ class ReliableSender:
             if (tr.job, tr.piece) not in self._live or tr.acked.is_set():
                 return
             tr.timer_gen += 1
-            due = self._clock() + tr.rto_s
+            tr.sent_at = self._clock()
+            due = tr.sent_at + tr.rto_s
             entry = (due, next(self._ids), (tr.job, tr.piece), tr.timer_gen)
             heapq.heappush(self._timers, entry)
             if self._timers[0] is entry:      # the timer thread sleeps until the earliest
@@ -402,7 +413,38 @@ class ReliableSender:
                     return [tr]
         return []
 
+    def _still_in_flight(self, tr: Transfer) -> bool:
+        """Re-arm ``tr``'s timer when the links' current figures say its last round may
+        still be crossing (the path slowed since it left); True if re-armed."""
+        if self._expect is None:
+            return False
+        try:      # the unacked bytes to its receiver share the path (queued ahead of it)
+            now_s = self._expect(tr, max(tr.nbytes, self.inflight_to(tr.dst)))
+        except Exception as exc:              # figures unavailable: the old timer stands
+            log.debug("expected time of %s/%s unknown: %s", tr.job, tr.piece, exc)
+            return False
+        if now_s is None or not now_s > tr.expected_s:
+            return False
+        backoff = tr.rto_s / (self.rto_min_s + 2.0 * tr.expected_s)
+        need = backoff * (self.rto_min_s + 2.0 * now_s)
+        with self._lock:
+            if (tr.job, tr.piece) not in self._live or tr.acked.is_set():
+                return True
+            left = tr.sent_at + need - self._clock()
+            if left <= 0:
+                return False
+            tr.expected_s, tr.rto_s = now_s, need
+            tr.timer_gen += 1
+            heapq.heappush(self._timers, (tr.sent_at + need, next(self._ids),
+                                          (tr.job, tr.piece), tr.timer_gen))
+            self._lock.notify_all()
+        log.info("%s/%s to %s: its path slowed to %.2f s expected; waiting %.2f s more "
+                 "before a retransmission", tr.job, tr.piece, tr.dst, now_s, left)
+        return True
+
     def _expired(self, tr: Transfer) -> None:
+        if self._still_in_flight(tr):
+            return
         with self._lock:
             if (tr.job, tr.piece) not in self._live:
                 return
@@ -427,47 +469,7 @@ class ReliableSender:
         self._send_round(tr)
 
 
-class ReceiveLog:
-    """Completed pieces, remembered (bounded) so duplicates are re-acked, not redelivered."""
-
-    def __init__(self, remember: int = 16384, reack_gap_s: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._done: OrderedDict[Key, float] = OrderedDict()
-        self._remember = remember
-        self._gap = reack_gap_s
-        self._clock = clock
-        self._lock = threading.Lock()
-
-    def seen(self, key: Key) -> bool:
-        with self._lock:
-            return key in self._done
-
-    def should_reack(self, key: Key) -> bool:
-        """For a duplicate: True at most once per ``reack_gap_s`` (one ack per
-        retransmission round, not one per chunk)."""
-        now = self._clock()
-        with self._lock:
-            last = self._done.get(key)
-            if last is None or now - last < self._gap:
-                return False
-            self._done[key] = now
-            return True
-
-    def mark(self, key: Key) -> bool:
-        """Record a completed piece; False if it was already recorded."""
-        with self._lock:
-            if key in self._done:
-                return False
-            self._done[key] = self._clock()
-            while len(self._done) > self._remember:
-                self._done.popitem(last=False)
-            return True
-
-    def forget_job(self, job: str) -> None:
-        with self._lock:
-            for k in [k for k in self._done if k[0] == job]:
-                del self._done[k]
-
-
+# the receiver's duplicate log (split by concern; re-exported here)
+from meshdl.node.receivelog import ReceiveLog  # noqa: E402,F401
 # the receiver's side of flow control lives in meshdl.node.credit
 from meshdl.node.credit import Acker, CreditLedger  # noqa: E402,F401
