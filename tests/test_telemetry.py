@@ -12,6 +12,7 @@ import yaml
 
 import meshdl
 from meshdl.mesh import MeshState, NodeOnline, ReplanGate, Telemetry, apply, parse_topology
+from meshdl.node.probe import CONFIRM_FRACTION
 from meshdl.node.telemetry import BIG_PAD, MIN_EXTRA_S, SMALL_PAD, median_figures, probe_figures
 
 
@@ -160,8 +161,8 @@ def _first_step_after(ests: list[Estimate], i0: int) -> int | None:
 
 
 def _probe_clock(level, t_end: float, phase: float, p: EstimatorParams, seed: int):
-    """The prober's schedule (``Prober.next_wait``: a period, a quarter of it while a
-    sample waits for confirmation) over a link whose true figure is ``level(t)``,
+    """The prober's schedule (``Prober.next_wait``: a period, ``CONFIRM_FRACTION`` of it
+    while a sample waits for confirmation) over a link whose true figure is ``level(t)``,
     sampled with +-10% noise: [(probe time, estimate after it)]."""
     import random
     rnd = random.Random(seed)
@@ -169,7 +170,7 @@ def _probe_clock(level, t_end: float, phase: float, p: EstimatorParams, seed: in
     while t < t_end:
         est = update(est, level(t) * (1 + rnd.uniform(-0.1, 0.1)), p)
         out.append((t, est))
-        t += PERIOD / 4 if est.pending else PERIOD
+        t += PERIOD * CONFIRM_FRACTION if est.pending else PERIOD
     return out
 
 
@@ -178,7 +179,7 @@ def _probe_clock(level, t_end: float, phase: float, p: EstimatorParams, seed: in
 def test_a_step_is_seen_within_two_telemetry_periods(factor, phase):
     """A real, persistent change beyond the threshold (50%) under +-10% noise, at any
     phase of the probe clock: the estimate follows within two telemetry periods (in
-    fact ~1.25: one probe a period, the confirming one a quarter period later), not
+    fact ~1.1: one probe a period, the confirming one CONFIRM_FRACTION of a period later), not
     after a median of old samples turns over; the figure is the new level."""
     p = EstimatorParams(0.5)
     change = 20.0
@@ -188,7 +189,7 @@ def test_a_step_is_seen_within_two_telemetry_periods(factor, phase):
     seen = next((t for t, e in clock if t >= change and e.steps > before.steps), None)
     assert seen is not None
     assert seen - change <= 2 * PERIOD
-    assert seen - change <= 1.25 * PERIOD + 1e-9
+    assert seen - change <= (1 + CONFIRM_FRACTION) * PERIOD + 1e-9
     last = clock[-1][1]
     assert last.value == pytest.approx(40e6 * factor, rel=0.11)
     assert last.steps == before.steps + 1                 # and no flapping after it

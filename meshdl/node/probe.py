@@ -106,6 +106,13 @@ MIN_PAD = 16 << 10          # least extra padding
 BASE_S = 0.006              # base padding: at least this long at the last rate (> a burst)
 TARGET_EXTRA_S = 0.12       # extra padding sized to add ~this over all crossings
 PROBE_TIMEOUT = 1.0
+# a link that just slowed: the chain to a confirmed step is the wait for the next round
+# (<= a period), the padded ping's timeout, the confirming probe's wait and its empty
+# ping's timeout, then the leader's planning; each is kept short so a step is planned
+# around within two telemetry periods (issue 11: 0.5 s + 0.25 period + 0.5 s made 2.3)
+SLOW_FLOOR_S = 0.25         # least timeout of a padded ping (10x its expected time)
+CONFIRM_TIMEOUT = 0.25      # the empty ping of a probe confirming a low sample
+CONFIRM_FRACTION = 0.1      # a sample beyond its estimate is re-probed this period fraction later
 BIG_TIMEOUT = 3.0           # a padded probe slower than this: the link is at most pad/this
 MIN_EXTRA_S = 0.002         # the probe cannot resolve a rate whose extra time is below this
 SAMPLES = 5                 # median of the last probes per peer
@@ -197,10 +204,10 @@ class Prober:
         base_pad, extra_pad = probe_pads(rate)
         before = self._traffic() if self._traffic is not None else None
         t0 = time.perf_counter()
-        small = self._ping(target, SMALL_PAD, PROBE_TIMEOUT / 2 if low else PROBE_TIMEOUT)
+        small = self._ping(target, SMALL_PAD, CONFIRM_TIMEOUT if low else PROBE_TIMEOUT)
         # ten times a padding's expected time on the estimate already is a step
         slow = (lambda pad: BIG_TIMEOUT if not rate
-                else min(BIG_TIMEOUT, max(0.5, 10 * 2 * pad * 8 / rate)))
+                else min(BIG_TIMEOUT, max(SLOW_FLOOR_S, 10 * 2 * pad * 8 / rate)))
         base = big = None
         if small is not None:
             base = self._ping(target, base_pad, slow(base_pad))
@@ -252,8 +259,10 @@ class Prober:
                 stepped |= ests[key].steps != old.steps
             self._results[peer] = {k: e.value for k, e in ests.items() if e.value is not None}
             result = dict(self._results[peer])
-        log.debug("probe %s: %.4g Mbit/s%s -> %s", peer, fig["throughput_bps"] / 1e6,
-                  " (loaded)" if loaded else "", result)
+        log.debug("probe %s: %.4g Mbit/s%s%s -> %s (pings %s / %s / %s s of %.3f s, pads "
+                  "%d + %d)", peer, fig["throughput_bps"] / 1e6, " (loaded)" if loaded else "",
+                  " (saturated)" if saturated else "", result, small, base, big, elapsed,
+                  base_pad, extra_pad)
         if stepped:
             log.info("link %s of %s: step to %.4g Mbit/s", peer, self._me,
                      result.get("throughput_bps", 0.0) / 1e6)
@@ -288,12 +297,12 @@ class Prober:
         self._cursor += count
 
     def next_wait(self, period: float) -> float:
-        """Seconds until the next round: ``period``, or a quarter of it while a sample
-        beyond an estimate waits to be confirmed (a step is seen within ~1.25 periods
-        at one probe a period)."""
+        """Seconds until the next round: ``period``, or ``CONFIRM_FRACTION`` of it while
+        a sample beyond an estimate waits to be confirmed (a step is seen within ~1.1
+        periods at one probe a period)."""
         with self._lock:
             pending = any(e.pending for f in self._est.values() for e in f.values())
-        return period / 4 if pending else period
+        return period * CONFIRM_FRACTION if pending else period
 
     def results(self) -> dict[str, dict[str, float]]:
         with self._lock:
