@@ -431,7 +431,7 @@ def test_sender_waits_for_a_path_that_slowed_before_retransmitting():
         on_sent()
 
     s = ReliableSender("a", transmit, rto_min_s=0.05, max_retries=4,
-                       expect=lambda tr, nbytes: expected["s"])
+                       expect=lambda tr, nbytes, fresh: expected["s"] if fresh else 0.0)
     try:
         expected["s"] = 0.4               # the link stepped down after the piece left
         s.send("j1", "p1", "b", ["a", "b"], [("t", b"x")], 0.0, lambda m: None)
@@ -441,6 +441,28 @@ def test_sender_waits_for_a_path_that_slowed_before_retransmitting():
         assert len(sent) == 2
         # no copy before rto_min + 2 x the expected time of now (0.85 s), not 0.05 s
         assert sent[1] - sent[0] >= 0.8
+        assert s.on_ack("j1", "p1")
+    finally:
+        s.stop()
+
+
+def test_sender_keeps_its_timer_when_the_path_did_not_slow():
+    """Figures unchanged since the piece left (however many bytes are ahead of it):
+    the timer is the usual one, a lost piece is resent after rto_min."""
+    sent: list[float] = []
+
+    def transmit(tr, frames, on_sent):
+        sent.append(time.monotonic())
+        on_sent()
+
+    s = ReliableSender("a", transmit, rto_min_s=0.05, max_retries=4,
+                       expect=lambda tr, nbytes, fresh: 0.4)
+    try:
+        s.send("j1", "p1", "b", ["a", "b"], [("t", b"x")], 0.0, lambda m: None)
+        deadline = time.monotonic() + 5
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sent) == 2 and sent[1] - sent[0] < 0.5
         assert s.on_ack("j1", "p1")
     finally:
         s.stop()

@@ -209,18 +209,18 @@ class DataPlane(_DataPlaneRoles):
             total += lat + nbytes * 8.0 / bps
         return total + nbytes * 8.0 / LOOPBACK_BPS
 
-    def _expected_now(self, tr: Transfer, nbytes: int) -> float:
-        """``nbytes`` along a piece's path on the live mesh of now (links may step)."""
-        self._mesh, self._mesh_at = self.ctx.live_mesh(), time.monotonic()
-        star, total = self._mesh.star, 0.0
+    def _expected_now(self, tr: Transfer, nbytes: int, fresh: bool) -> float:
+        """``nbytes`` along a piece's path on the live mesh (``fresh``: of now)."""
+        if fresh:
+            self._mesh, self._mesh_at = self.ctx.live_mesh(), time.monotonic()
+        mesh, total = self._live_mesh(), 0.0
         for a, b in zip(tr.path, tr.path[1:]):
-            if star is not None:       # sender's uplink, then the receiver's downlink
+            if (star := mesh.star) is not None:     # sender's uplink, receiver's downlink
                 for acc, bps in ((star.link_of(a), "up_bps"), (star.link_of(b), "down_bps")):
                     if acc is not None:
                         total += acc.latency_s + nbytes * 8.0 / getattr(acc, bps)
             else:
-                link = self._mesh.find_link(a, b)
-                if link is not None:
+                if (link := mesh.find_link(a, b)) is not None:
                     total += link.latency_s + nbytes * 8.0 / link.bandwidth_bps
         return total
 

@@ -64,6 +64,8 @@ class Transfer:
     acked: threading.Event = field(default_factory=threading.Event)
     first_sent: float = 0.0
     sent_at: float = 0.0                  # when the last round left (its timer's start)
+    ahead: int = 0                        # its bytes + those unacked to dst when sent
+    basis: float | None = None            # ``ahead``'s expected time when it was sent
     received: frozenset = frozenset()     # chunks the consumer reported (selective ack)
     sending: bool = False
     first_queued: float = 0.0             # when it was handed to ``send``
@@ -104,10 +106,11 @@ class ReliableSender:
                  window_bytes: int = 256 << 20, initial_grant: int = 16 << 20,
                  max_queued_bytes: int = 1 << 30, credit: bool = True,
                  max_peers: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 expect: Callable[[Transfer, int], float | None] | None = None) -> None:
+                 expect: Callable[[Transfer, int, bool], float | None] | None = None
+                 ) -> None:
         self.node_id = node_id
-        # expect(transfer, nbytes): nbytes' time along the transfer's path on the links'
-        # figures of now (None: unknown)
+        # expect(transfer, nbytes, fresh): nbytes' time along the transfer's path on the
+        # links' figures (fresh: of now, not a cached view; None: unknown)
         self._expect = expect
         self._transmit = transmit
         self.rto_min_s = rto_min_s
@@ -145,6 +148,8 @@ class ReliableSender:
                       self.rto_min_s + 2.0 * expected_s, on_fail)
         tr.first_queued = self._clock()
         tr.wait_until = tr.first_queued + wait_s
+        tr.ahead = nbytes + self.inflight_to(dst)
+        tr.basis = self._basis(tr, False)
         refused = None
         with self._lock:
             self._forget((job, piece))
@@ -413,33 +418,41 @@ class ReliableSender:
                     return [tr]
         return []
 
-    def _still_in_flight(self, tr: Transfer) -> bool:
-        """Re-arm ``tr``'s timer when the links' current figures say its last round may
-        still be crossing (the path slowed since it left); True if re-armed."""
+    def _basis(self, tr: Transfer, fresh: bool) -> float | None:
+        """``tr.ahead`` bytes along ``tr``'s path on the links' figures (``fresh``: of
+        now), or None when unknown."""
         if self._expect is None:
-            return False
-        try:      # the unacked bytes to its receiver share the path (queued ahead of it)
-            now_s = self._expect(tr, max(tr.nbytes, self.inflight_to(tr.dst)))
-        except Exception as exc:              # figures unavailable: the old timer stands
+            return None
+        try:
+            return self._expect(tr, tr.ahead, fresh)
+        except Exception as exc:              # figures unavailable: the timer stands
             log.debug("expected time of %s/%s unknown: %s", tr.job, tr.piece, exc)
-            return False
-        if now_s is None or not now_s > tr.expected_s:
+            return None
+
+    def _still_in_flight(self, tr: Transfer) -> bool:
+        """Re-arm ``tr``'s timer when its path slowed since it left: the same bytes
+        (it and those queued ahead of it) take longer on the figures of now than on
+        those it was sent with, so its last round may still be crossing. True if
+        re-armed."""
+        now_s = self._basis(tr, True) if tr.basis is not None else None
+        if now_s is None or not now_s > tr.basis:
             return False
         backoff = tr.rto_s / (self.rto_min_s + 2.0 * tr.expected_s)
-        need = backoff * (self.rto_min_s + 2.0 * now_s)
+        need = tr.rto_s + backoff * 2.0 * (now_s - tr.basis)
         with self._lock:
             if (tr.job, tr.piece) not in self._live or tr.acked.is_set():
                 return True
             left = tr.sent_at + need - self._clock()
             if left <= 0:
                 return False
-            tr.expected_s, tr.rto_s = now_s, need
+            tr.expected_s += now_s - tr.basis
+            tr.basis, tr.rto_s = now_s, need
             tr.timer_gen += 1
             heapq.heappush(self._timers, (tr.sent_at + need, next(self._ids),
                                           (tr.job, tr.piece), tr.timer_gen))
             self._lock.notify_all()
-        log.info("%s/%s to %s: its path slowed to %.2f s expected; waiting %.2f s more "
-                 "before a retransmission", tr.job, tr.piece, tr.dst, now_s, left)
+        log.info("%s/%s to %s: its path slowed (%.2f s expected now); waiting %.2f s "
+                 "more before a retransmission", tr.job, tr.piece, tr.dst, now_s, left)
         return True
 
     def _expired(self, tr: Transfer) -> None:
