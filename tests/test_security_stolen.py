@@ -106,6 +106,55 @@ def test_a_silent_device_stops_counting_against_a_majority():
         assert P.live_devices(adm, 8.5) == {"a", "b"}
 
 
+class _Inner:
+    """A bus that records what is published (no broker)."""
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bool]] = []
+
+    def publish(self, topic, payload, qos=0, retain=False) -> None:
+        self.sent.append((topic, bytes(payload), retain))
+
+    def subscribe(self, *a, **k) -> None:
+        pass
+
+
+def test_a_plan_ends_only_by_a_fresh_signed_retirement_of_its_leader(tmp_path, caplog):
+    """Unsigned clears are ignored (and a plan record we published is put back), a
+    retirement from a device that neither issued the plan nor leads is refused, and a
+    replayed retirement of an older record cannot end the plan re-issued since."""
+    from meshdl.security.authority import init_authority, write_bundle
+    from meshdl.security.bundle import Bundle
+    from meshdl.security.securebus import RETIRE, SecureBus
+    from meshdl.security import frames as F
+    a = init_authority(MESH, tmp_path / "ca")
+    b = {i: Bundle.load(write_bundle(a.issue(i, "device", "rpi4_seed"), tmp_path / i))
+         for i in ("lead", "me", "thief")}
+    bus = SecureBus(_Inner(), b["me"])
+    t = topics.plan(MESH, "p1")
+    bus.adm.plans["p1"] = P.PlanInfo("me", frozenset({"me"}), "lead", "me", {}, 5)
+
+    def retire(who: str, term: int):
+        k = b[who]
+        return bus.unwrap(t, F.sign(k.sign_key, k.entry.raw, k.entry.sig, t,
+                                    RETIRE + str(term).encode()))
+    assert bus.unwrap(t, b"") is None                       # an unsigned clear
+    assert retire("thief", 5) is None                       # not its plan, it does not lead
+    assert retire("lead", 4) is None                        # an older record's retirement
+    assert retire("lead", 5) == b""                         # the handler drops the plan
+    assert "thief retired plan p1, which it neither issued nor leads" in caplog.text
+    assert "for term 4, older than its record's term 5 (replayed?)" in caplog.text
+    assert sum(bus.rejected.values()) == 3
+    mine = SecureBus(_Inner(), b["lead"])                   # the leader's own side
+    mine.publish(t, b"record", qos=1, retain=True)
+    assert mine.unwrap(t, b"") is None
+    assert mine.inner.sent[-1] == (t, mine.inner.sent[0][1], True)    # put back
+    mine.adm.plans["p1"] = P.PlanInfo("me", frozenset({"me"}), "lead", "me", {}, 5)
+    mine.publish(t, b"", qos=1, retain=True)                # retire: signed, then cleared
+    (t1, body, r1), (t2, clear, r2) = mine.inner.sent[-2:]
+    assert (r1, clear, r2) == (False, b"", True)
+    assert F.verify(bus.cache, t, body)[1] == RETIRE + b"5"
+
+
 # ------------------------------------------------------------------ on a real mosquitto
 real = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
 

@@ -56,6 +56,7 @@ class PlanInfo(NamedTuple):
     leader: str
     source: str = ""
     tasks: Mapping[str, str] = MappingProxyType({})    # task id -> device
+    term: int = 0
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
         with adm.lock:
             _put(adm.plans, p.plan_id, PlanInfo(
                 str(plan.get("sink", "")), frozenset(tasks.values()), e.id,
-                str(plan.get("source", "")), MappingProxyType(tasks)))
+                str(plan.get("source", "")), MappingProxyType(tasks), int(msg.term)))
         return YES
     if p.kind == "job":
         return _job(adm, p, e, msg)

@@ -12,8 +12,8 @@ names (``policy.piece_problem``).
 Empty payloads are unsigned, and the ACL lets every device write the leader, plan and
 job topics, so on those an empty payload proves nothing: an empty leader record goes
 to the election (which keeps following a live leader), a plan is retired only by its
-leader's signed (empty-bodied) retirement, which ``publish`` sends before clearing the
-retained copy, and empty statuses or results are dropped. A plan record we published
+leader's signed retirement (``RETIRE`` + its term), which ``publish`` sends before
+clearing the retained copy, and empty statuses or results are dropped. A plan record we published
 and someone else cleared is put back. Node records may be cleared (only their owner
 may write them).
 """
@@ -39,6 +39,7 @@ from meshdl.wire import topics
 log = logging.getLogger(__name__)
 
 JOB_OWNER_SEP = topics.JOB_SEP   # every client names its jobs "{client}~{random}"
+RETIRE = b"retire "              # a plan's signed retirement: RETIRE + its record's term
 
 
 class SecureBus:
@@ -91,7 +92,10 @@ class SecureBus:
             if not len(payload):      # a retirement: signed, then the retained copy cleared
                 with self._lock:
                     self._mine.pop(topic, None)
-                self.inner.publish(topic, self.signed(topic, b""), qos=qos, retain=False)
+                with self.adm.lock:
+                    info = self.adm.plans.get(topics.parse(topic).plan_id)
+                body = RETIRE + str(info.term if info is not None else 0).encode()
+                self.inner.publish(topic, self.signed(topic, body), qos=qos, retain=False)
             else:
                 out = self.wrap(topic, payload)
                 with self._lock:
@@ -272,8 +276,10 @@ class SecureBus:
             return None
         return payload
 
-    def _retired(self, topic: str, p: topics.ParsedTopic, e: Entry) -> Any:
-        """A signed retirement of a plan: from its issuer or the current leader only."""
+    def _retired(self, topic: str, p: topics.ParsedTopic, e: Entry, body: bytes) -> Any:
+        """A signed retirement of a plan (``RETIRE`` + the term of the record it ends):
+        from its issuer or the current leader only, and not of an older record than the
+        current one (a replayed retirement cannot end a plan re-issued since)."""
         from meshdl.security.policy import current_leader
         with self.adm.lock:
             info = self.adm.plans.get(p.plan_id)
@@ -281,6 +287,11 @@ class SecureBus:
                                               current_leader(self.adm)):
             raise SecurityError(f"{e.role} {sanitise(e.id)} retired plan "
                                 f"{sanitise(p.plan_id)}, which it neither issued nor leads")
+        term = body[len(RETIRE):]
+        if not term.isdigit() or (info is not None and int(term) < info.term):
+            raise SecurityError(f"a retirement of plan {sanitise(p.plan_id)} for term "
+                                f"{sanitise(term.decode(errors='replace'))}, older than its "
+                                f"record's term {info.term if info else '?'} (replayed?)")
         with self._lock:
             self._mine.pop(topic, None)          # retired by a newer leader: not ours now
         return b""
@@ -331,8 +342,8 @@ class SecureBus:
                     self._learn(entry)
                 return pt
             entry, body = F.verify(self.cache, topic, payload)
-            if p.kind == "plan" and not len(body):
-                return self._retired(topic, p, entry)
+            if p.kind == "plan" and body.startswith(RETIRE):
+                return self._retired(topic, p, entry, body)
             if p.kind == "job" and p.job_kind == "result" and F.is_sealed(body):
                 if self.adm.role != "client":
                     return None                   # sealed to a client: not for us
