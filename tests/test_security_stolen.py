@@ -451,3 +451,31 @@ def test_a_stolen_device_flapping_its_birth_and_flooding_campaigns(secure):
     assert s.leader.node == best and s.leader.term < term + 1000
     print(f"3 jobs under the flood took {took:.1f} s")
     alive(up)
+
+
+@real
+@pytest.mark.slow
+def test_a_stalled_leader_is_replaced_on_the_secure_mesh(secure):
+    """Leadership ends with liveness, not with the (clearable) record: SIGSTOP the
+    leader (no will fires, its record stays retained), its heartbeats stop, the best
+    survivor wins the votes, the client takes the new leader and a job is exact; after
+    SIGCONT the old leader steps down."""
+    import signal
+    up, c = secure["up"], secure["c"]
+    old = up.watcher.snapshot().leader
+    proc = up.procs[old.node]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
+                  and s.leader.node != old.node, "a new leader", 60)
+        took = time.monotonic() - t0
+        x, r = exact_job(c, 81)
+        assert old.node not in r.plan.devices()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    print(f"stalled leader replaced (watcher's view) in {took:.1f} s")
+    assert took < 20, took
+    wait_true(lambda: up.watcher.snapshot().leader.node != old.node, "still the new leader")
+    exact_job(c, 82)
+    alive(up)
