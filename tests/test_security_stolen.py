@@ -479,3 +479,21 @@ def test_a_stalled_leader_is_replaced_on_the_secure_mesh(secure):
     wait_true(lambda: up.watcher.snapshot().leader.node != old.node, "still the new leader")
     exact_job(c, 82)
     alive(up)
+
+
+def test_births_are_capped_to_the_enrolled_flops_and_memory(tmp_path, caplog):
+    from meshdl.security.authority import init_authority, write_bundle
+    from meshdl.security.bundle import Bundle
+    from meshdl.wire.control import NodeState, decode_control, encode_control
+    a = init_authority(MESH, tmp_path / "ca")
+    e = Bundle.load(write_bundle(a.issue("pi3", "device", "rpi3bplus_seed"),
+                                 tmp_path / "pi3")).entry_info
+    claim = NodeState("pi3", True, 1, "rpi3bplus_seed", 1e15, 1 << 44,
+                      caps={"flops": 1e15, "memory_bytes": 1 << 44})
+    v = P._capped("state", e, encode_control(claim))
+    got = decode_control(v.body)
+    assert v.ok and got.flops == e.caps["flops"] and got.memory_bytes == e.caps["memory_bytes"]
+    assert got.caps == {"flops": e.caps["flops"], "memory_bytes": e.caps["memory_bytes"]}
+    assert "bytes of memory claimed by pi3" in caplog.text
+    fair = NodeState("pi3", True, 1, "rpi3bplus_seed", e.caps["flops"] / 2, 1 << 20)
+    assert P._capped("state", e, encode_control(fair)).body is None

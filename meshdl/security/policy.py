@@ -328,17 +328,19 @@ def _capped(kind: str, e: Entry, body: bytes) -> Verdict:
     if msg.node != e.id:
         return no(f"{kind} names {sanitise(msg.node)} but is signed by {sanitise(e.id)}")
     flops, bps = e.caps.get("flops"), e.caps.get("bps")
-    if kind == "state" and flops:
-        caps = dict(msg.caps)
-        over = msg.flops > flops or (isinstance(caps.get("flops"), (int, float))
-                                     and caps["flops"] > flops)
-        if over:
-            log.warning("capped the %.3g FLOP/s claimed by %s to its enrolled %.3g",
-                        max(msg.flops, float(caps.get("flops") or 0)), sanitise(e.id), flops)
-            if "flops" in caps:
-                caps["flops"] = min(float(caps["flops"]), flops)
-            return Verdict(True, "", _reencode(dataclasses.replace(
-                msg, flops=min(msg.flops, flops), caps=caps)))
+    if kind == "state":
+        caps, out = dict(msg.caps), {}
+        for k, unit in (("flops", "FLOP/s"), ("memory_bytes", "bytes of memory")):
+            cap, claim = e.caps.get(k), getattr(msg, k)
+            inner = caps.get(k) if isinstance(caps.get(k), (int, float)) else 0
+            if cap and (claim > cap or inner > cap):
+                log.warning("capped the %.3g %s claimed by %s to its enrolled %.3g",
+                            max(claim, inner), unit, sanitise(e.id), cap)
+                if k in caps:
+                    caps[k] = min(float(caps[k]), cap)
+                out[k] = type(claim)(min(claim, cap))
+        if out:
+            return Verdict(True, "", _reencode(dataclasses.replace(msg, caps=caps, **out)))
     if kind == "telemetry" and bps:
         links, changed = {}, False
         for nb, fig in msg.links.items():
