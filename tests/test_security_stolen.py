@@ -497,3 +497,43 @@ def test_births_are_capped_to_the_enrolled_flops_and_memory(tmp_path, caplog):
     assert "bytes of memory claimed by pi3" in caplog.text
     fair = NodeState("pi3", True, 1, "rpi3bplus_seed", e.caps["flops"] / 2, 1 << 20)
     assert P._capped("state", e, encode_control(fair)).body is None
+
+
+@real
+def test_retained_junk_on_every_topic_a_device_may_write(secure):
+    """The thief leaves 200 retained signed plans of its own (any plan id) and 200
+    retained sealed frames in a device's inbox: a client connecting afterwards gets
+    them all, refuses them (logged), and its job is exact; node memory stays bounded."""
+    from meshdl.client import MeshClient
+    from meshdl.wire.control import PlanMessage
+    from test_security_attacks import signed
+    from proc_util import rss_kb
+    thief, up, stolen, d = secure["thief"], secure["up"], secure["stolen"], secure["d"]
+    term = up.watcher.snapshot().leader.term
+    rss0 = {n: rss_kb(p.pid) for n, p in up.procs.items()}
+    bus, _ = _thief_secure_bus(secure)
+    junk = [topics.plan(MESH, f"junk{i}") for i in range(200)]
+    inbox = [topics.route_topic(MESH, ["nano"], "alice~junk", f"junk{i}.in") for i in range(200)]
+    try:
+        wait_true(lambda: bus._peer("nano") is not None, "the thief knows nano's key")
+        plan = {"source": THIEF, "sink": THIEF, "stages": [], "meta": {"leader": THIEF}}
+        for t in junk:
+            thief.publish(t, signed(stolen, t, PlanMessage(t.rsplit("/", 1)[1], term, plan)),
+                          qos=1, retain=True)
+        from meshdl.wire.codec import encode_frames
+        for t in inbox:
+            p = topics.parse(t)
+            for fr in encode_frames(p.job, p.piece, np.zeros((64, 64), np.float32),
+                                    src_task="@alice", term=term):
+                bus.publish(t, bytes(fr), qos=1, retain=True)
+        with MeshClient(secure["br"].url, MESH, bundle=str(d / "bob.bundle")) as late:
+            exact_job(late, 91)
+            assert sum(late.bus.rejected.values()) >= len(junk)
+        wait_log(up, "of job alice~junk: its plan is not verified here")
+        alive(up)
+        growth = {n: rss_kb(p.pid) - rss0[n] for n, p in up.procs.items()}
+        assert max(growth.values()) < 80_000, growth            # kB
+    finally:
+        for t in junk + inbox:
+            thief.publish(t, b"", qos=1, retain=True)
+        bus.close()
