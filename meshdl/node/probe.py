@@ -107,11 +107,12 @@ BASE_S = 0.006              # base padding: at least this long at the last rate 
 TARGET_EXTRA_S = 0.12       # extra padding sized to add ~this over all crossings
 PROBE_TIMEOUT = 1.0
 # a link that just slowed: the chain to a confirmed step is the wait for the next round
-# (<= a period), the padded ping's timeout, the confirming probe's wait and its empty
-# ping's timeout, then the leader's planning; each is kept short so a step is planned
+# (<= a period), the empty ping's timeout (a queue) or the padded ping's, the confirming
+# probe's wait and its empty ping's timeout, then the leader's planning; each is kept short so a step is planned
 # around within two telemetry periods (issue 11: 0.5 s + 0.25 period + 0.5 s made 2.3)
 SLOW_FLOOR_S = 0.25         # least timeout of a padded ping (10x its expected time)
-CONFIRM_TIMEOUT = 0.25      # the empty ping of a probe confirming a low sample
+CONFIRM_TIMEOUT = 0.25      # the empty ping of a probe confirming a low sample (and the
+                            # least wait of any empty ping once the quiet RTT is known)
 CONFIRM_FRACTION = 0.1      # a sample beyond its estimate is re-probed this period fraction later
 BIG_TIMEOUT = 3.0           # a padded probe slower than this: the link is at most pad/this
 MIN_EXTRA_S = 0.002         # the probe cannot resolve a rate whose extra time is below this
@@ -202,9 +203,15 @@ class Prober:
         rate = None if est is None or est.value is None else min((est.value,) + est.pending)
         low = est is not None and bool(est.pending) and min(est.pending) < est.value
         base_pad, extra_pad = probe_pads(rate)
+        with self._lock:
+            quiet = self._quiet_rtt.get(peer)
+        # the empty ping: once the quiet RTT is known, waiting past 10x it only tells
+        # that the link is busy (then the passive rate over the wait is the reading)
+        wait = PROBE_TIMEOUT if quiet is None else min(
+            PROBE_TIMEOUT, max(CONFIRM_TIMEOUT, 10 * quiet + 0.05))
         before = self._traffic() if self._traffic is not None else None
         t0 = time.perf_counter()
-        small = self._ping(target, SMALL_PAD, CONFIRM_TIMEOUT if low else PROBE_TIMEOUT)
+        small = self._ping(target, SMALL_PAD, CONFIRM_TIMEOUT if low else wait)
         # ten times a padding's expected time on the estimate already is a step
         slow = (lambda pad: BIG_TIMEOUT if not rate
                 else min(BIG_TIMEOUT, max(SLOW_FLOOR_S, 10 * 2 * pad * 8 / rate)))
@@ -217,8 +224,6 @@ class Prober:
         after = self._traffic() if before is not None else None
         moved = None if before is None or after is None else \
             (after[0] - before[0], after[1] - before[1])
-        with self._lock:
-            quiet = self._quiet_rtt.get(peer)
         pads = SMALL_PAD + (0 if small is None else base_pad) + (
             0 if base is None else base_pad + extra_pad)
         loaded = le.probe_loaded(None if moved is None else sum(moved),
