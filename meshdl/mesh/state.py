@@ -109,6 +109,10 @@ class LinkObs:
     throughput_bps: float | None
     by: str
     ends: tuple = ()
+    # an access link's directions, each measured on its own (node/probe_dir.py): their
+    # ratio shapes the measured series rate into an uplink and a downlink
+    up_bps: float | None = None
+    down_bps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,9 @@ def _measured_access(star, observed: Mapping[frozenset[str], LinkObs],
                      devices: Mapping[str, Device]):
     """A star's access links with measured figures applied: a node's probe through the
     broker back to itself (link key {node, "@broker"}) crosses its uplink then its
-    downlink, so its throughput figure is the series rate; it scales the declared
-    up/down pair to match (equal halves when nothing is declared)."""
+    downlink, so its throughput figure is the series rate; it scales the up/down pair
+    to match: the directions as measured one by one when the node reported them (a
+    link shaped one way only), else as declared (equal halves when nothing is)."""
     from meshdl.mesh.star import BROKER, Access
     access = dict(star.access)
     for dev in devices:
@@ -191,6 +196,8 @@ def _measured_access(star, observed: Mapping[frozenset[str], LinkObs],
             continue
         old = access.get(dev)
         up, down, lat = (old.up_bps, old.down_bps, old.latency_s) if old else (1e8, 1e8, 0.001)
+        if obs.up_bps and obs.down_bps:
+            up, down = obs.up_bps, obs.down_bps
         if obs.throughput_bps:
             series = 1.0 / (1.0 / up + 1.0 / down)
             f = float(obs.throughput_bps) / series
@@ -307,9 +314,14 @@ def apply(state: MeshState, event: Event) -> MeshState:
                 (event.id, _opt(fig.get("rtt_s")), _opt(fig.get("throughput_bps"))),)
             rtts = [e[1] for e in ends if e[1] is not None]
             rates = [e[2] for e in ends if e[2] is not None]
+            up, down = _rate(fig.get("up_bps")), _rate(fig.get("down_bps"))
+            if (up is None or down is None) and prev is not None:
+                up, down = prev.up_bps, prev.down_bps   # the last measured shape holds
             links[key] = LinkObs(rtt_s=max(rtts) if rtts else None,
                                  throughput_bps=min(rates) if rates else None,
-                                 by=event.id, ends=ends)
+                                 by=event.id, ends=ends,
+                                 up_bps=up if nb == BROKER else None,
+                                 down_bps=down if nb == BROKER else None)
         return MeshState({**state.members, event.id: replace(known, load=float(event.load))},
                          links)
     raise TypeError(f"not a mesh event: {event!r}")
@@ -328,6 +340,11 @@ def _eviction_victim(state: MeshState) -> str | None:
 
 def _opt(v: Any) -> float | None:
     return None if v is None else float(v)
+
+
+def _rate(v: Any) -> float | None:
+    """A usable rate (a positive finite number), else None."""
+    return float(v) if type(v) in (int, float) and 0 < v < float("inf") else None
 
 
 def fold(events: Iterable[Event], state: MeshState | None = None) -> MeshState:

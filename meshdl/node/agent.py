@@ -455,6 +455,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
             self._thread.join(2.0)
         if self._probe_loop is not None:
             self._probe_loop.stop()
+            self._prober.stop()
         if self.dataplane is not None:
             try:
                 self.dataplane.stop()

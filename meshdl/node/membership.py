@@ -62,7 +62,10 @@ def telemetry_event(msg: Telemetry) -> TelemetryEvent:
         rtt, bps = _figure(fig, "rtt_s"), _figure(fig, "throughput_bps", "bps")
         if rtt is None and bps is None:
             continue
-        links[nb] = {k: v for k, v in (("rtt_s", rtt), ("throughput_bps", bps)) if v}
+        links[nb] = {k: v for k, v in (("rtt_s", rtt), ("throughput_bps", bps),
+                                       # an access link's directions (node/probe_dir.py)
+                                       ("up_bps", _figure(fig, "up_bps")),
+                                       ("down_bps", _figure(fig, "down_bps"))) if v}
     session = msg.extra.get("session") if isinstance(msg.extra, Mapping) else None
     return TelemetryEvent(msg.node, float(max(0.0, msg.load)), links,
                           session if type(session) is int else None)

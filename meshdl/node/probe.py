@@ -117,6 +117,7 @@ CONFIRM_FRACTION = 0.1      # a sample beyond its estimate is re-probed this per
 BIG_TIMEOUT = 3.0           # a padded probe slower than this: the link is at most pad/this
 MIN_EXTRA_S = 0.002         # the probe cannot resolve a rate whose extra time is below this
 SAMPLES = 5                 # median of the last probes per peer
+DIR_EVERY = 3               # an access link's directions: every this many clean samples
 
 
 def probe_figures(small_s: float, big_s: float, pad_bytes: int = BIG_PAD - SMALL_PAD,
@@ -161,8 +162,14 @@ class Prober:
         self._results: dict[str, dict[str, float]] = {}
         self._est: dict[str, dict] = {}          # peer -> figure -> linkestimate.Estimate
         self._samples: dict[str, list[dict[str, float]]] = {}   # raw figures, last SAMPLES
-        self._params = {"throughput_bps": EstimatorParams(threshold, window=SAMPLES),
+        rate = EstimatorParams(threshold, window=SAMPLES)
+        self._params = {"throughput_bps": rate, "up_bps": rate, "down_bps": rate,
                         "rtt_s": EstimatorParams(threshold, window=SAMPLES, floor=0.002)}
+        # the access link's directions, each on its own (node/probe_dir.py)
+        from meshdl.node.probe_dir import DirectionProbe
+        self._dir = DirectionProbe(bus, mesh, me, MIN_EXTRA_S) \
+            if access_latency_s is not None else None
+        self._clean, self._shape_due = 0, False
         self._traffic, self._on_step = traffic, on_step
         self._quiet_rtt: dict[str, float] = {}   # empty-ping RTT on an idle link
         self._cursor = 0
@@ -248,6 +255,10 @@ class Prober:
                 with self._lock:
                     self._quiet_rtt[peer] = small if quiet is None else min(
                         small, 0.8 * quiet + 0.2 * small)
+        if peer == BROKER and not loaded and not saturated and big is not None:
+            self._clean += 1        # the shape is measured every DIR_EVERY clean samples
+            if (self._clean - 1) % DIR_EVERY == 0 or self._shape_due:
+                fig.update(self._directions(fig["throughput_bps"]))
         if peer == BROKER:
             # the latency is the node's own (netem is absent; a veth adds ~0); a small
             # ping queued behind data on the shaped link would overstate it badly
@@ -268,12 +279,38 @@ class Prober:
                   "%d + %d)", peer, fig["throughput_bps"] / 1e6, " (loaded)" if loaded else "",
                   " (saturated)" if saturated else "", result, small, base, big, elapsed,
                   base_pad, extra_pad)
+        # a step of the series rate: measure the shape (which direction moved) next
+        self._shape_due = (self._shape_due or stepped) and "up_bps" not in fig
         if stepped:
             log.info("link %s of %s: step to %.4g Mbit/s", peer, self._me,
                      result.get("throughput_bps", 0.0) / 1e6)
             if self._on_step is not None:
                 self._on_step()
         return result
+
+    def _directions(self, series_bps: float) -> dict[str, float]:
+        """{"up_bps", "down_bps"} of the access link, each measured on its own, after
+        a clean series sample (empty when not measured or when other traffic crossed
+        meanwhile). The extra padding lasts ~TARGET_EXTRA_S / 2 on a direction at the
+        series rate (each direction is at least that fast; a direction up to ~30x
+        faster is still resolved)."""
+        from meshdl.node import linkestimate as le
+        if self._dir is None or not self._dir.enabled:
+            return {}
+        base, extra = probe_pads(series_bps, crossings=2)     # ~TARGET_EXTRA_S / 2 each
+        before = self._traffic() if self._traffic is not None else None
+        pair = self._dir.measure(base, extra, lambda n: min(
+            BIG_TIMEOUT, max(SLOW_FLOOR_S, 10 * n * 8 / series_bps)))
+        after = self._traffic() if before is not None else None
+        if pair is None or (before is not None and after is not None and le.probe_loaded(
+                after[0] - before[0] + after[1] - before[1], 2 * (2 * base + extra))):
+            return {}
+        return {"up_bps": pair[0], "down_bps": pair[1]}
+
+    def stop(self) -> None:
+        """Remove what the probes left on the broker (retained paddings)."""
+        if self._dir is not None and self._dir.fails == 0:
+            self._dir.clear()
 
     def round(self, peers: list[str], count: int) -> None:
         """Probe ``count`` peers (round robin); forget peers that left. Measuring the

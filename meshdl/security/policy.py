@@ -345,7 +345,7 @@ def _capped(kind: str, e: Entry, body: bytes) -> Verdict:
         links, changed = {}, False
         for nb, fig in msg.links.items():
             fig = dict(fig)
-            for k in ("bps", "throughput_bps"):
+            for k in ("bps", "throughput_bps", "up_bps", "down_bps"):
                 if isinstance(fig.get(k), (int, float)) and fig[k] > bps:
                     fig[k], changed = bps, True
             links[nb] = fig
