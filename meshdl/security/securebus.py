@@ -13,9 +13,9 @@ Empty payloads are unsigned, and the ACL lets every device write the leader, pla
 job topics, so on those an empty payload proves nothing: an empty leader record goes
 to the election (which keeps following a live leader), a plan is retired only by its
 leader's signed retirement (``RETIRE`` + its term), which ``publish`` sends before
-clearing the retained copy, and empty statuses or results are dropped. A plan record we published
-and someone else cleared is put back. Node records may be cleared (only their owner
-may write them).
+clearing the retained copy, and empty statuses or results are dropped. A plan record
+we published and someone else cleared is put back. Node records may be cleared (only
+their owner may write them).
 """
 from __future__ import annotations
 
