@@ -449,6 +449,7 @@ def test_a_stolen_device_flapping_its_birth_and_flooding_campaigns(secure):
             mine.power)), qos=1, retain=True)
     s = up.watcher.snapshot()
     assert s.leader.node == best and s.leader.term < term + 1000
+    wait_log(up, f"ignored {THIEF}'s leadership of term")        # its claims, logged
     print(f"3 jobs under the flood took {took:.1f} s")
     alive(up)
 
