@@ -1,6 +1,7 @@
 """Transport throughput of tensor pieces through mosquitto: sealed vs unsealed.
 
-    python tools/bench_transport.py [--mb 64] [--chunk-mb 1] [--repeats 3] [--out results]
+    python tools/bench_transport.py [--mb 64] [--chunk-mb 1] [--repeats 3]
+        [--cipher aegis128l,aes256gcm] [--openssl] [--link-mbps 100] [--out results]
 
 One mosquitto run by meshdl's secure setup (`meshdl broker`: TLS, client
 certificates, ACL) and two enrolled devices. Each run sends ``--mb`` MB of real
@@ -8,11 +9,14 @@ float32 tensor frames (codec frames of ``--chunk-mb``) from d1 to d2's route inb
 and waits until d2 has received (and, sealed, opened) every byte:
 
 - unsealed: the frames as they are (TLS to the broker only; the broker reads them);
-- sealed: the same frames through a SecureBus (AES-256-GCM per (pair, job) key; only
-  d2 can open them).
+- sealed-CIPHER: the same frames through a SecureBus, sealed with each ``--cipher``
+  (AEGIS-128L, the default, and AES-256-GCM, the fallback; one key per (pair, job,
+  cipher); only d2 can open them); ``--openssl`` adds AES-256-GCM through
+  cryptography's OpenSSL backend (holds the GIL).
 
-Runs alternate so both see the same machine load. Prints a markdown table (median
-MB/s and the sealed/unsealed ratio; target >= 0.90) and writes
+Runs alternate (the order rotates each repeat) so every mode sees the same machine
+load. Prints a markdown table (median MB/s, the sealed/unsealed ratio of medians and
+the median of the per-repeat ratios; target >= 0.90) and writes
 ``bench_transport.csv`` under ``--out``.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from meshdl.security.aead import CIPHERS, has_aegis  # noqa: E402
 from meshdl.security.authority import init_authority, write_bundle  # noqa: E402
 from meshdl.security.broker import SecureBroker  # noqa: E402
 from meshdl.security.bundle import Bundle  # noqa: E402
@@ -40,6 +45,10 @@ from meshdl.wire import topics  # noqa: E402
 from meshdl.wire.codec import encode_chunks  # noqa: E402
 
 MESH = "bench"
+CIPHER_OF = {"unsealed": None, "sealed-openssl": "aes256gcm",
+             **{f"sealed-{c}": c for c in CIPHERS}}
+NAMES = {"sealed-aegis128l": "AEGIS-128L", "sealed-aes256gcm": "AES-256-GCM (libsodium)",
+         "sealed-openssl": "AES-256-GCM (OpenSSL, GIL held)"}
 
 
 def frames(mb: int, chunk_mb: float, job: str) -> list[bytes]:
@@ -85,11 +94,19 @@ def main() -> None:
     ap.add_argument("--link-mbps", type=float, default=100.0,
                     help="Also measure with the sender paced to a link of this rate "
                     "(a home network); 0 skips it.")
+    ap.add_argument("--cipher", default="aegis128l,aes256gcm",
+                    help="Comma-separated sealing ciphers to measure side by side.")
     ap.add_argument("--openssl", action="store_true",
                     help="Also seal with cryptography's OpenSSL AES (holds the GIL) instead "
                     "of libsodium's (releases it).")
     ap.add_argument("--out", default="results")
     a = ap.parse_args()
+    ciphers = [c.strip() for c in a.cipher.split(",") if c.strip()]
+    for c in ciphers:
+        if c not in CIPHERS:
+            ap.error(f"--cipher {c!r}: one of {', '.join(CIPHERS)}")
+        if c == "aegis128l" and not has_aegis():
+            ap.error("this libsodium has no AEGIS-128L (PyNaCl >= 1.6 has it)")
     with tempfile.TemporaryDirectory(prefix="meshdl-bench-") as d:
         auth = init_authority(MESH, Path(d) / "ca")
         b = {k: Bundle.load(write_bundle(auth.issue(k, "device", "rpi4"), Path(d) / k))
@@ -100,21 +117,22 @@ def main() -> None:
                      for k in ("d1", "d2")}
             sec = {k: SecureBus(buses[k], b[k]) for k in ("d1", "d2")}
             sec["d1"]._learn(b["d2"].entry_info)      # as if d2's birth had been seen
+            modes = ["unsealed"] + [f"sealed-{c}" for c in ciphers] + \
+                (["sealed-openssl"] if a.openssl else [])
             try:
                 links = [0.0] + ([a.link_mbps * 1e6] if a.link_mbps else [])
                 for link in links:
                     for r in range(a.repeats):
-                        modes = ["unsealed", "sealed"] + (["sealed-openssl"] if a.openssl
-                                                              else [])
                         order = modes[r % len(modes):] + modes[:r % len(modes)]
                         for mode in order:
-                            job = f"j{r}{mode[0]}{mode[-1]}{int(link)}"
+                            job = f"j{r}{mode}{int(link)}"
                             payloads = frames(a.mb, a.chunk_mb, job)
-                            # the cipher backend is picked when a job's key is made
+                            # the AES backend is picked when a job's key is made
                             if mode == "sealed-openssl":
                                 os.environ["MESHDL_AEAD"] = "openssl"
                             else:
                                 os.environ.pop("MESHDL_AEAD", None)
+                            sec["d1"].ring.cipher = CIPHER_OF[mode]
                             tx = buses["d1"] if mode == "unsealed" else sec["d1"]
                             rx = buses["d2"] if mode == "unsealed" else sec["d2"]
                             dt = one_run(tx, rx, job, payloads, link)
@@ -122,7 +140,7 @@ def main() -> None:
                                          "mb": a.mb, "chunk_mb": a.chunk_mb,
                                          "seconds": round(dt, 4),
                                          "mb_per_s": round(a.mb / dt, 2)})
-                            print(f"  link {link / 1e6 or 'unlimited'} {mode:9s} run {r}: "
+                            print(f"  link {link / 1e6 or 'unlimited'} {mode:16s} run {r}: "
                                   f"{a.mb / dt:7.1f} MB/s", file=sys.stderr)
                 opened = sec["d2"].sealed_in
             finally:
@@ -130,25 +148,20 @@ def main() -> None:
                     bus.close()
     print(f"\n### Transport: sealed vs unsealed pieces ({a.mb} MB in {a.chunk_mb:g} MB frames, "
           f"median of {a.repeats}, TLS broker by `meshdl broker`)\n")
-    print("| link | unsealed MB/s (TLS to broker only) | sealed MB/s (AES-256-GCM end to end) "
+    print("| link | sealing | unsealed MB/s (TLS to broker only) | sealed MB/s (end to end) "
           "| sealed / unsealed (medians) | median of paired ratios (same repeat) |\n"
-          "|---|---|---|---|---|")
+          "|---|---|---|---|---|---|")
     for link in sorted({x["link_mbps"] for x in rows}):
-        med = {m: statistics.median(x["mb_per_s"] for x in rows
-                                    if x["mode"] == m and x["link_mbps"] == link)
-               for m in ("unsealed",)}
-        by = {(x["repeat"], x["mode"]): x["mb_per_s"] for x in rows if x["link_mbps"] == link}
+        here = [x for x in rows if x["link_mbps"] == link]
+        unsealed = statistics.median(x["mb_per_s"] for x in here if x["mode"] == "unsealed")
+        by = {(x["repeat"], x["mode"]): x["mb_per_s"] for x in here}
         name = f"{link:g} Mbit/s" if link else "loopback, unpaced (CPU-bound)"
-        for mode in ("sealed", "sealed-openssl"):
-            if (0, mode) not in by:
-                continue
-            m = statistics.median(x["mb_per_s"] for x in rows
-                                  if x["mode"] == mode and x["link_mbps"] == link)
+        for mode in modes[1:]:
+            m = statistics.median(x["mb_per_s"] for x in here if x["mode"] == mode)
             paired = statistics.median(by[(r, mode)] / by[(r, "unsealed")]
                                        for r in range(a.repeats))
-            label = name + (" (OpenSSL AES, GIL held)" if mode != "sealed" else "")
-            print(f"| {label} | {med['unsealed']:.1f} | {m:.1f} | "
-                  f"**{m / med['unsealed']:.2f}** | {paired:.2f} |")
+            print(f"| {name} | {NAMES[mode]} | {unsealed:.1f} | {m:.1f} | "
+                  f"**{m / unsealed:.2f}** | {paired:.2f} |")
     print(f"\ntarget: sealed >= 0.90 x unsealed; frames opened by d2: {opened}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
