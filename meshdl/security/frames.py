@@ -44,7 +44,8 @@ from typing import Any
 
 import msgpack
 
-from meshdl.security.aead import AEGIS128L, AES256GCM, CIPHERS, out_buffer
+from meshdl.security.aead import (AEGIS128L, AES256GCM, CIPHERS, Aead, InvalidTag,
+                                  UnsupportedCipher, default_cipher, out_buffer)
 from meshdl.security.identity import Entry, SecurityError, verify_entry
 
 SIGNED = b"MDS1"
@@ -143,7 +144,6 @@ class KeyRing:
 
     def __init__(self, mesh: str, me: str, seal_key: Any, size: int = 4096,
                  cipher: str | None = None) -> None:
-        from meshdl.security.aead import default_cipher
         self.mesh, self.me, self._key, self._size = mesh, me, seal_key, size
         self.cipher = cipher or default_cipher()
         if self.cipher not in CIPHERS:
@@ -152,19 +152,18 @@ class KeyRing:
         self._shared: OrderedDict[bytes, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def aead(self, peer: Entry, job: str, cipher: str | None = None) -> Any:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-        from meshdl.security.aead import Aead
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    def aead(self, peer: Entry, job: str, cipher: str | None = None) -> Aead:
         cipher = cipher or self.cipher
         k = (peer.id, peer.seal_pub, job, cipher)
         with self._lock:
             a = self._d.get(k)
-            if a is not None:
+            if a is not None:                    # every frame but a job's first: no imports
                 self._d.move_to_end(k)
                 return a
             shared = self._shared.get(peer.seal_pub)
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
         if shared is None:
             shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer.seal_pub))
         info = seal_info(cipher, self.mesh, self.me, peer.id, job)
@@ -258,7 +257,6 @@ def relay_frame(payload: Any, job: str, piece: str) -> Any:
 def open_sealed(ring: KeyRing, cache: EntryCache, job: str, piece: str,
                 payload: Any) -> tuple[Entry, bytes]:
     """(sender entry, plaintext frame) of a frame sealed to this identity."""
-    from meshdl.security.aead import InvalidTag, UnsupportedCipher
     cipher, head, clear, ct = _split(payload)
     entry = cache.verify(bytes(head[0]), bytes(head[1]))
     try:
