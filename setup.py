@@ -20,7 +20,7 @@ setup(
         "msgpack",
         "paho-mqtt>=2.0",
         "cryptography",    # secure meshes: mesh CA, bundles, Ed25519 signatures, sealed pieces
-        "PyNaCl>=1.5",     # libsodium's AES-256-GCM for sealed pieces (releases the GIL)
+        "PyNaCl>=1.6",     # libsodium AEGIS-128L + AES-256-GCM, sealed pieces (GIL released)
         "click",
         "PyYAML",
         "Pillow",
