@@ -16,7 +16,10 @@ and waits until d2 has received (and, sealed, opened) every byte:
 
 Runs alternate (the order rotates each repeat) so every mode sees the same machine
 load. Prints a markdown table (median MB/s, the sealed/unsealed ratio of medians and
-the median of the per-repeat ratios; target >= 0.90) and writes
+the median of the per-repeat ratios; target >= 0.90) and the CPU time each MB cost
+this process (sender and receiver) and the broker together: that ratio is what the
+throughput ratio tends to when the run is CPU-bound, and other processes' load
+moves it much less than wall time. Writes
 ``bench_transport.csv`` under ``--out``.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meshdl.security.aead import CIPHERS, has_aegis  # noqa: E402
 from meshdl.security.authority import init_authority, write_bundle  # noqa: E402
 from meshdl.security.broker import SecureBroker  # noqa: E402
+from meshdl.security.policy import PlanInfo  # noqa: E402
 from meshdl.security.bundle import Bundle  # noqa: E402
 from meshdl.security.securebus import SecureBus  # noqa: E402
 from meshdl.transport.paho_bus import PahoBus  # noqa: E402
@@ -45,6 +50,7 @@ from meshdl.wire import topics  # noqa: E402
 from meshdl.wire.codec import encode_chunks  # noqa: E402
 
 MESH = "bench"
+PIECE = "P.src.t0"        # plan P's source (d1) sends task t0's input to d2
 CIPHER_OF = {"unsealed": None, "sealed-openssl": "aes256gcm",
              **{f"sealed-{c}": c for c in CIPHERS}}
 NAMES = {"sealed-aegis128l": "AEGIS-128L", "sealed-aes256gcm": "AES-256-GCM (libsodium)",
@@ -53,7 +59,16 @@ NAMES = {"sealed-aegis128l": "AEGIS-128L", "sealed-aes256gcm": "AES-256-GCM (lib
 
 def frames(mb: int, chunk_mb: float, job: str) -> list[bytes]:
     arr = np.random.default_rng(0).standard_normal(mb * (1 << 20) // 4).astype(np.float32)
-    return list(encode_chunks(job, "p", arr, chunk_bytes=int(chunk_mb * (1 << 20))))
+    return list(encode_chunks(job, PIECE, arr, chunk_bytes=int(chunk_mb * (1 << 20))))
+
+
+def cpu_seconds(broker_pid: int) -> float:
+    """CPU time used so far by this process (all its threads) and by the broker."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    with open(f"/proc/{broker_pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return r.ru_utime + r.ru_stime + \
+        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_run(tx, rx_sub, job: str, payloads: list[bytes], rate_bps: float = 0.0,
@@ -69,7 +84,7 @@ def one_run(tx, rx_sub, job: str, payloads: list[bytes], rate_bps: float = 0.0,
     inbox = topics.route_inbox(MESH, "d2")
     rx_sub.subscribe(inbox, on, qos=1)
     time.sleep(0.3)
-    topic = topics.route_topic(MESH, ["d2"], job, "p")
+    topic = topics.route_topic(MESH, ["d2"], job, PIECE)
     t0 = time.perf_counter()
     sent = 0
     for p in payloads:
@@ -117,6 +132,9 @@ def main() -> None:
                      for k in ("d1", "d2")}
             sec = {k: SecureBus(buses[k], b[k]) for k in ("d1", "d2")}
             sec["d1"]._learn(b["d2"].entry_info)      # as if d2's birth had been seen
+            # as if the leader's plan P had been verified: d2 takes P's pieces from d1
+            sec["d2"].adm.plans["P"] = PlanInfo("d2", frozenset({"d1", "d2"}), "d1", "d1",
+                                                {"t0": "d2"})
             modes = ["unsealed"] + [f"sealed-{c}" for c in ciphers] + \
                 (["sealed-openssl"] if a.openssl else [])
             try:
@@ -135,13 +153,17 @@ def main() -> None:
                             sec["d1"].ring.cipher = CIPHER_OF[mode]
                             tx = buses["d1"] if mode == "unsealed" else sec["d1"]
                             rx = buses["d2"] if mode == "unsealed" else sec["d2"]
+                            cpu0 = cpu_seconds(br.proc.pid)
                             dt = one_run(tx, rx, job, payloads, link)
+                            cpu = cpu_seconds(br.proc.pid) - cpu0
                             rows.append({"link_mbps": link / 1e6, "mode": mode, "repeat": r,
                                          "mb": a.mb, "chunk_mb": a.chunk_mb,
                                          "seconds": round(dt, 4),
-                                         "mb_per_s": round(a.mb / dt, 2)})
+                                         "mb_per_s": round(a.mb / dt, 2),
+                                         "cpu_ms_per_mb": round(cpu / a.mb * 1e3, 3)})
                             print(f"  link {link / 1e6 or 'unlimited'} {mode:16s} run {r}: "
-                                  f"{a.mb / dt:7.1f} MB/s", file=sys.stderr)
+                                  f"{a.mb / dt:7.1f} MB/s, {cpu / a.mb * 1e3:.2f} CPU ms/MB",
+                                  file=sys.stderr)
                 opened = sec["d2"].sealed_in
             finally:
                 for bus in buses.values():
@@ -149,11 +171,14 @@ def main() -> None:
     print(f"\n### Transport: sealed vs unsealed pieces ({a.mb} MB in {a.chunk_mb:g} MB frames, "
           f"median of {a.repeats}, TLS broker by `meshdl broker`)\n")
     print("| link | sealing | unsealed MB/s (TLS to broker only) | sealed MB/s (end to end) "
-          "| sealed / unsealed (medians) | median of paired ratios (same repeat) |\n"
-          "|---|---|---|---|---|---|")
+          "| sealed / unsealed (medians) | median of paired ratios (same repeat) "
+          "| CPU ms per MB, unsealed / sealed (process + broker) | CPU ratio |\n"
+          "|---|---|---|---|---|---|---|---|")
     for link in sorted({x["link_mbps"] for x in rows}):
         here = [x for x in rows if x["link_mbps"] == link]
         unsealed = statistics.median(x["mb_per_s"] for x in here if x["mode"] == "unsealed")
+        cpu = {m: statistics.median(x["cpu_ms_per_mb"] for x in here if x["mode"] == m)
+               for m in modes}
         by = {(x["repeat"], x["mode"]): x["mb_per_s"] for x in here}
         name = f"{link:g} Mbit/s" if link else "loopback, unpaced (CPU-bound)"
         for mode in modes[1:]:
@@ -161,7 +186,8 @@ def main() -> None:
             paired = statistics.median(by[(r, mode)] / by[(r, "unsealed")]
                                        for r in range(a.repeats))
             print(f"| {name} | {NAMES[mode]} | {unsealed:.1f} | {m:.1f} | "
-                  f"**{m / unsealed:.2f}** | {paired:.2f} |")
+                  f"**{m / unsealed:.2f}** | {paired:.2f} | {cpu['unsealed']:.2f} / "
+                  f"{cpu[mode]:.2f} | {cpu['unsealed'] / cpu[mode]:.2f} |")
     print(f"\ntarget: sealed >= 0.90 x unsealed; frames opened by d2: {opened}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
