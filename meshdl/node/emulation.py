@@ -19,6 +19,10 @@
   adds only the latency (a pure delay, as netem would), since netem is absent.
 
 Without emulation the same classes publish at once, so the data plane has one path.
+A sender that is on no emulated link (the client) learns that its frames left its first
+hop from the broker's acks (MQTT QoS 1 PUBACKs), when its publish returns them: its
+retransmission timer then starts once the broker holds the piece, however slow its own
+link (a client inside a device's namespace sends through that device's shaped uplink).
 """
 from __future__ import annotations
 
@@ -33,13 +37,14 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes], None]
+Publish = Callable[[str, bytes], object]   # may return the broker-ack handle (paho)
 LinkLookup = Callable[[str, str], "tuple[float, float] | None"]   # -> (bandwidth_bps, latency_s)
 # a star mesh: device -> (up_bps, down_bps, latency_s), None for the broker's own device;
 # the lookup itself returns False when the mesh is not a star
 AccessLookup = Callable[[str], "tuple[float, float, float] | None | bool"]
 UPLINK = "@up"
 DOWNLINK = "@down"
+ACK_WAIT_S = 120.0       # at most this long for the broker's acks, then the timer starts
 
 
 def pace(started: float, flops: float, device_flops: float, what: str,
@@ -196,6 +201,9 @@ class Links:
         self._stopped = threading.Event()
         self._out = Pacer(f"links-{node_id}", self._run_item) if link is not None else None
         self._in: Pacer | None = None          # the star downlink, made on first use
+        self._acked: deque = deque()           # (broker acks, on_sent, deadline) to wait for
+        self._acked_cv = threading.Condition(self._lock)
+        self._acker: threading.Thread | None = None
 
     @property
     def emulated(self) -> bool:
@@ -214,10 +222,9 @@ class Links:
                 on_sent()
             return
         if self._link is None:
-            for topic, payload in frames:
-                self._publish(topic, payload)
+            handles = [self._publish(topic, payload) for topic, payload in frames]
             if on_sent is not None:
-                on_sent()
+                self._when_acked(handles, on_sent)
             return
         star = self._star(self.node_id)
         if self._shaped:
@@ -248,6 +255,46 @@ class Links:
         for i, (topic, payload) in enumerate(frames):
             delay = (latency if i == 0 else 0.0) + len(payload) * 8.0 / bps
             self._out.put(lane, _Item(topic, payload, delay, on_sent if i == last else None))
+
+    def _when_acked(self, handles: list, on_sent: Callable[[], None]) -> None:
+        """``on_sent`` once the broker acknowledged every frame (the frames crossed this
+        sender's own link), or at once when the publish gave no acks to wait for."""
+        if not handles or not all(callable(getattr(h, "is_published", None))
+                                  for h in handles):
+            on_sent()
+            return
+        with self._acked_cv:
+            self._acked.append((handles, on_sent, time.monotonic() + ACK_WAIT_S))
+            if self._acker is None:
+                self._acker = threading.Thread(target=self._wait_acks, daemon=True,
+                                               name=f"acked-{self.node_id}")
+                self._acker.start()
+            self._acked_cv.notify()
+
+    def _wait_acks(self) -> None:
+        """One thread per sender: in order, waits for each send's broker acks (or its
+        deadline, or a publish that failed: the retransmission timer decides then)."""
+        while True:
+            with self._acked_cv:
+                while not self._acked and not self._stopped.is_set():
+                    self._acked_cv.wait(0.5)
+                if self._stopped.is_set():
+                    return
+                handles, on_sent, deadline = self._acked.popleft()
+            for h in handles:
+                while not self._stopped.is_set() and time.monotonic() < deadline:
+                    try:
+                        if h.is_published():
+                            break
+                        h.wait_for_publish(min(0.2, max(0.0, deadline - time.monotonic())))
+                    except (ValueError, RuntimeError):     # not queued, or failed
+                        break
+            if self._stopped.is_set():
+                return
+            try:
+                on_sent()
+            except Exception:
+                log.exception("on_sent callback failed")
 
     def _star(self, dev: str):
         """Access figures of ``dev`` on a star mesh; False when the mesh is no star."""
@@ -299,6 +346,8 @@ class Links:
 
     def stop(self) -> None:
         self._stopped.set()
+        with self._acked_cv:
+            self._acked_cv.notify_all()
         for p in (self._out, self._in):
             if p is not None:
                 p.stop()

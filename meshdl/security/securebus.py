@@ -87,7 +87,7 @@ class SecureBus:
     def __getattr__(self, name: str) -> Any:          # dropped, max_payload, url, ...
         return getattr(self.inner, name)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> Any:
         if "/plan/" in topic and retain:
             if not len(payload):      # a retirement: signed, then the retained copy cleared
                 with self._lock:
@@ -102,7 +102,8 @@ class SecureBus:
                     _put_last(self._mine, topic, out, 256)
                 self.inner.publish(topic, out, qos=qos, retain=retain)
                 return
-        self.inner.publish(topic, self.wrap(topic, payload), qos=qos, retain=retain)
+        # the inner bus's handle (paho: the broker's ack), for senders that wait on it
+        return self.inner.publish(topic, self.wrap(topic, payload), qos=qos, retain=retain)
 
     def subscribe(self, pattern: str, handler: Any, qos: int = 0) -> None:
         def checked(topic: str, payload: Any, retained: bool) -> None:
