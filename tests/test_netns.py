@@ -291,3 +291,58 @@ def test_probe_estimate_of_a_shaped_access_link(mbps):
         assert fig is not None
         assert fig["throughput_bps"] == pytest.approx(bps / 2, rel=0.15)
         assert fig["rtt_s"] == pytest.approx(0.004)
+
+
+def _tc_rate(ns: str, dev: str, bps: float) -> None:
+    """What an outside checker types: plain tc on one veth end (class 1:1)."""
+    rate = f"{int(bps)}bit"
+    subprocess.run(["tc", "-n", ns, "class", "change", "dev", dev, "parent", "1:", "classid",
+                    "1:1", "htb", "rate", rate, "ceil", rate], check=True)
+
+
+@needs_netns
+@pytest.mark.slow
+def test_a_hand_made_tc_change_under_a_running_mesh_is_measured(tmp_path):
+    """Plain ``tc class change`` on a device's veth ends under ``mesh up --netns``, both
+    directions and then one: the device's telemetry follows to the new series rate
+    (uplink and downlink in a row, as its self-probe crosses them) within a deadline."""
+    from meshdl.node.netns_up import NetnsMeshUp
+    from meshdl.node.probe import BROKER
+    dev, k = "pi4-b", 4.0
+
+    def series(up: float, down: float) -> float:
+        return 1.0 / (1.0 / up + 1.0 / down)
+
+    def measured(snap) -> float | None:
+        t = snap.telemetry.get(dev)
+        return None if t is None else (t.links.get(BROKER) or {}).get("throughput_bps")
+
+    def follows(want: float, timeout: float):
+        got: list = []
+
+        def near(snap) -> bool:
+            v = measured(snap)
+            if v is not None and (not got or got[-1] != v):
+                got.append(v)
+            return v is not None and abs(v / want - 1.0) <= 0.2
+        snap = up.watcher.wait_for(near, timeout)
+        assert snap is not None, (f"{dev}'s telemetry did not reach {want / 1e6:.3g} Mbit/s "
+                                  f"within {timeout:.0f} s; it read (Mbit/s) "
+                                  f"{[round(v / 1e6, 3) for v in got]}")
+
+    with NetnsMeshUp("home-wifi", time_scale=k, mesh="i11c", models=["tiny_cnn"],
+                     log_dir=tmp_path, verbose=False, supervise=True,
+                     telemetry_period=1.0) as up:
+        up.wait_ready(240)
+        port = up.ns.ports[dev]
+        ns, br = port.namespace, up.ns.broker_ns
+        up0, down0 = up.ns.rates(dev)
+        assert up0 == pytest.approx(60e6 / k, rel=0.01)
+        follows(series(up0, down0), 60)
+        _tc_rate(ns, port.veth_device, up0 / 4)              # both directions
+        _tc_rate(br, port.veth_broker, down0 / 4)
+        assert up.ns.rates(dev) == pytest.approx((up0 / 4, down0 / 4), rel=0.01)
+        follows(series(up0 / 4, down0 / 4), 60)
+        _tc_rate(ns, port.veth_device, up0)                  # the uplink alone
+        follows(series(up0, down0 / 4), 60)
+    assert _mine(up.ns.prefix) == []

@@ -48,6 +48,8 @@ def run_netns_up(topology: str, *, mesh_name: str, models: list[str], timeout: f
         click.echo(f"try: ip netns exec {ns} meshdl infer IMAGE --broker {launcher.url} "
                    f"--mesh {mesh_name}   (Ctrl-C stops everything; logs: "
                    f"{launcher.log_dir})", err=True)
+        for line in launcher.link_lines():
+            click.echo(line, err=True)
         if trace is not None:
             player = TracePlayer(trace, launcher.shape, time_scale=time_scale,
                                  on_event=lambda e: click.echo(f"link trace: {e}", err=True))

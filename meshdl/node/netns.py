@@ -7,9 +7,12 @@ Layout (one mesh, prefix ``P`` unique to the launching process, e.g. ``mdl4242xa
   its node in this namespace too (loopback to the broker, as on the real device).
 - ``P-d<i>``: device i's namespace; a veth pair joins it to the bridge. Its address
   is ``10.211.<hi>.<lo>``. Only addresses inside these namespaces are used.
-- Each veth end has an htb qdisc (one class, rate = ceil): the device end shapes the
-  device's uplink, the bridge end its downlink (the access link of the topology,
-  divided by the time scale). ``shape()`` changes them live (``tc class change``).
+- Each veth end has an htb qdisc whose class 1:1 (rate = ceil) is the link: the device
+  end shapes the device's uplink, the bridge end its downlink (the access link of the
+  topology, divided by the time scale); two leaves under it only order small packets
+  first. The ends carry the alias ``DEVICE uplink`` / ``DEVICE downlink`` (``ip link``).
+  ``shape()`` changes them live, as one does by hand: ``tc -n NS class change dev VETH
+  parent 1: classid 1:1 htb rate R ceil R``.
 - netem is absent in this kernel: latency is added by the node's own link emulation
   (``--shaped-links``: latency only, as a pure delay).
 
@@ -42,6 +45,9 @@ BROKER_ADDR = f"{SUBNET}.0.1"
 BROKER_PORT = 1883
 _NAME_RE = re.compile(r"^mdl(\d+)x([0-9a-z]+)-(br|d\d+)$")
 MIN_BURST = 3200             # bytes: two full frames at least
+LEAF_RATE = "8kbit"          # the leaves' own guarantee: next to nothing (they borrow)
+LEAF_CEIL = "100gbit"        # no limit of their own: class 1:1 alone sets the rate
+LEAF_QUANTUM = "1600"        # bytes (r2q would give a tiny quantum at LEAF_RATE)
 
 
 class NetnsError(MeshdlError):
@@ -231,6 +237,11 @@ class Namespaces:
                 run(["ip", "-n", port.namespace, "addr", "add", f"{port.address}/16", "dev",
                      port.veth_device])
                 run(["ip", "-n", port.namespace, "link", "set", port.veth_device, "up"])
+                # so `ip link` tells an outside checker which end is which link
+                run(["ip", "-n", port.namespace, "link", "set", port.veth_device, "alias",
+                     f"{dev} uplink"])
+                run(["ip", "-n", br, "link", "set", port.veth_broker, "alias",
+                     f"{dev} downlink"])
                 up, down = self._access[dev]
                 self._qdisc(port.namespace, port.veth_device, up)
                 self._qdisc(br, port.veth_broker, down)
@@ -247,10 +258,15 @@ class Namespaces:
 
     @staticmethod
     def _qdisc(ns: str, dev: str, bps: float) -> None:
-        """htb: class 1:1 at the link's rate; under it small packets (IP length < 512:
-        heartbeats, votes, acks, TCP acks) in 1:10 before bulk data in 1:20, both
-        borrowing up to the full rate, as a Wi-Fi voice/video queue would (a megabyte
-        piece on a slow link must not starve a heartbeat past its liveness timeout)."""
+        """htb: class 1:1 at the link's rate (rate = ceil) is the only limit; under it
+        small packets (IP length < 512: heartbeats, votes, acks, TCP acks) in 1:10 go
+        before bulk data in 1:20, as a Wi-Fi voice/video queue would (a megabyte piece on a
+        slow link must not starve a heartbeat past its liveness timeout). The two leaves
+        guarantee next to nothing (``LEAF_RATE``) and may borrow without bound, so they
+        always borrow from 1:1 in priority order, and a plain
+        ``tc class change dev DEV classid 1:1 htb rate R ceil R`` (an outside check
+        reshaping the link by hand) is the whole change: leaves with a guaranteed rate of
+        their own would send that much past a lowered 1:1."""
         rate, burst = htb_rate(bps)
         tc = ["tc", "-n", ns]
         run(tc + ["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"])
@@ -258,14 +274,15 @@ class Namespaces:
                   "rate", rate, "ceil", rate, "burst", burst, "cburst", burst])
         for cid, prio in (("1:10", "0"), ("1:20", "1")):
             run(tc + ["class", "add", "dev", dev, "parent", "1:1", "classid", cid, "htb",
-                      "rate", htb_rate(bps / 2)[0], "ceil", rate, "burst", burst,
-                      "cburst", burst, "prio", prio])
+                      "rate", LEAF_RATE, "ceil", LEAF_CEIL, "burst", burst, "cburst", burst,
+                      "quantum", LEAF_QUANTUM, "prio", prio])
         run(tc + ["filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
                   "u32", "match", "u16", "0x0000", "0xfe00", "at", "2", "flowid", "1:10"])
 
     def shape(self, device: str, up_bps: float | None = None,
               down_bps: float | None = None) -> None:
-        """Change ``device``'s uplink and/or downlink rate live (bit/s)."""
+        """Change ``device``'s uplink and/or downlink rate live (bit/s): class 1:1 of
+        each veth end, as one would by hand."""
         port = self.ports.get(device)
         if port is None:
             raise NetnsError(f"no device {device!r} in this namespace mesh")
@@ -281,10 +298,6 @@ class Namespaces:
             rate, burst = htb_rate(bps)
             run(["tc", "-n", ns, "class", "change", "dev", dev, "parent", "1:", "classid",
                  "1:1", "htb", "rate", rate, "ceil", rate, "burst", burst, "cburst", burst])
-            for cid in ("1:10", "1:20"):
-                run(["tc", "-n", ns, "class", "change", "dev", dev, "parent", "1:1",
-                     "classid", cid, "htb", "rate", htb_rate(bps / 2)[0], "ceil", rate,
-                     "burst", burst, "cburst", burst])
         cur = self._access.get(device, (0.0, 0.0))
         self._access[device] = (up_bps or cur[0], down_bps or cur[1])
 

@@ -120,6 +120,24 @@ class NetnsMeshUp(MeshUp):
             if self.ns is not None:
                 self.ns.destroy()
 
+    def link_lines(self) -> list[str]:
+        """Where each device's shaped link is, for reshaping it by hand (stderr)."""
+        if self.ns is None:
+            return []
+        lines = ["links: class 1:1 of each veth end is the link; reshape one by hand with "
+                 "`tc -n NAMESPACE class change dev VETH parent 1: classid 1:1 htb rate R "
+                 "ceil R` (kernel rates: the topology's / time scale)"]
+        for d in sorted(self.mesh_obj.devices):
+            port = self.ns.ports[d]
+            if port.veth_broker is None:
+                lines.append(f"  {d}: hosts the broker (loopback, not shaped)")
+                continue
+            up, down = self._access_bps()[d]
+            lines.append(f"  {d}: uplink {port.namespace} {port.veth_device} "
+                         f"{up / 1e6:.4g} Mbit/s, downlink {self.ns.broker_ns} "
+                         f"{port.veth_broker} {down / 1e6:.4g} Mbit/s")
+        return lines
+
     def describe(self) -> list[str]:
         """The lines ``mesh up --netns`` prints when ready."""
         lines = [f"broker: {self.url}"]
