@@ -336,16 +336,20 @@ def test_a_thief_that_blocks_the_majority_is_revoked_and_the_mesh_recovers(tmp_p
     """One honest device and one stolen bundle: the thief announces itself (signed
     birth, heartbeats) and never votes, so the honest device has no majority and no
     leader is elected (by design: a majority of the live enrolled devices leads).
-    `mesh revoke` + the broker's reload: the thief's connection stays open (mosquitto
-    keeps it) but the ACL leaves it nothing, so its heartbeats stop, the node and the
-    client count it out, the honest device leads and a job is exact. Its bundle cannot
-    connect again."""
+    `meshdl mesh revoke` + `kill -HUP` of `meshdl broker`: the thief's connection stays
+    open (mosquitto keeps it) but the ACL leaves it nothing, so its heartbeats stop, the
+    node and the client count it out, the honest device leads and a job is exact. Its
+    bundle cannot connect again."""
+    import signal
+    import subprocess
+    import sys
+    from click.testing import CliRunner
+    from meshdl.cli import main
     from meshdl.client import MeshClient
     from meshdl.errors import TransportError
     from meshdl.mesh.loader import load_topology
     from meshdl.node.launcher import MeshUp
     from meshdl.security.authority import init_authority, write_bundle
-    from meshdl.security.broker import SecureBroker
     from meshdl.security.bundle import Bundle
     from meshdl.security.securebus import SecureBus
     from meshdl.transport.paho_bus import PahoBus
@@ -361,8 +365,13 @@ def test_a_thief_that_blocks_the_majority_is_revoked_and_the_mesh_recovers(tmp_p
     for cl in ("w", "u"):
         write_bundle(a.issue(cl, "client"), tmp_path / f"{cl}.bundle")
     stop = threading.Event()
-    with SecureBroker(a) as br:
-        thief = SecureBus(PahoBus(br.url, **stolen.tls_files()), stolen)
+    broker = subprocess.Popen([sys.executable, "-m", "meshdl.cli", "broker", "--dir",
+                               str(tmp_path / "ca"), "--port", "0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = broker.stdout.readline().split()[0]
+        assert url.startswith("mqtts://"), url
+        thief = SecureBus(PahoBus(url, **stolen.tls_files()), stolen)
         requests: list[str] = []
         thief.inner.subscribe(topics.job_all("solo", "request"),
                               lambda t, p, r: requests.append(t), qos=1)
@@ -381,26 +390,31 @@ def test_a_thief_that_blocks_the_majority_is_revoked_and_the_mesh_recovers(tmp_p
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()
         try:
-            with MeshUp(topo, broker=br.url, mesh="solo", model="tiny_cnn",
+            with MeshUp(topo, broker=url, mesh="solo", model="tiny_cnn",
                         log_dir=tmp_path / "logs", verbose=False, bundles=bundles,
                         watch_bundle=tmp_path / "w.bundle") as up:
                 wait_true(lambda: "t" in up.watcher.snapshot().online, "the thief's birth")
                 time.sleep(8.0)        # a fair window for an election that must not happen
                 assert up.watcher.snapshot().leader is None, "a leader without a majority"
-                a.revoke("t")
-                br.reload()
+                out = CliRunner().invoke(main, ["mesh", "revoke", "t", "--dir",
+                                                str(tmp_path / "ca")])
+                assert out.exit_code == 0, out.output
+                broker.send_signal(signal.SIGHUP)          # `kill -HUP` the meshdl broker
                 wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
                           and s.leader.node == "h", "h leads once the thief is revoked", 60)
-                with MeshClient(br.url, "solo", bundle=str(tmp_path / "u.bundle")) as c:
+                with MeshClient(url, "solo", bundle=str(tmp_path / "u.bundle")) as c:
                     exact_job(c, 61)
                 assert thief.connected, "mosquitto kept the revoked connection open"
                 assert requests == [], "the revoked thief still reads job requests"
                 with pytest.raises(TransportError):
-                    PahoBus(br.url, **stolen.tls_files(), connect_timeout=3)
+                    PahoBus(url, **stolen.tls_files(), connect_timeout=3)
         finally:
             stop.set()
             beater.join(5)
             thief.close()
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(20)
 
 
 @real
