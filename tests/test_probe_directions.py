@@ -136,3 +136,24 @@ def test_one_direction_shaped_with_tc_is_read_in_that_direction(tmp_path):
         up.shape(dev, up_bps=slow, down_bps=60e6)                  # now the uplink only
         got = _until(up, dev, lambda u, d: near(u, slow) and d > 4 * slow, 30)
         assert near(got[0], slow) and got[1] > 4 * slow, got
+
+
+def test_path_time_prices_a_star_route_and_leaves_out_a_paced_first_uplink():
+    from meshdl.node.pathtime import path_time
+    mesh = parse_topology(yaml.safe_load(STAR))        # a: 10 up / 30 down, b: 20 / 20
+    n = 1_000_000
+    full = path_time(mesh, ["a", "b"], n)
+    assert full == pytest.approx(0.002 + 8e6 / 10e6 + 0.001 + 8e6 / 20e6)
+    assert path_time(mesh, ["a", "b"], n, first_up=False) == pytest.approx(0.001 + 0.4)
+    relay = path_time(mesh, ["a", "b", "a"], n, first_up=False)
+    assert relay == pytest.approx(0.001 + 0.4 + (0.001 + 0.4) + (0.002 + 8e6 / 30e6))
+
+
+def test_direction_probe_keeps_measuring_after_it_once_worked():
+    bus = _Bus(8e6, 2e6)
+    probe = DirectionProbe(bus, "m", "a", MIN_EXTRA_S)
+    assert probe.measure(8 << 10, 32 << 10, lambda n: 2.0) is not None
+    bus.subscribe = lambda topic, handler, qos=0: None      # the link stalls
+    for _ in range(MAX_FAILS + 1):
+        assert probe.measure(1024, 4096, lambda n: 0.05) is None
+    assert probe.enabled                        # a slow link, not a refusal

@@ -37,6 +37,7 @@ from meshdl.node.graphs import GraphCache
 from meshdl.node.executor import Worker, tensor_to_wire, warm, wire_to_tensor
 from meshdl.node.credit import Acker, CreditLedger
 from meshdl.node.flow import ReceiveLog, ReliableSender, Transfer
+from meshdl.node.pathtime import path_time
 from meshdl.node.relay import Relay
 from meshdl.node.phases import PhaseRunner, parse_partial
 from meshdl.wire import topics
@@ -73,10 +74,11 @@ class DataPlane(_DataPlaneRoles):
         self.codecs = CodecPolicy(getattr(getattr(ctx, "config", None), "compression", "auto"))
         self._set_threads = set_threads
         cfg = getattr(ctx, "config", None)
+        self._shaped = bool(getattr(cfg, "shaped_links", False))   # the kernel shapes links
         self.links = Links(self.node_id, self._publish,
                            self._link_figures if self.emulate else None,
                            access=self._access_figures,
-                           shaped=bool(getattr(cfg, "shaped_links", False)))
+                           shaped=self._shaped)
         self.sender = ReliableSender(self.node_id, self._transmit, rto_min_s=rto_min_s,
                                      max_retries=max_retries, initial_grant=initial_grant,
                                      expect=self._expected_now)
@@ -201,8 +203,11 @@ class DataPlane(_DataPlaneRoles):
         return self._mesh
 
     def _expected_s(self, path: list[str], nbytes: int) -> float:
-        """Time the hops after the first should take (the first is over when the
-        retransmission timer starts)."""
+        """Time the route should take after the retransmission timer starts: the hops
+        after the first (an emulated first hop is paced before it); on a star also the
+        receiver's downlink, and the sender's uplink when the kernel shapes it."""
+        if self._live_mesh().star is not None:
+            return path_time(self._live_mesh(), path, nbytes, first_up=self._shaped)
         total = 0.0
         for a, b in zip(path[1:], path[2:]):
             bps, lat = self._hop(a, b)
@@ -213,16 +218,7 @@ class DataPlane(_DataPlaneRoles):
         """``nbytes`` along a piece's path on the live mesh (``fresh``: of now)."""
         if fresh:
             self._mesh, self._mesh_at = self.ctx.live_mesh(), time.monotonic()
-        mesh, total = self._live_mesh(), 0.0
-        for a, b in zip(tr.path, tr.path[1:]):
-            if (star := mesh.star) is not None:     # sender's uplink, receiver's downlink
-                for acc, bps in ((star.link_of(a), "up_bps"), (star.link_of(b), "down_bps")):
-                    if acc is not None:
-                        total += acc.latency_s + nbytes * 8.0 / getattr(acc, bps)
-            else:
-                if (link := mesh.find_link(a, b)) is not None:
-                    total += link.latency_s + nbytes * 8.0 / link.bandwidth_bps
-        return total
+        return path_time(self._live_mesh(), tr.path, nbytes)
 
     def _hop(self, a: str, b: str) -> tuple[float, float]:
         fig = self._link_figures(a, b) if self.emulate else None

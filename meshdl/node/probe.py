@@ -309,7 +309,7 @@ class Prober:
 
     def stop(self) -> None:
         """Remove what the probes left on the broker (retained paddings)."""
-        if self._dir is not None and self._dir.fails == 0:
+        if self._dir is not None and self._dir.worked:
             self._dir.clear()
 
     def round(self, peers: list[str], count: int) -> None:

@@ -15,7 +15,8 @@ direction only. Two messages of the sizes ``base`` and ``base + extra`` measure 
 Each rate is the slope between the two sizes (the fixed costs cancel):
 ``extra x 8 / (t_big - t_base)``. A bus that does not report PUBACKs (no
 ``wait_for_publish``) or a broker that refuses the topics (a secure mesh's ACL) gives
-no figure; after ``MAX_FAILS`` misses in a row the node stops trying.
+no figure; after ``MAX_FAILS`` misses in a row, none measured before, the node
+stops trying (once it has measured, a miss is a slow link, not a refusal).
 """
 from __future__ import annotations
 
@@ -39,24 +40,31 @@ class DirectionProbe:
         base = node_probe(mesh, me)
         self.topics = (f"{base}/d0", f"{base}/d1")
         self._min_extra = min_extra_s
-        self.fails = 0
+        self.fails = 0           # misses in a row
+        self.worked = False      # measured once: misses are a slow link then, not a refusal
 
     @property
     def enabled(self) -> bool:
-        return self.fails < MAX_FAILS
+        return self.worked or self.fails < MAX_FAILS
 
     def measure(self, base: int, extra: int, timeout: Callable[[int], float]
                 ) -> tuple[float, float] | None:
         """(up_bps, down_bps) from two messages of ``base`` and ``base + extra`` bytes
         (``timeout(nbytes)``: the longest wait for one), or None (a wait ran out)."""
         sizes = (base, base + extra)
-        up = [self._up(t, n, timeout(n)) for t, n in zip(self.topics, sizes)]
-        if None in up:
-            return self._missed("an uplink message was not acknowledged in time")
-        down = [self._down(t, n, timeout(n)) for t, n in zip(self.topics, sizes)]
-        if None in down:
-            return self._missed("a retained message did not come back in time")
-        self.fails = 0
+        up: list[float] = []
+        for topic, n in zip(self.topics, sizes):    # a slow small one: no big one
+            t = self._up(topic, n, timeout(n))
+            if t is None:
+                return self._missed("an uplink message was not acknowledged in time")
+            up.append(t)
+        down: list[float] = []
+        for topic, n in zip(self.topics, sizes):
+            t = self._down(topic, n, timeout(n))
+            if t is None:
+                return self._missed("a retained message did not come back in time")
+            down.append(t)
+        self.fails, self.worked = 0, True
         return (extra * 8.0 / max(up[1] - up[0], self._min_extra),
                 extra * 8.0 / max(down[1] - down[0], self._min_extra))
 
@@ -72,7 +80,7 @@ class DirectionProbe:
         info = self._bus.publish(topic, b"\0" * nbytes, qos=1, retain=True)
         wait = getattr(info, "wait_for_publish", None)
         if wait is None:                 # this bus does not report PUBACKs
-            self.fails = MAX_FAILS
+            self.fails, self.worked = MAX_FAILS, False
             return None
         try:
             wait(timeout)
