@@ -177,7 +177,8 @@ def run_mode(mode: str, topo: str, models: list[str], k: float, runs: int,
     from meshdl.node.netns import in_netns
     from meshdl.node.netns_up import NetnsMeshUp
     name = f"bn{mode[:2]}"
-    kw = dict(mesh=name, models=models, log_dir=log_dir, verbose=False, supervise=True)
+    # verbose node logs: probe steps and plannings, to explain a row afterwards
+    kw = dict(mesh=name, models=models, log_dir=log_dir, verbose=True, supervise=True)
     up = (NetnsMeshUp(topo, time_scale=k, **kw) if mode == "netns"
           else MeshUp(topo, node_args=["--time-scale", repr(k)], backend="mosquitto", **kw))
     out = {}
@@ -304,6 +305,9 @@ def bench_star(topologies: list[str], models: list[str], runs: int, out: Path,
                     "mesh": topo, "model": model, "mode": mode, "time_scale": k,
                     "plan": "+".join(sorted(plan.devices())), "plan_ids": len(ids),
                     "measured_s": round(measured, 4), "predicted_s": round(predicted, 4),
+                    # the same plan request on the topology's declared links: differs
+                    # when the leader planned on measured figures that are off
+                    "predicted_declared_s": round(plan0.latency_s, 4),
                     "ratio": round(measured / predicted, 3),
                     "best_single": single_dev, "best_single_pred_s": round(single_s, 4),
                     "best_single_measured_s": None if single_m is None else round(single_m, 4),
