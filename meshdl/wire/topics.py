@@ -20,7 +20,8 @@ Everything here is pure.
 Job topics have a client level (issue 12): every job id names the client that asked
 for it (``{client}~{id}``, ``job_name``), and its topics sit under that client
 (``job/{client}/{job}/...``), so a broker ACL can let each client read only its own
-statuses and results (mosquitto: ``pattern read .../job/%u/+/status``) and write only
+statuses and results (the generated mosquitto ACL: ``topic read .../job/{client}/+/status``
+in that client's own user block) and write only
 its own requests. ``job()`` takes the client level from the job id; ``parse()``
 refuses a job topic whose level and id disagree.
 """
