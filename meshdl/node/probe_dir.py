@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable
 
-from meshdl.wire.topics import node_probe
+from meshdl.wire.topics import node_probe_dirs
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ class DirectionProbe:
 
     def __init__(self, bus, mesh: str, me: str, min_extra_s: float) -> None:
         self._bus = bus
-        base = node_probe(mesh, me)
-        self.topics = (f"{base}/d0", f"{base}/d1")
+        self.topics = node_probe_dirs(mesh, me)
         self._min_extra = min_extra_s
         self.fails = 0           # misses in a row
         self.worked = False      # measured once: misses are a slow link then, not a refusal

@@ -66,6 +66,7 @@ def acl_text(mesh: str, roster: Mapping[str, Mapping]) -> str:
             out += [f"topic write {p}/node/{ident}/state",
                     f"topic write {p}/node/{ident}/telemetry",
                     f"topic readwrite {p}/node/+/probe",
+                    f"topic readwrite {p}/node/{ident}/probe/+",   # its per-direction probes
                     f"topic readwrite {p}/election",
                     f"topic write {p}/leader",
                     f"topic write {p}/plan/+",

@@ -139,6 +139,8 @@ class SecureBus:
         if not len(payload):
             return payload                                # a clear of a retained record
         p = topics.parse(topic)
+        if p.kind == "probe_dir":
+            return payload                        # padding: only its size is read
         if p.kind == "route":
             if p.job == "probe" or F.is_sealed(payload):
                 return payload                    # a probe, or a sealed piece we relay
@@ -326,6 +328,8 @@ class SecureBus:
             return self._empty(topic, payload)
         try:
             p = topics.parse(topic)
+            if p.kind == "probe_dir":            # our own padding back (the ACL: only its
+                return payload if p.node == self.me else None    # owner writes or reads it)
             if p.kind == "route":
                 if p.job == "probe":
                     return payload

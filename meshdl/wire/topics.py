@@ -138,6 +138,13 @@ def node_telemetry_all(mesh: str) -> str:
     return f"{_base(mesh)}/node/+/telemetry"
 
 
+def node_probe_dirs(mesh: str, node: str) -> tuple[str, str]:
+    """A node's two per-direction probe topics (``node.probe_dir``): retained padding
+    only its owner writes and reads back; it carries nothing but its size."""
+    base = node_probe(mesh, node)
+    return f"{base}/d0", f"{base}/d1"
+
+
 def node_probe_all(mesh: str) -> str:
     return f"{_base(mesh)}/node/+/probe"
 
@@ -216,6 +223,8 @@ def parse(topic: str) -> ParsedTopic:
     kind, rest = lv[1], lv[2:]
     if kind == "node" and len(rest) == 2 and rest[1] in ("state", "telemetry", "probe"):
         return ParsedTopic(rest[1], mesh, node=validate_id(rest[0], "node id"))
+    if kind == "node" and len(rest) == 3 and rest[1] == "probe" and rest[2] in ("d0", "d1"):
+        return ParsedTopic("probe_dir", mesh, node=validate_id(rest[0], "node id"))
     if kind in ("election", "leader") and not rest:
         return ParsedTopic(kind, mesh)
     if kind == "plan" and len(rest) == 1:
