@@ -191,11 +191,16 @@ def test_slow_consumer_loses_nothing(tmp_path, tiny):
                            rto_min_s=0.3, max_retries=12) as m:
             m.planes["nano"].slow_handler_s = 0.004
             with MeshClient(b.url, "slow") as c:
-                x = torch.randn(1, 3, 32, 32)
-                r = c.infer(x, model="tiny_cnn", timeout=90)
-                close_enough(r.output, model(x))
-                resent = sum(p.sender.retransmissions for p in m.planes.values())
-                assert resent > 0, "the broker dropped nothing; the test is too gentle"
+                # every answer exact; whether the broker drops within one job depends on
+                # the machine's timing, so up to 4 jobs until it has (then recovered)
+                for _ in range(4):
+                    x = torch.randn(1, 3, 32, 32)
+                    r = c.infer(x, model="tiny_cnn", timeout=90)
+                    close_enough(r.output, model(x))
+                    resent = sum(p.sender.retransmissions for p in m.planes.values())
+                    if resent:
+                        break
+                assert resent > 0, "the broker dropped nothing in 4 jobs; the test is too gentle"
 
 
 def test_malformed_frames_are_dropped(home, tiny, broker):
