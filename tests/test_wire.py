@@ -340,3 +340,16 @@ def test_control_validation(body, reason):
 def test_control_ignores_unknown_keys():
     payload = msgpack.packb({"v": 1, "type": "leader", "node": "a", "term": 1, "new": 5})
     assert control.decode_control(payload) == control.LeaderInfo("a", 1)
+
+
+def test_frame_type_reads_the_header_only_and_refuses_unknown_types():
+    piece = codec.encode_piece("j", "p", np.zeros((2, 3), np.float32))
+    assert codec.frame_type(piece) == "piece"
+    assert codec.frame_type(codec.encode_ack(AckFrame("j", "p", "n"))) == "ack"
+    assert codec.frame_type(codec.encode_credit(CreditFrame("n", 4, job="j"))) == "credit"
+    assert codec.frame_type(memoryview(piece)[:-4]) == "piece"     # the body is not read
+    forged = msgpack.packb({"v": codec.VERSION, "type": "plan"})
+    with pytest.raises(codec.WireError, match="unknown frame type"):
+        codec.frame_type(forged)
+    with pytest.raises(codec.WireError):
+        codec.frame_type(b"\xc1garbage")

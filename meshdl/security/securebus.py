@@ -26,7 +26,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
-from meshdl.errors import MeshdlError
+from meshdl.errors import MeshdlError, WireError
 from meshdl.security import frames as F
 from meshdl.security.bounds import sanitise
 from meshdl.security.bundle import Bundle
@@ -35,6 +35,7 @@ from meshdl.security.policy import Admission, admit, leader_of, note_state, piec
 from meshdl.transport.bus import Will
 from meshdl.transport.urls import is_loopback
 from meshdl.wire import topics
+from meshdl.wire.codec import frame_type
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,10 @@ class SecureBus:
                 if len(p.hops) > 1:
                     return payload              # we relay it: it stays sealed
                 entry, pt = F.open_sealed(self.ring, self.cache, p.job, p.piece, payload)
-                kind = F.peek(payload).type
+                try:        # the type inside (authenticated under either cipher), not the
+                    kind = frame_type(pt)        # clear header's (MDE1 does not cover it)
+                except WireError as exc:
+                    raise SecurityError(f"sealed frame from {entry.id!r}: {exc}") from None
                 why = piece_problem(self.adm, p.job, p.piece, kind, entry)
                 if why is not None:
                     raise SecurityError(why)

@@ -322,6 +322,15 @@ def _read_header(payload: Any) -> tuple[dict[str, Any], int, memoryview]:
     return head, unpacker.tell(), view
 
 
+def frame_type(payload: Any) -> str:
+    """The type ("piece", "ack", "credit") a frame's header names (its header only is
+    read). Raises WireError."""
+    kind = _read_header(payload)[0].get("type")
+    if kind not in (PieceFrame.TYPE, AckFrame.TYPE, CreditFrame.TYPE):
+        raise WireError(f"unknown frame type {str(kind)[:40]!r}")
+    return kind
+
+
 def decode_frame(payload: Any, *, max_frame: int = MAX_FRAME_BYTES,
                  verify_crc: bool = True) -> Frame:
     """Decode a data-plane frame (piece, ack or credit). Raises WireError only."""
