@@ -83,6 +83,17 @@ def wait_log(up, needle: str, timeout: float = 30.0) -> None:
     wait_true(lambda: needle in node_logs(up), f"{needle!r} logged by a node", timeout)
 
 
+def best_leads(up) -> tuple[str, int]:
+    """(the best enrolled device, its term) once it leads the secure mesh."""
+    from meshdl.mesh.loader import load_topology
+    from meshdl.node import election as el
+    enrolled = {d: dev.flops for d, dev in load_topology("home-4").devices.items()}
+    best = el.order(enrolled)[0]
+    wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
+              and s.leader.node == best, "the best enrolled device leads")
+    return best, up.watcher.snapshot().leader.term
+
+
 def alive(up) -> None:
     dead = {d: p.returncode for d, p in up.procs.items() if p.poll() is not None}
     assert not dead, f"nodes exited: {dead}"
@@ -278,15 +289,9 @@ def test_stolen_bundle_cannot_take_leadership(secure):
     votes from a majority of the live devices, so no node follows it, the client
     takes no answer from it, the legitimate (best enrolled) leader stays elected,
     jobs stay exact, and every attempt is logged."""
-    from meshdl.mesh.loader import load_topology
-    from meshdl.node import election as el
     from meshdl.wire.control import Campaign
     thief, up, c, stolen = secure["thief"], secure["up"], secure["c"], secure["stolen"]
-    enrolled = {d: dev.flops for d, dev in load_topology("home-4").devices.items()}
-    best = el.order(enrolled)[0]
-    wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
-              and s.leader.node == best, "the best enrolled device leads")
-    term = up.watcher.snapshot().leader.term
+    best, term = best_leads(up)
     before = rejected(c)
     t, te = topics.leader(MESH), topics.election(MESH)
     thief.publish(t, signed(stolen, t, LeaderInfo(THIEF, term + 1)), qos=1, retain=True)

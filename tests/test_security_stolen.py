@@ -422,15 +422,10 @@ def test_a_stolen_device_flapping_its_birth_and_flooding_campaigns(secure):
     """The thief re-announces itself (online, then offline) 20 times a second
     and floods the election topic with claims and votes while jobs run: the jobs stay
     exact and the leader stays the best enrolled device."""
-    from meshdl.mesh.loader import load_topology
     from meshdl.wire.control import Campaign, NodeState
-    from test_security_attacks import signed
+    from test_security_attacks import best_leads, signed
     thief, up, c, stolen = secure["thief"], secure["up"], secure["c"], secure["stolen"]
-    enrolled = {d: dev.flops for d, dev in load_topology("home-4").devices.items()}
-    best = el.order(enrolled)[0]
-    wait_true(lambda: (s := up.watcher.snapshot()).leader is not None
-              and s.leader.node == best, "the best enrolled device leads")
-    term = up.watcher.snapshot().leader.term
+    best, term = best_leads(up)
     mine = up.watcher.snapshot().states[THIEF]
     stop = threading.Event()
 
