@@ -79,11 +79,14 @@ class _Bus:
 
 @pytest.mark.parametrize("up,down", [(8e6, 2e6), (2e6, 8e6), (4e6, 4e6)])
 def test_direction_probe_reads_each_direction(up, down):
-    probe = DirectionProbe(_Bus(up, down), "m", "a", MIN_EXTRA_S)
+    bus = _Bus(up, down)
+    probe = DirectionProbe(bus, "m", "a", MIN_EXTRA_S)
     got = probe.measure(8 << 10, 32 << 10, lambda n: 2.0)
     assert got is not None
     assert got[0] == pytest.approx(up, rel=0.25)
     assert got[1] == pytest.approx(down, rel=0.25)
+    assert set(probe.topics) <= set(bus.retained)
+    assert not any(bus.retained.values()), "padding left retained on the broker"
 
 
 def test_direction_probe_stops_after_misses():

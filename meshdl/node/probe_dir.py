@@ -49,7 +49,15 @@ class DirectionProbe:
     def measure(self, base: int, extra: int, timeout: Callable[[int], float]
                 ) -> tuple[float, float] | None:
         """(up_bps, down_bps) from two messages of ``base`` and ``base + extra`` bytes
-        (``timeout(nbytes)``: the longest wait for one), or None (a wait ran out)."""
+        (``timeout(nbytes)``: the longest wait for one), or None (a wait ran out). The
+        retained messages are cleared afterwards: a node that dies leaves none behind."""
+        try:
+            return self._measure(base, extra, timeout)
+        finally:
+            self.clear()
+
+    def _measure(self, base: int, extra: int, timeout: Callable[[int], float]
+                 ) -> tuple[float, float] | None:
         sizes = (base, base + extra)
         up: list[float] = []
         for topic, n in zip(self.topics, sizes):    # a slow small one: no big one
@@ -105,7 +113,7 @@ class DirectionProbe:
         return got[0] - t0
 
     def clear(self) -> None:
-        """Remove the retained messages (the node is leaving)."""
+        """Remove the retained messages (after each measurement, and as the node leaves)."""
         for topic in self.topics:
             try:
                 self._bus.publish(topic, b"", qos=1, retain=True)
