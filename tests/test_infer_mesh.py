@@ -78,10 +78,13 @@ def test_cli_infer_json_and_table(mesh4):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert len(out["top5"]) == 5 and out["stages"] and out["latency_s"] > 0
+    # the mesh's part (source to sink, what the plan predicts) lies inside the client's
+    assert 0 < out["mesh_latency_s"] <= out["latency_s"]
     res = runner.invoke(main, ["infer", str(_photo()), "--model", "tiny_cnn", "--broker", up.url,
                                "--mesh", "t4", "--repeat", "3"])
     assert res.exit_code == 0, res.output
     assert "predicted ms" in res.stdout and "median of 3" in res.stdout
+    assert "in the mesh, source to sink:" in res.stdout
 
 
 def test_cli_corrupt_image_is_a_clear_error(mesh4, tmp_path):

@@ -80,6 +80,8 @@ def _summary(path: Path, runs: list) -> dict:
         "top5": [{"index": i, "label": lab, "p": round(pr, 5)} for i, lab, pr in r.top5],
         "latency_s": statistics.median(lat), "latency_min_s": min(lat),
         "total_s": statistics.median(x.total_s for x in runs),
+        # source holds the input -> sink holds the answer: what "predicted" covers
+        "mesh_latency_s": _median([x.mesh_latency_s for x in runs]),
         "predicted_s": p.latency_s, "plan_id": p.plan_id, "source": p.source, "sink": p.sink,
         "output": [float(v) for v in r.output.detach().reshape(-1).tolist()],
         "stages": [{"index": s.index, "ops": list(s.ops), "devices": s.devices,
@@ -88,6 +90,11 @@ def _summary(path: Path, runs: list) -> dict:
         # a mesh run K times slower (mesh up --time-scale K): times above are K x real
         "time_scale": float(p.meta.get("time_scale", 1.0)),
     }
+
+
+def _median(vs: list) -> float | None:
+    known = [v for v in vs if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _ms(v: float | None) -> str:
@@ -101,8 +108,14 @@ def _print(s: dict) -> None:
         click.echo(f"  {k}. {t['label']:40s} {t['p'] * 100:6.2f}%")
     rep = f" (median of {s['repeat']}, best {s['latency_min_s'] * 1e3:.1f} ms)" \
         if s["repeat"] > 1 else ""
-    pred = "" if s["predicted_s"] is None else f"; predicted {s['predicted_s'] * 1e3:.1f} ms"
-    click.echo(f"  latency {s['latency_s'] * 1e3:.1f} ms{rep}{pred}; with planning "
+    mesh = s.get("mesh_latency_s")
+    pred = "" if s["predicted_s"] is None else f"predicted {s['predicted_s'] * 1e3:.1f} ms"
+    # the plan predicts source -> sink; the client's hops to the source and back (through
+    # the broker, also from the source's own device) come on top
+    inside = "" if mesh is None and not pred else \
+        " (in the mesh, source to sink: " + "; ".join(
+            x for x in ((f"{mesh * 1e3:.1f} ms" if mesh is not None else ""), pred) if x) + ")"
+    click.echo(f"  latency {s['latency_s'] * 1e3:.1f} ms{rep}{inside}; with planning "
                f"{s['total_s'] * 1e3:.1f} ms; attempts {s['attempts']}")
     k = s.get("time_scale", 1.0)
     if k != 1.0:
