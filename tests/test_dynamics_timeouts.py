@@ -10,6 +10,7 @@ import meshdl
 from meshdl.client_jobs import (NO_MESH_S, RESEND_S, STALL_S, plan_time_scale,
                                 scaled_timeouts)
 from meshdl.errors import JobError
+from proc_util import wait_for
 
 
 def _plan(k: float | None) -> "meshdl.Plan":
@@ -57,12 +58,7 @@ def _publish_plan(url: str, mesh: str, plan) -> None:
 
 
 def _wait(cond, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_for(cond, timeout, step=0.05)
 
 
 @pytest.mark.parametrize("k", [1.0, 3.0])

@@ -4,9 +4,9 @@ a timer started at the publish resent inputs still crossing it (issue 11)."""
 from __future__ import annotations
 
 import threading
-import time
 
 from meshdl.node.emulation import Links
+from proc_util import wait_for
 
 
 class Handle:
@@ -26,21 +26,18 @@ class Handle:
         self._done.set()
 
 
-def wait_until(cond, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
-
-
-def test_on_sent_waits_for_the_broker_acks_of_every_frame():
+def recording() -> tuple[list[Handle], object]:
+    """A publish that returns a fresh ack handle per frame, and the handles."""
     handles: list[Handle] = []
 
     def publish(topic, payload):
         handles.append(Handle())
         return handles[-1]
+    return handles, publish
+
+
+def test_on_sent_waits_for_the_broker_acks_of_every_frame():
+    handles, publish = recording()
     links = Links("client-x", publish)
     sent = threading.Event()
     try:
@@ -74,19 +71,15 @@ def test_on_sent_at_once_without_acks_and_after_a_failed_publish():
 
 
 def test_sends_complete_in_order_and_stop_ends_the_waiter():
-    handles: list[Handle] = []
-
-    def publish(topic, payload):
-        handles.append(Handle())
-        return handles[-1]
+    handles, publish = recording()
     links = Links("client-w", publish)
     order: list[int] = []
     links.send("a", [("t", b"1")], lambda: order.append(1))
     links.send("b", [("t", b"2")], lambda: order.append(2))
     handles[0].ack()
     handles[1].ack()
-    assert wait_until(lambda: order == [1, 2])
+    assert wait_for(lambda: order == [1, 2])
     links.send("c", [("t", b"3")], lambda: order.append(3))     # never acked
     links.stop()
-    assert wait_until(lambda: links._acker is not None and not links._acker.is_alive())
+    assert wait_for(lambda: links._acker is not None and not links._acker.is_alive())
     assert order == [1, 2]
