@@ -15,7 +15,7 @@ from meshdl.graph.plan import Plan
 from meshdl.node import jobproto as jp
 from meshdl.node import jobs as J
 from meshdl.wire import topics
-from meshdl.wire.codec import encode_chunks
+from meshdl.wire.codec import encode_frames
 from meshdl.wire.control import JobRequest, JobStatus, encode_control
 from meshdl.client_results import InferResult, _Attempt, _Retry, _stages, _tensor
 
@@ -111,7 +111,9 @@ class _JobAttempts:
         arr = x.detach().numpy()
         piece = J.input_piece(pid)
         topic = topics.route_topic(self.mesh, [plan.source], a.job, piece)
-        frames = [(topic, f) for f in encode_chunks(a.job, piece, arr,
+        # unjoined frames (views of the input): each publish joins one, on a secure
+        # mesh straight into its sealed buffer (the input must not change meanwhile)
+        frames = [(topic, f) for f in encode_frames(a.job, piece, arr,
                                                      src_task=J.CLIENT_PREFIX + self.client_id,
                                                      term=plan.term)]
         t_send = a.marks["send"] = time.time()

@@ -112,11 +112,17 @@ class _PlanBook:
 
 
 def _load(frame: Any, model: str) -> Any:
+    """The frame as a tensor of its own: a job reads its input until it ends (pieces
+    are sent from it, and resent), so a caller's array is copied, never shared; a
+    camera loop may refill its buffer as soon as the frame is yielded."""
     import torch
     if isinstance(frame, (str, Path)):
         from meshdl import imaging
         frame = imaging.load_image(frame, preprocessing=imaging.preprocess_for(model))
-    return torch.as_tensor(frame, dtype=torch.float32).contiguous()
+        return torch.as_tensor(frame, dtype=torch.float32).contiguous()
+    if torch.is_tensor(frame):
+        return frame.detach().to(torch.float32, copy=True).contiguous()
+    return torch.tensor(frame, dtype=torch.float32).contiguous()       # always a copy
 
 
 def _failed(index: int, job: str, error: str, attempts: int, plan: Any) -> Any:

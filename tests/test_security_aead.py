@@ -287,3 +287,48 @@ def test_the_setting_picks_what_a_node_seals_with(mesh, monkeypatch):
     monkeypatch.setenv("MESHDL_AEAD", "rot13")
     with pytest.raises(ValueError, match="rot13"):
         F.KeyRing("m", "d1", ids["d1"][1])
+
+
+@pytest.mark.parametrize("cipher, backend", [pytest.param("aegis128l", "auto", marks=needs_aegis),
+                                             ("aes256gcm", "auto"), ("aes256gcm", "openssl")])
+def test_a_nodes_unjoined_frame_seals_to_exactly_its_joined_bytes(mesh, cipher, backend,
+                                                                  monkeypatch):
+    """A node's piece (codec OutFrame: header + a view of the tensor) is joined straight
+    into the sealed buffer; the receiver gets exactly the bytes a joined frame has, and
+    the tensor is neither changed nor readable in the sealed frame."""
+    import numpy as np
+    from meshdl.wire.codec import encode_frames
+    if backend == "openssl":
+        monkeypatch.setenv("MESHDL_AEAD", "openssl")
+    arr = np.random.default_rng(1).standard_normal((3, 70001)).astype(np.float32)
+    before = arr.copy()
+    outs = encode_frames("j", "p", arr, chunk_bytes=300000)
+    assert len(outs) > 1 and all(hasattr(f, "head") for f in outs)
+    for f in outs:
+        sealed = _seal(mesh, cipher, f)
+        assert bytes(f.data[:64]) not in sealed
+        monkeypatch.delenv("MESHDL_AEAD", raising=False)
+        entry, pt = _open(mesh, bytes(sealed))
+        assert entry.id == "d1" and pt == bytes(f)
+        if backend == "openssl":
+            monkeypatch.setenv("MESHDL_AEAD", "openssl")
+    assert np.array_equal(arr, before)
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_libsodium_ciphers_work_in_place(cipher):
+    """What sealing an unjoined frame relies on: encrypting (and decrypting) at the
+    input's own address gives what a separate output buffer gets."""
+    a = Aead(_key(cipher), cipher)
+    assert a.in_place
+    tag = a.cipher.tag_bytes
+    for n in (0, 1, 31, 32, 33, 4097, (1 << 20) + 5):
+        data, nonce = os.urandom(n), _nonce(cipher)
+        ref = bytearray(n + tag)
+        a.encrypt_into(nonce, data, b"ad", ref)
+        buf = bytearray(data) + bytearray(tag)
+        view = memoryview(buf)
+        a.encrypt_into(nonce, view[:n], b"ad", view)
+        assert buf == ref
+        a.decrypt_into(nonce, view, b"ad", view[:n])
+        assert bytes(buf[:n]) == data

@@ -6,7 +6,11 @@
 One mosquitto run by meshdl's secure setup (`meshdl broker`: TLS, client
 certificates, ACL) and two enrolled devices. Each run sends ``--mb`` MB of real
 float32 tensor frames (codec frames of ``--chunk-mb``) from d1 to d2's route inbox
-and waits until d2 has received (and, sealed, opened) every byte:
+and waits until d2 has received (and, sealed, opened) every byte. The frames are what
+nodes and clients publish: codec ``OutFrame``s (a header and a view of the tensor,
+joined by the publish: by paho's bus unsealed, straight into the sealed buffer
+sealed); ``--joined`` hands both modes bytes joined beforehand instead (sealing then
+costs one more pass over each MB: the cipher cannot work in the caller's buffer).
 
 - unsealed: the frames as they are (TLS to the broker only; the broker reads them);
 - sealed-CIPHER: the same frames through a SecureBus, sealed with each ``--cipher``
@@ -47,7 +51,7 @@ from meshdl.security.bundle import Bundle  # noqa: E402
 from meshdl.security.securebus import SecureBus  # noqa: E402
 from meshdl.transport.paho_bus import PahoBus  # noqa: E402
 from meshdl.wire import topics  # noqa: E402
-from meshdl.wire.codec import encode_chunks  # noqa: E402
+from meshdl.wire.codec import encode_chunks, encode_frames  # noqa: E402
 
 MESH = "bench"
 PIECE = "P.src.t0"        # plan P's source (d1) sends task t0's input to d2
@@ -57,9 +61,14 @@ NAMES = {"sealed-aegis128l": "AEGIS-128L", "sealed-aes256gcm": "AES-256-GCM (lib
          "sealed-openssl": "AES-256-GCM (OpenSSL, GIL held)"}
 
 
-def frames(mb: int, chunk_mb: float, job: str) -> list[bytes]:
+def frames(mb: int, chunk_mb: float, job: str, joined: bool = False) -> list:
+    """Pieces as nodes and clients publish them: codec ``OutFrame``s (a header and a view
+    of the tensor, joined by the publish); ``joined``: bytes frames joined beforehand."""
     arr = np.random.default_rng(0).standard_normal(mb * (1 << 20) // 4).astype(np.float32)
-    return list(encode_chunks(job, PIECE, arr, chunk_bytes=int(chunk_mb * (1 << 20))))
+    chunk = int(chunk_mb * (1 << 20))
+    if joined:
+        return list(encode_chunks(job, PIECE, arr, chunk_bytes=chunk))
+    return encode_frames(job, PIECE, arr, chunk_bytes=chunk)
 
 
 def cipher_ms_per_mb(cipher: str, openssl: bool = False, reps: int = 50) -> float:
@@ -135,6 +144,9 @@ def main() -> None:
     ap.add_argument("--openssl", action="store_true",
                     help="Also seal with cryptography's OpenSSL AES (holds the GIL) instead "
                     "of libsodium's (releases it).")
+    ap.add_argument("--joined", action="store_true",
+                    help="Send bytes frames joined beforehand instead of the unjoined "
+                    "codec frames nodes and clients publish.")
     ap.add_argument("--out", default="results")
     a = ap.parse_args()
     ciphers = [c.strip() for c in a.cipher.split(",") if c.strip()]
@@ -165,7 +177,7 @@ def main() -> None:
                         order = modes[r % len(modes):] + modes[:r % len(modes)]
                         for mode in order:
                             job = f"j{r}{mode}{int(link)}"
-                            payloads = frames(a.mb, a.chunk_mb, job)
+                            payloads = frames(a.mb, a.chunk_mb, job, a.joined)
                             # the AES backend is picked when a job's key is made
                             if mode == "sealed-openssl":
                                 os.environ["MESHDL_AEAD"] = "openssl"
@@ -189,7 +201,8 @@ def main() -> None:
             finally:
                 for bus in buses.values():
                     bus.close()
-    print(f"\n### Transport: sealed vs unsealed pieces ({a.mb} MB in {a.chunk_mb:g} MB frames, "
+    kind = "bytes frames joined beforehand" if a.joined else "unjoined codec frames"
+    print(f"\n### Transport: sealed vs unsealed pieces ({a.mb} MB in {a.chunk_mb:g} MB {kind}, "
           f"median of {a.repeats}, TLS broker by `meshdl broker`)\n")
     print("| link | sealing | unsealed MB/s (TLS to broker only) | sealed MB/s (end to end) "
           "| sealed / unsealed (medians) | median of paired ratios (same repeat) "

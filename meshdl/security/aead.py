@@ -149,6 +149,13 @@ class Aead:
     def releases_gil(self) -> bool:
         return self._gcm is None
 
+    @property
+    def in_place(self) -> bool:
+        """``encrypt_into``/``decrypt_into`` may take ``out`` at the input's own address
+        (libsodium's ciphers read each block before writing it; OpenSSL's through
+        cryptography are not promised to)."""
+        return self._gcm is None
+
     def encrypt_into(self, nonce: bytes, data: Any, aad: bytes, out: Any) -> None:
         c = self.cipher
         if len(nonce) != c.nonce_bytes:          # libsodium reads exactly nonce_bytes

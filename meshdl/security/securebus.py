@@ -31,6 +31,7 @@ from meshdl.security import frames as F
 from meshdl.security.bounds import sanitise
 from meshdl.security.bundle import Bundle
 from meshdl.security.identity import Entry, SecurityError
+from meshdl.security.loggate import LogGate, Refusals, kind_of
 from meshdl.security.policy import Admission, admit, leader_of, note_state, piece_problem
 from meshdl.transport.bus import Will
 from meshdl.transport.urls import is_loopback
@@ -53,7 +54,8 @@ class SecureBus:
         self.me = bundle.id
         self.mesh = bundle.mesh
         self._raw, self._sig = bundle.entry.raw, bundle.entry.sig
-        self.rejected: Counter = Counter()
+        self._refusals, self._gate, self._gate_lock = Refusals(), LogGate(), threading.Lock()
+        self.rejected: Counter = self._refusals.counts      # refused messages by reason
         self._mine: OrderedDict[str, bytes] = OrderedDict()   # plan records we retain
         self._short: OrderedDict = OrderedDict()   # leader records short of a majority
         self.sealed_out = self.sealed_in = 0
@@ -134,12 +136,14 @@ class SecureBus:
             return will
         return dataclasses.replace(will, payload=self.signed(will.topic, will.payload))
 
-    def wrap(self, topic: str, payload: Any) -> bytes:
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            payload = bytes(payload)               # e.g. a codec OutFrame
+    def wrap(self, topic: str, payload: Any) -> Any:
         if not len(payload):
             return payload                                # a clear of a retained record
         p = topics.parse(topic)
+        if p.kind == "route" and p.job != "probe" and hasattr(payload, "head"):
+            return self._seal_route(p, payload)   # a codec OutFrame: sealed from its parts
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            payload = bytes(payload)
         if p.kind == "probe_dir":
             return payload                        # padding: only its size is read
         if p.kind == "route":
@@ -170,21 +174,21 @@ class SecureBus:
         with self._lock:
             return self.peers.get(ident)
 
-    def _seal_route(self, p: topics.ParsedTopic, payload: Any) -> bytes:
+    def _seal_route(self, p: topics.ParsedTopic, payload: Any) -> bytearray:
         from meshdl.wire.codec import _read_header      # the header only: no decompression
         dst = p.hops[-1]
         peer = self._peer(dst)
         if peer is None:
             raise SecurityError(f"cannot seal a piece for {dst!r}: no verified key of it yet "
                                 "(it has not announced itself on this mesh)")
-        data = payload if isinstance(payload, (bytes, bytearray)) else bytes(payload)
-        head = _read_header(data)[0]
+        # a codec OutFrame is sealed from its header and tensor views, never joined first
+        head = _read_header(payload.head if hasattr(payload, "head") else payload)[0]
         chunk = head.get("chunk")
         i, n = chunk if isinstance(chunk, list) and len(chunk) == 2 else (0, 1)
         pk = F.Peek(str(head.get("type", "")), int(head.get("term") or 0),
                     int(head.get("seq") or 0), int(i), int(n))
         self.sealed_out += 1
-        return F.seal(self.ring, self._raw, self._sig, peer, p.job, p.piece, data, pk)
+        return F.seal(self.ring, self._raw, self._sig, peer, p.job, p.piece, payload, pk)
 
     def _seal_result(self, job: str, body: bytes) -> bytes:
         owner = job.split(JOB_OWNER_SEP, 1)[0] if JOB_OWNER_SEP in job else None
@@ -195,8 +199,13 @@ class SecureBus:
 
     # ------------------------------------------------------------ incoming
     def _reject(self, topic: str, why: str) -> None:
-        self.rejected[why.split(":")[0][:60]] += 1
-        log.warning("rejected a message on %s: %s", sanitise(topic, 120), why)
+        """Counted always (bounded by reason); logged within the gate's rate."""
+        with self._gate_lock:
+            self._refusals.add(why.split(":")[0][:60])
+            more = self._gate.admit(kind_of(why), time.monotonic())
+        if more is not None:
+            log.warning("rejected a message on %s: %s%s", sanitise(topic, 120), why, more,
+                        extra={"gated": True})
 
     def _learn(self, e: Entry) -> None:
         with self._lock:
