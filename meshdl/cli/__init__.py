@@ -107,6 +107,11 @@ def setup_logging(verbose: int, quiet: bool) -> None:
                                            logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from meshdl.security.loggate import FloodFilter
+    flood = FloodFilter()            # a flood of refused messages: a few lines per 10 s
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, FloodFilter) for f in handler.filters):
+            handler.addFilter(flood)
 
 
 @click.group(cls=MeshdlGroup, context_settings={"help_option_names": ["-h", "--help"]})
