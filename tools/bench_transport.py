@@ -92,6 +92,33 @@ def cipher_ms_per_mb(cipher: str, openssl: bool = False, reps: int = 50) -> floa
     return best * 1e3
 
 
+def side_costs(sec: dict, cipher: str, chunk_mb: float, joined: bool, mb: int = 64,
+               reps: int = 5) -> dict[str, float]:
+    """Each side's cost per MB, in ms (best of ``reps`` passes over ``mb`` MB of a fresh
+    tensor, no broker): sealing a frame (d1's ``SecureBus.wrap``) beside the join every
+    publish makes anyway (``bytes(frame)``), and opening one (d2's ``unwrap``) beside a
+    plain copy of it. The end-to-end ratio moves with how the threads of one process
+    share the GIL on two cores; these are the CPU a device spends. Run before the
+    end-to-end runs, on a fresh heap: how often a freed megabyte goes back to the kernel
+    (and faults in again) depends on what the process allocated before."""
+    sec["d1"].ring.cipher = cipher
+    topic = topics.route_topic(MESH, ["d2"], "side", PIECE)
+    fr = frames(mb, chunk_mb, "side", joined)
+    sealed = [bytes(sec["d1"].wrap(topic, f)) for f in fr]
+    best = {"seal": float("inf"), "join": float("inf"), "open": float("inf"),
+            "copy": float("inf")}
+    for _ in range(reps):
+        for name, run in (("seal", lambda: (sec["d1"].wrap(topic, f) for f in fr)),
+                          ("join", lambda: (bytes(f) for f in fr)),
+                          ("open", lambda: (sec["d2"].unwrap(topic, x) for x in sealed)),
+                          ("copy", lambda: (bytearray(x) for x in sealed))):
+            t = time.perf_counter()
+            for out in run():          # each result dropped at once, as a publish does
+                del out
+            best[name] = min(best[name], (time.perf_counter() - t) / mb * 1e3)
+    return best
+
+
 def cpu_seconds(broker_pid: int) -> float:
     """CPU time used so far by this process (all its threads) and by the broker."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -171,6 +198,8 @@ def main() -> None:
             modes = ["unsealed"] + [f"sealed-{c}" for c in ciphers] + \
                 (["sealed-openssl"] if a.openssl else [])
             try:
+                # first, on this process's fresh heap (as a node's is); the runs reshape it
+                sides = {c: side_costs(sec, c, a.chunk_mb, a.joined) for c in ciphers}
                 links = [0.0] + ([a.link_mbps * 1e6] if a.link_mbps else [])
                 for link in links:
                     for r in range(a.repeats):
@@ -224,6 +253,11 @@ def main() -> None:
                   f"{cpu[mode]:.2f} | {cpu['unsealed'] / cpu[mode]:.2f} |")
     alone = ", ".join(f"{NAMES[m]} {cipher_ms_per_mb(CIPHER_OF[m], m == 'sealed-openssl'):.3f}"
                       for m in modes[1:])
+    print("\n| each side, per MB (no broker) | seal a frame (d1) | the join alone | open it "
+          "(d2) | a copy alone |\n|---|---|---|---|---|")
+    for c, b in sides.items():
+        print(f"| {NAMES['sealed-' + c]} | {b['seal']:.3f} ms | {b['join']:.3f} ms | "
+              f"{b['open']:.3f} ms | {b['copy']:.3f} ms |")
     print(f"\ntarget: sealed >= 0.90 x unsealed; frames opened by d2: {opened}; "
           f"one seal call alone, ms per MB (warm): {alone}")
     out = Path(a.out)
