@@ -115,3 +115,57 @@ def test_sigkill_of_mesh_up_secure_leaves_no_broker_and_no_temp_dir(tmp_path):
         assert sorted(d.name for d in tmp.iterdir() if d.name.startswith("meshdl-")) == []
     finally:
         kill_tagged(tag)
+
+
+def test_real_devices_enrolled_below_their_speed_elect_one_leader(tmp_path):
+    """The deployment path with real (measured, not emulated) nodes: this host measures
+    far above the enrolled profiles, which every member caps a claim to. Each node must
+    rank itself by that same ceiling: before, each saw itself as the best member and
+    ignored the other's claims (two claimants, terms climbing, no leader ever)."""
+    import json
+    d = tmp_path / "auth"
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    r = CliRunner()
+    for args in (["mesh", "init", "lab", "--dir", str(d)],
+                 ["mesh", "add-device", "pi", "--profile", "rpi4_seed", "--dir", str(d),
+                  "-o", str(tmp_path / "pi.bundle")],
+                 ["mesh", "add-device", "nano", "--profile", "jetson_nano", "--dir", str(d),
+                  "-o", str(tmp_path / "nano.bundle")],
+                 ["mesh", "add-client", "me", "--dir", str(d), "-o", str(tmp_path / "me.bundle")]):
+        out = r.invoke(main, args)
+        assert out.exit_code == 0, out.output
+    procs = []
+
+    def spawn(*args):
+        p = subprocess.Popen([sys.executable, "-m", "meshdl.cli", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+    try:
+        br = spawn("broker", "--dir", str(d), "--port", "0")
+        url = br.stdout.readline().split()[0]
+        assert url.startswith("mqtts://"), url
+        for dev in ("pi", "nano"):
+            spawn("node", "start", "--bundle", str(tmp_path / f"{dev}.bundle"), "--broker",
+                  url, "--models", "tiny_cnn")
+        inf = subprocess.run([sys.executable, "-m", "meshdl.cli", "infer", "sample", "--model",
+                              "tiny_cnn", "--broker", url, "--bundle", str(tmp_path / "me.bundle"),
+                              "--json", "--timeout", "60"], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert inf.returncode == 0, inf.stderr[-2000:]
+        st = subprocess.run([sys.executable, "-m", "meshdl.cli", "mesh", "status", "--broker",
+                             url, "--bundle", str(tmp_path / "me.bundle"), "--json"],
+                            capture_output=True, text=True, env=env, timeout=60)
+        assert st.returncode == 0, st.stderr
+        status = json.loads(st.stdout)
+        assert status["leader"]["node"] == "nano", status["leader"]   # the best enrolled
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)

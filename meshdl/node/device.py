@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
+from typing import Mapping
 
 from meshdl.mesh import Device, Mesh, load_profile, load_topology
 from meshdl.node.config import NodeConfig, NodeError
@@ -42,4 +44,25 @@ def resolve(cfg: NodeConfig) -> tuple[Device, Mesh | None]:
     if not cfg.emulate:
         dev = Device(dev.id, dev.profile, measure_flops(), host_memory(), dev.power,
                      {**dev.meta, "measured": True})
+    if cfg.bundle:
+        from meshdl.security.bundle import Bundle
+        dev = within_enrolment(dev, Bundle.load(cfg.bundle).entry_info.caps)
     return dev, base
+
+
+def within_enrolment(dev: Device, caps: Mapping[str, float]) -> Device:
+    """``dev`` with FLOP/s and memory no higher than its enrolled ceiling: every other
+    member caps this node's claims there, so the node must rank and plan itself with
+    the same figures (a host measured faster than its profile otherwise sees itself
+    as the best member while the others see another: two claimants, no leader)."""
+    out, said = dev, []
+    for field_, what in (("flops", "FLOP/s"), ("memory_bytes", "bytes of memory")):
+        cap, have = caps.get(field_), getattr(dev, field_)
+        if cap and have > cap:
+            said.append(f"{have:.3g} {what} as {cap:.3g}")
+            out = replace(out, **{field_: type(have)(cap)})
+    if said:
+        log.warning("%s announces this host's %s, its enrolled ceiling, as every member "
+                    "reads it (enrol it with a faster profile to use more)", dev.id,
+                    " and ".join(said))
+    return out
