@@ -44,6 +44,29 @@ def test_init_add_and_broker(tmp_path):
         p.wait(20)
 
 
+def test_a_bundle_of_the_wrong_role_or_a_damaged_one_is_named_before_connecting(tmp_path):
+    r = CliRunner()
+    d = tmp_path / "auth"
+    for args in (["mesh", "init", "lab", "--dir", str(d)],
+                 ["mesh", "add-device", "pi", "--dir", str(d), "-o", str(tmp_path / "pi.b")],
+                 ["mesh", "add-client", "me", "--dir", str(d), "-o", str(tmp_path / "me.b")]):
+        assert r.invoke(main, args).exit_code == 0
+    (tmp_path / "bad.b").write_bytes((tmp_path / "me.b").read_bytes()[:100])
+    nobody = "mqtts://127.0.0.1:1"            # nothing listens: the bundle is read first
+    for args, says in (
+            (["infer", "sample", "--bundle", str(tmp_path / "pi.b"), "--broker", nobody],
+             "is the bundle of device 'pi'; this command needs a client bundle"),
+            (["node", "start", "--bundle", str(tmp_path / "me.b"), "--broker", nobody],
+             "is the bundle of client 'me'; this command needs a device bundle"),
+            (["infer", "sample", "--bundle", str(tmp_path / "bad.b"), "--broker", nobody],
+             "is not a meshdl bundle")):
+        out = r.invoke(main, args)
+        assert out.exit_code == 2 and says in out.output, out.output
+    out = r.invoke(main, ["mesh", "status", "--bundle", str(tmp_path / "pi.b"), "--broker",
+                          nobody])                    # a device may read the mesh's state
+    assert out.exit_code != 0 and "cannot reach the broker" in out.output, out.output
+
+
 @pytest.mark.slow
 def test_mesh_up_secure_and_status(tmp_path):
     env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"))

@@ -147,7 +147,7 @@ def up(topology, broker, mesh_name, models, backend, timeout, log_dir, no_datapl
 @click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto",
               show_default=True, help="MQTT version (auto: 5, else 3.1.1).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@bundle_option("client")
+@bundle_option("client", roles=("client", "device"))
 def status(broker, mesh_name, username, password, password_file, tls_ca, protocol, as_json,
            bundle):
     """Members, leader and term, link figures and current plans (from retained records).

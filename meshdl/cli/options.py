@@ -127,10 +127,27 @@ def bundle_identity(b, ident: str | None, mesh_name: str) -> tuple[str, str]:
     return b.id, b.mesh
 
 
-def bundle_option(what: str) -> Callable:
+def bundle_option(what: str, roles: tuple[str, ...] | None = None) -> Callable:
     """--bundle FILE (from `meshdl mesh add-device`/`add-client`): TLS client certificate,
-    signed control messages, sealed tensors."""
-    return click.option("--bundle", default=None, envvar="MESHDL_BUNDLE",
+    signed control messages, sealed tensors. Read when given, so a damaged file or one of
+    the wrong role (``roles``, default ``what``) is named before anything connects."""
+    want = roles or (what,)
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from meshdl.errors import MeshdlError
+        from meshdl.security.bundle import Bundle
+        try:
+            b = Bundle.load(value)
+        except MeshdlError as exc:
+            raise click.BadParameter(str(exc)) from None
+        if b.role not in want:
+            raise click.BadParameter(
+                f"{value} is the bundle of {b.role} {b.id!r}; this command needs a "
+                f"{' or '.join(want)} bundle (`meshdl mesh add-{want[0]} ID`)")
+        return value
+    return click.option("--bundle", default=None, envvar="MESHDL_BUNDLE", callback=check,
                         type=click.Path(exists=True, dir_okay=False),
                         help=f"This {what}'s bundle file (`meshdl mesh add-{what}`): "
                         "authenticates with its certificate, signs control messages and "
