@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshdl.transport.broker import EmbeddedBroker
+from meshdl.transport.broker import EmbeddedBroker, mosquitto_binary
 from meshdl.data import data_dir
 
 CONFS = sorted(Path(data_dir("broker")).glob("*.conf"))
@@ -72,3 +72,44 @@ def test_placeholders_documented():
         for name in re.findall(r"@([A-Z_]+)@", path.read_text()):
             assert name in {"PORT", "HOST", "DIR", "MAX_PACKET_SIZE", "MAX_QUEUED",
                             "USER_LINE", "REMOTE_HOST", "REMOTE_PORT"}, (path.name, name)
+
+
+def test_the_secure_broker_has_a_heap_ceiling_by_default(tmp_path):
+    from meshdl.security.broker import default_memory_limit, secure_config
+    conf = secure_config(tmp_path, "127.0.0.1", 8883, None, 512 << 20)
+    assert f"memory_limit {512 << 20}" in conf.splitlines()
+    assert "memory_limit" not in secure_config(tmp_path, "127.0.0.1", 8883, None, 0)
+    assert default_memory_limit(24 << 30) == 4 << 30        # a server: 4 GiB at most
+    assert default_memory_limit(4 << 30) == 2 << 30         # a Pi 4 hub: half its memory
+    assert default_memory_limit(128 << 20) == 256 << 20     # never below what a mesh needs
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto not installed")
+def test_a_stolen_bundle_filling_the_retained_store_is_stopped_at_the_ceiling(tmp_path):
+    """mosquitto has no per-identity quota: a device may write route topics, and every
+    retained piece there stays in the broker's heap. With `meshdl broker`'s ceiling the
+    flood is cut off (its publisher disconnected) and the heap stays near the ceiling;
+    without one the same flood took 211 MB and kept climbing."""
+    import os
+    from meshdl.security.authority import init_authority, write_bundle
+    from meshdl.security.broker import SecureBroker
+    from meshdl.security.bundle import Bundle
+    from meshdl.transport.paho_bus import PahoBus
+    from meshdl.wire import topics
+    from proc_util import rss_kb, wait_for
+    a = init_authority("m", tmp_path / "ca")
+    thief = Bundle.load(write_bundle(a.issue("t", "device", "rpi4"), tmp_path / "t"))
+    limit = 48 << 20
+    with SecureBroker(a, memory_limit=limit) as br:
+        bus = PahoBus(br.url, client_id="thief", **thief.tls_files())
+        try:
+            blob = os.urandom(1 << 20)
+            for i in range(120):                             # 120 MB, 2.5x the ceiling
+                bus.publish(topics.route_topic("m", ["t"], f"junk{i}", "P.in"), blob, qos=1,
+                            retain=True)
+            assert wait_for(lambda: "thief disconnected due to out of memory" in
+                            br.log_text(), 30), "the flood was never cut off"
+        finally:
+            bus.close(timeout=2)
+        assert br.proc.poll() is None                        # the broker is still up
+        assert rss_kb(br.proc.pid) < (limit >> 10) + 40 * 1024, rss_kb(br.proc.pid)

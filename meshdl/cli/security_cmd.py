@@ -76,19 +76,24 @@ def add_client(ident, directory, mesh_name, output):
               help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=8883, show_default=True, type=int,
               help="TCP port to listen on (MQTT over TLS).")
-def broker(directory, mesh_name, bind, port):
+@click.option("--memory-mb", default=None, type=click.IntRange(min=0),
+              help="Heap the broker may hold, in MB (default: half this host's memory, at "
+              "most 4096; 0: no limit). Past it a publish is dropped and its publisher "
+              "disconnected, so a flood cannot take the host down.")
+def broker(directory, mesh_name, bind, port, memory_mb):
     """Run mosquitto for a secure mesh: TLS, client certificates as identity, per-role ACL."""
     from meshdl.security.authority import find_authority
     from meshdl.security.broker import SecureBroker
     a = find_authority(directory, mesh_name)
     stop = threading.Event()
-    b = SecureBroker(a, bind, port)
+    b = SecureBroker(a, bind, port, memory_limit=None if memory_mb is None else memory_mb << 20)
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: b.reload())
     with b:
-        click.echo(f"{b.url}  (mesh {a.name}; {len(a.roster())} enrolled; Ctrl-C stops)",
-                   err=False)
+        heap = f"heap up to {b.memory_limit >> 20} MB" if b.memory_limit else "no heap limit"
+        click.echo(f"{b.url}  (mesh {a.name}; {len(a.roster())} enrolled; {heap}; Ctrl-C "
+                   "stops)", err=False)
         while not stop.wait(0.5):
             if b.proc is None or b.proc.poll() is not None:
                 raise click.ClickException("mosquitto exited: " + b.log_text()[-500:])
