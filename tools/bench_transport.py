@@ -200,6 +200,7 @@ def main() -> None:
             try:
                 # first, on this process's fresh heap (as a node's is); the runs reshape it
                 sides = {c: side_costs(sec, c, a.chunk_mb, a.joined) for c in ciphers}
+                opened0 = sec["d2"].sealed_in
                 links = [0.0] + ([a.link_mbps * 1e6] if a.link_mbps else [])
                 for link in links:
                     for r in range(a.repeats):
@@ -226,7 +227,7 @@ def main() -> None:
                             print(f"  link {link / 1e6 or 'unlimited'} {mode:16s} run {r}: "
                                   f"{a.mb / dt:7.1f} MB/s, {cpu / a.mb * 1e3:.2f} CPU ms/MB",
                                   file=sys.stderr)
-                opened = sec["d2"].sealed_in
+                opened = sec["d2"].sealed_in - opened0
             finally:
                 for bus in buses.values():
                     bus.close()
