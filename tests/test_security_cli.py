@@ -159,9 +159,9 @@ def test_real_devices_enrolled_below_their_speed_elect_one_leader(tmp_path):
         assert out.exit_code == 0, out.output
     procs = []
 
-    def spawn(*args):
+    def spawn(*args, out=subprocess.PIPE):
         p = subprocess.Popen([sys.executable, "-m", "meshdl.cli", *args], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             stdout=out, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
         procs.append(p)
         return p
@@ -170,8 +170,9 @@ def test_real_devices_enrolled_below_their_speed_elect_one_leader(tmp_path):
         url = br.stdout.readline().split()[0]
         assert url.startswith("mqtts://"), url
         for dev in ("pi", "nano"):
-            spawn("node", "start", "--bundle", str(tmp_path / f"{dev}.bundle"), "--broker",
-                  url, "--models", "tiny_cnn")
+            with open(tmp_path / f"{dev}.log", "w") as log:        # not a pipe nobody reads
+                spawn("node", "start", "--bundle", str(tmp_path / f"{dev}.bundle"),
+                      "--broker", url, "--models", "tiny_cnn", out=log)
         inf = subprocess.run([sys.executable, "-m", "meshdl.cli", "infer", "sample", "--model",
                               "tiny_cnn", "--broker", url, "--bundle", str(tmp_path / "me.bundle"),
                               "--json", "--timeout", "60"], capture_output=True, text=True,
