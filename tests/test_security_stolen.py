@@ -564,3 +564,31 @@ def test_a_split_plan_runs_exact_through_the_producer_checks(secure):
     assert len(set(r.plan.devices())) > 1, r.plan.devices()
     after = node_logs(up).count("whose producer is") + node_logs(up).count("whose consumer")
     assert after == before
+
+
+@real
+def test_a_stolen_bundle_cannot_name_another_nodes_connection(secure):
+    """mosquitto closes a connection when another connects with its client id, whatever
+    the other's identity, so a node's client ids must not be derivable from anything a
+    member can read. They were ``meshdl-{node}-{session}-{4 hex of the claim nonce the
+    node publishes}``: a thief connecting with one knocked that node off the broker, and
+    its own will told the mesh it had gone. Now each ends in 64 secret random bits."""
+    import re
+    br, thief = secure["br"], secure["thief"]
+    seen: list[bytes] = []
+    thief.subscribe("#", lambda t, p, r: seen.append(t.encode() + b"\0" + bytes(p)), qos=0)
+    try:
+        wait_true(lambda: len(seen) >= 50, "the thief read 50 messages", 30)
+    finally:
+        thief.unsubscribe("#")
+    readable = b"\n".join(seen)
+    # the broker's log (the admin's view) names every connection's client id and identity
+    ids = re.findall(r"New client connected from \S+ as (\S+) \(p\d, c\d, k\d+, u'([^']+)'\)",
+                     br.log_text())
+    victims = {cid for cid, who in ids if who != THIEF and not cid.startswith("meshdl-watch")
+               and who in secure["up"].devices}
+    assert victims, ids
+    for cid in victims:
+        secret = re.search(r"-([0-9a-f]{16})(?:-d)?$", cid)
+        assert secret, f"client id {cid} has no secret part"
+        assert secret.group(1).encode() not in readable, f"{cid} can be read by the thief"

@@ -31,7 +31,7 @@ from meshdl.node.planstore import IssuedPlan, PlanStore
 from meshdl.node.probe import Probe
 from meshdl.node.telemetry import (Periodic, Prober, access_latency, telemetry_message,
                                    topology_links)
-from meshdl.transport.bus import Will
+from meshdl.transport.bus import Will, private_client_id
 from meshdl.wire import topics
 from meshdl.wire.control import (Campaign, JobRequest, NodeState, PlanMessage,
                                  decode_control, encode_control)
@@ -150,7 +150,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
             self.session = next_session(cfg.state_dir, self.node_id, self.mesh_name, seen)
             will = Will(topics.node_state(self.mesh_name, self.node_id),
                         encode_control(self._state(False)), qos=1, retain=True)
-            cid = f"meshdl-{self.node_id[:32]}-{self.session % 10**9}-{self._nonce[:4]}"
+            cid = private_client_id(f"meshdl-{self.node_id[:32]}-{self.session % 10**9}")
             self.bus = self._bus_factory(cid, will)
             seen = self._check_duplicate()
             if not seen:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from typing import Any
 
 from meshdl.errors import MeshdlError
 from meshdl.node import election as el
 from meshdl.node.leader import duties_for
 from meshdl.security.bounds import sanitise
-from meshdl.transport.bus import Will
+from meshdl.transport.bus import Will, private_client_id
 from meshdl.wire import topics
 from meshdl.wire.control import Campaign, JobRequest, LeaderInfo, encode_control
 
@@ -118,7 +117,7 @@ class _AgentLeader:
         if this process dies."""
         def connect() -> None:
             try:
-                lb = self._bus_factory(f"meshdl-lead-{self.node_id[:32]}-{uuid.uuid4().hex[:6]}",
+                lb = self._bus_factory(private_client_id(f"meshdl-lead-{self.node_id[:32]}"),
                                        Will(topics.leader(self.mesh_name), b"", 1, True))
             except MeshdlError as exc:
                 log.warning("leader will connection failed: %s", exc)

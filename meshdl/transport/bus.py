@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import zlib
 from dataclasses import dataclass
@@ -32,6 +33,16 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+def private_client_id(prefix: str = "meshdl") -> str:
+    """An MQTT client id nobody else can name: ``prefix`` + 64 random bits, published
+    nowhere. A broker closes a connection when another connects with its client id,
+    whatever the other's identity (mosquitto, measured: a stolen device bundle kicked a
+    node whose id was ``meshdl-{node}-{session}-{4 hex of its published claim
+    nonce}``, and its will told the mesh it had gone), so an id must not be derivable
+    from anything a member can read."""
+    return f"{prefix}-{secrets.token_hex(8)}"
 
 
 @runtime_checkable

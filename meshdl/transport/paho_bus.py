@@ -17,13 +17,12 @@ import os
 import ssl
 import threading
 import time
-import uuid
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from meshdl.errors import TransportError, WireError
-from meshdl.transport.bus import Dispatcher, Handler, Subscriptions, Will
+from meshdl.transport.bus import Dispatcher, Handler, Subscriptions, Will, private_client_id
 from meshdl.transport.urls import BrokerURL, parse_url
 from meshdl.wire.topics import validate_filter, validate_publish_topic
 
@@ -57,7 +56,7 @@ class PahoBus:
         if protocol not in ("auto", "5", "3.1.1"):
             raise TransportError(f"protocol must be auto, 5 or 3.1.1, not {protocol!r}")
         self.url: BrokerURL = parse_url(url)
-        self.client_id = client_id or f"meshdl-{uuid.uuid4().hex[:12]}"
+        self.client_id = client_id or private_client_id()
         self._username = username if username is not None else self.url.username
         self._password = password if password is not None else self.url.password
         self._tls = (tls_ca, tls_cert, tls_key, tls_insecure)
