@@ -67,13 +67,15 @@ class MeshClient(_JobAttempts):
             self._own_bus = True
         elif bus is None:
             from meshdl.security.securebus import warn_if_exposed
+            from meshdl.transport.bus import private_client_id
             from meshdl.transport.paho_bus import PahoBus
             url = broker_url or "mqtt://127.0.0.1:1883"
             warn_if_exposed(url, "client")
-            bus = PahoBus(url, client_id=self.client_id, connect_timeout=connect_timeout,
-                          **bus_options)
+            # MQTT client ids others cannot name (the client id is in job topics)
+            bus = PahoBus(url, client_id=private_client_id(self.client_id),
+                          connect_timeout=connect_timeout, **bus_options)
             try:      # a second connection for the tensor pieces, acks and results
-                data_bus = PahoBus(url, client_id=f"{self.client_id}-d",
+                data_bus = PahoBus(url, client_id=private_client_id(f"{self.client_id}-d"),
                                    connect_timeout=connect_timeout, **bus_options)
             except BaseException:
                 bus.close(timeout=0.5)
