@@ -8,6 +8,7 @@ are dropped with a log line; no message can stop the node.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -83,6 +84,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         self.exit_reason = ""
         self._owner = False
         self._nonce = uuid.uuid4().hex[:12]
+        self._said = itertools.count(1)        # numbers this node's election messages
         self._claims: list[Probe] = []
         self._here: list[Probe] = []
         self._retained_self: NodeState | None = None
@@ -269,9 +271,8 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         if now - self._beat_at >= self.liveness.params.period and self.bus.connected:
             self._beat_at = now
             try:
-                self.bus.publish(topics.election(self.mesh_name), encode_control(
-                    Campaign(self.node_id, self.plan_store.term, HEARTBEAT, float(self._device.flops),
-                             "", time.time())), qos=0)
+                self.bus.publish(topics.election(self.mesh_name),
+                                 self._election(self.plan_store.term, HEARTBEAT), qos=0)
             except MeshdlError as exc:
                 log.debug("heartbeat not sent: %s", exc)
         with self._lock:

@@ -69,13 +69,18 @@ class _AgentLeader:
         for a in actions:
             self._act(a)
 
+    def _election(self, term: int, kind: str, vote_for: str = "") -> bytes:
+        """An election message of this node, numbered in its session (``Campaign``), so
+        a receiver refuses it if it is ever replayed."""
+        return encode_control(Campaign(self.node_id, term, kind, float(self._device.flops),
+                                       vote_for, time.time(), self.session,
+                                       next(self._said)))
+
     def _act(self, a: Any) -> None:
         m = self.mesh_name
         if isinstance(a, el.Claim):
             log.info("%s claims term %d", self.node_id, a.term)
-            self.bus.publish(topics.election(m), encode_control(
-                Campaign(self.node_id, a.term, "campaign", float(self._device.flops), "",
-                         time.time())), qos=1)
+            self.bus.publish(topics.election(m), self._election(a.term, "campaign"), qos=1)
         elif isinstance(a, el.BecomeLeader):
             log.info("%s is the leader of term %d", self.node_id, a.term)
             self._raise_fence(a.term)
@@ -88,9 +93,8 @@ class _AgentLeader:
                     self._duties.job_request(job)
         elif isinstance(a, el.Vote):
             log.info("%s votes for %s in term %d", self.node_id, a.candidate, a.term)
-            self.bus.publish(topics.election(m), encode_control(
-                Campaign(self.node_id, a.term, "vote", float(self._device.flops), a.candidate,
-                         time.time())), qos=1)
+            self.bus.publish(topics.election(m), self._election(a.term, "vote", a.candidate),
+                             qos=1)
         elif isinstance(a, el.Ignored):
             log.warning("ignored %s's leadership of term %d: %s", sanitise(a.node), a.term,
                         a.reason)

@@ -180,6 +180,10 @@ def check_message(msg: Any) -> Any:
         if msg.kind not in ("campaign", "vote", "heartbeat"):
             raise BoundsError(f"election.kind {sanitise(msg.kind)} is not campaign/vote/heartbeat")
         short("election.vote_for", msg.vote_for, 64)
+        for name in ("session", "seq"):
+            v = getattr(msg, name)
+            if type(v) is not int or not 0 <= v < MAX_SESSION:
+                raise BoundsError(f"election.{name} must be an int in [0, 2**53)")
     elif t == "leader":
         term("leader.term", msg.term)
         if len(msg.votes) > MAX_VOTES:

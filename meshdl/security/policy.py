@@ -47,6 +47,7 @@ from meshdl.wire.topics import ParsedTopic
 log = logging.getLogger(__name__)
 _KEEP = 512
 SILENT_S = 6.0        # a device unheard this long (no birth, no heartbeat) is not live
+AGAIN_S = 1.0         # an election message read again this soon: this process's 2nd reader
 
 
 class PlanInfo(NamedTuple):
@@ -86,6 +87,7 @@ class Admission:
     records: OrderedDict = field(default_factory=OrderedDict)      # (term, node) -> voters
     live: OrderedDict = field(default_factory=OrderedDict)         # born online -> when
     heard: OrderedDict = field(default_factory=OrderedDict)        # device -> last heard
+    said: OrderedDict = field(default_factory=OrderedDict)   # device -> ((session, seq), when)
     my_votes: OrderedDict = field(default_factory=OrderedDict)     # term -> {voter: frame}
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -103,6 +105,27 @@ def note_heard(adm: Admission, node: str, now: float) -> None:
     """A verified election message (heartbeat, campaign, vote) of a device."""
     with adm.lock:
         _put(adm.heard, node, now)
+
+
+def _said(adm: Admission, node: str, session: int, seq: int, now: float) -> tuple | None:
+    """None for a device's election message newer than any heard from it (its session,
+    then its number in that session), recorded; else the newest heard. Signatures
+    cannot tell a replayed frame from the original, this can: without it, a member
+    replaying a stalled node's last heartbeat kept it live. The newest one heard again
+    within ``AGAIN_S`` passes (a second subscription of this process reading the same
+    frame); unnumbered (seq 0) messages are not ordered."""
+    if not seq:
+        return None
+    with adm.lock:
+        last = adm.said.get(node)
+        if last is not None:
+            mark, at = last
+            if (session, seq) < mark or ((session, seq) == mark and now - at > AGAIN_S):
+                return mark
+            if (session, seq) == mark:
+                return None
+        _put(adm.said, node, ((session, seq), now))
+    return None
 
 
 def live_devices(adm: Admission, now: float | None = None) -> set:
@@ -188,6 +211,11 @@ def admit(adm: Admission, p: ParsedTopic, e: Entry, body: bytes, now: float,
     if p.kind == "election":
         if msg.node != e.id:
             return no(f"{who} campaigned in the name of {sanitise(msg.node)}")
+        seen = _said(adm, e.id, msg.session, msg.seq, now)
+        if seen is not None:
+            return no(f"an election message of {who} heard before (#{msg.seq} of session "
+                      f"{msg.session}; last #{seen[1]} of session {seen[0]}): a duplicate or a "
+                      "replay")
         note_heard(adm, e.id, now)
         cap = e.caps.get("flops")
         prio = min(msg.priority, cap) if cap else msg.priority

@@ -54,7 +54,10 @@ class Telemetry:
 
 @dataclass(frozen=True)
 class Campaign:
-    """Election traffic: kind is "campaign", "vote" or "heartbeat"."""
+    """Election traffic: kind is "campaign", "vote" or "heartbeat". ``session`` (the
+    sender's, as in its birth) and ``seq`` (counting its election messages in that
+    session from 1; 0: not counted) let a receiver refuse one heard before: on a secure
+    mesh a replayed heartbeat would keep a stalled node looking alive."""
 
     TYPE: ClassVar[str] = "election"
     node: str
@@ -63,6 +66,8 @@ class Campaign:
     priority: float = 0.0
     vote_for: str = ""
     ts: float = 0.0
+    session: int = 0
+    seq: int = 0
 
 
 @dataclass(frozen=True)
