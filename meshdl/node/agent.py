@@ -84,7 +84,7 @@ class NodeAgent(_AgentJoin, _AgentLeader):
         self.exit_reason = ""
         self._owner = False
         self._nonce = uuid.uuid4().hex[:12]
-        self._said = itertools.count(1)        # numbers this node's election messages
+        self._election_seq = itertools.count(1)        # numbers this node's election messages
         self._claims: list[Probe] = []
         self._here: list[Probe] = []
         self._retained_self: NodeState | None = None

@@ -74,7 +74,7 @@ class _AgentLeader:
         a receiver refuses it if it is ever replayed."""
         return encode_control(Campaign(self.node_id, term, kind, float(self._device.flops),
                                        vote_for, time.time(), self.session,
-                                       next(self._said)))
+                                       next(self._election_seq)))
 
     def _act(self, a: Any) -> None:
         m = self.mesh_name

@@ -47,6 +47,7 @@ import msgpack
 from meshdl.security.aead import (AEGIS128L, AES256GCM, CIPHERS, Aead, InvalidTag,
                                   UnsupportedCipher, default_cipher, out_buffer)
 from meshdl.security.identity import Entry, SecurityError, verify_entry
+from meshdl.wire.codec import OutFrame
 
 SIGNED = b"MDS1"
 SEALED = b"MDE1"                     # AES-256-GCM (the fallback, round 3's format)
@@ -186,7 +187,7 @@ def _aad(mesh: str, dst: str, job: str, piece: str) -> bytes:
 def _parts(frame: Any) -> list[memoryview]:
     """The plaintext of a piece as byte views: a codec ``OutFrame`` (not joined yet:
     its header and a view of the tensor) or one bytes-like object."""
-    parts = (frame.head, frame.data) if hasattr(frame, "head") else (frame,)
+    parts = (frame.head, frame.data) if isinstance(frame, OutFrame) else (frame,)
     views = [memoryview(p) for p in parts]
     return [v if v.ndim == 1 and v.itemsize == 1 else v.cast("B") for v in views]
 

@@ -116,15 +116,13 @@ def _said(adm: Admission, node: str, session: int, seq: int, now: float) -> tupl
     frame); unnumbered (seq 0) messages are not ordered."""
     if not seq:
         return None
+    mark = (session, seq)
     with adm.lock:
         last = adm.said.get(node)
-        if last is not None:
-            mark, at = last
-            if (session, seq) < mark or ((session, seq) == mark and now - at > AGAIN_S):
-                return mark
-            if (session, seq) == mark:
-                return None
-        _put(adm.said, node, ((session, seq), now))
+        if last is not None and mark <= last[0]:
+            again = mark == last[0] and now - last[1] <= AGAIN_S
+            return None if again else last[0]
+        _put(adm.said, node, (mark, now))
     return None
 
 

@@ -36,7 +36,7 @@ from meshdl.security.policy import Admission, admit, leader_of, note_state, piec
 from meshdl.transport.bus import Will
 from meshdl.transport.urls import is_loopback
 from meshdl.wire import topics
-from meshdl.wire.codec import frame_type
+from meshdl.wire.codec import OutFrame, frame_type
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class SecureBus:
         if not len(payload):
             return payload                                # a clear of a retained record
         p = topics.parse(topic)
-        if p.kind == "route" and p.job != "probe" and hasattr(payload, "head"):
+        if p.kind == "route" and p.job != "probe" and isinstance(payload, OutFrame):
             return self._seal_route(p, payload)   # a codec OutFrame: sealed from its parts
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             payload = bytes(payload)
@@ -182,7 +182,7 @@ class SecureBus:
             raise SecurityError(f"cannot seal a piece for {dst!r}: no verified key of it yet "
                                 "(it has not announced itself on this mesh)")
         # a codec OutFrame is sealed from its header and tensor views, never joined first
-        head = _read_header(payload.head if hasattr(payload, "head") else payload)[0]
+        head = _read_header(payload.head if isinstance(payload, OutFrame) else payload)[0]
         chunk = head.get("chunk")
         i, n = chunk if isinstance(chunk, list) and len(chunk) == 2 else (0, 1)
         pk = F.Peek(str(head.get("type", "")), int(head.get("term") or 0),
